@@ -1,0 +1,113 @@
+"""One record schema for every dialogue source, held as a `datasets.Dataset`, written as JSONL.
+
+A record (DESIGN §5):
+    {"id": str, "source": str, "scenario": dict,
+     "turns": [{"role": "customer"|"agent", "text": str, "strategy": str|None, "event": str|None}],
+     "success": bool, "ref_strategies": [str, ...]}
+
+Agent turns carry the strategy that produced them; customer turns carry the engagement event that
+the previous agent turn caused (None for the opening line). Every loader returns a list of such
+dicts, checked by `validate_record`; bad input raises `DataError` with a one-line message that names
+the record and the field, so the CLIs can print it and exit 2.
+"""
+import json
+import os
+
+from datasets import Dataset
+
+RECORD_FIELDS = {"id": str, "source": str, "scenario": dict, "turns": list, "success": bool,
+                 "ref_strategies": list}
+TURN_FIELDS = ("role", "text", "strategy", "event")
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line and says what to fix."""
+
+
+def validate_record(rec, where, strategies=None, events=None):
+    """Check one record against the schema; `where` names it in errors (e.g. "train.jsonl line 7")."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for field, typ in RECORD_FIELDS.items():
+        if field not in rec:
+            raise DataError(f"{where}: missing field '{field}'")
+        if not isinstance(rec[field], typ):
+            raise DataError(f"{where}: field '{field}' should be {typ.__name__}, "
+                            f"got {type(rec[field]).__name__}")
+    for i, turn in enumerate(rec["turns"]):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: turns[{i}] should be an object")
+        for field in TURN_FIELDS:
+            if field not in turn:
+                raise DataError(f"{where}: turns[{i}] missing field '{field}'")
+        if turn["role"] not in ("customer", "agent"):
+            raise DataError(f"{where}: turns[{i}].role is '{turn['role']}', "
+                            "expected 'customer' or 'agent'")
+        if strategies is not None and turn["role"] == "agent" and turn["strategy"] not in strategies:
+            raise DataError(f"{where}: turns[{i}] has unknown strategy '{turn['strategy']}' "
+                            f"(known: {', '.join(strategies)})")
+        if events is not None and turn["role"] == "customer" and turn["event"] is not None \
+                and turn["event"] not in events:
+            raise DataError(f"{where}: turns[{i}] has unknown event '{turn['event']}' "
+                            f"(known: {', '.join(events)})")
+    if strategies is not None:
+        for z in rec["ref_strategies"]:
+            if z not in strategies:
+                raise DataError(f"{where}: ref_strategies has unknown strategy '{z}'")
+    return rec
+
+
+def write_jsonl(records, path):
+    """Write records one per line, atomically (temp file, then rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path, strategies=None, events=None):
+    """Read and validate a JSONL file of records; errors name the line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg}); "
+                                "each line must be one JSON record") from None
+            records.append(validate_record(rec, f"{path} line {lineno}", strategies, events))
+    if not records:
+        raise DataError(f"{path}: no records in file")
+    return records
+
+
+def to_dataset(records):
+    """Records -> `datasets.Dataset` (scenario dicts stored as JSON strings: their keys vary by source)."""
+    rows = [{**r, "scenario": json.dumps(r["scenario"])} for r in records]
+    return Dataset.from_list(rows)
+
+
+def from_dataset(ds):
+    """`datasets.Dataset` -> records (inverse of `to_dataset`)."""
+    return [{**r, "scenario": json.loads(r["scenario"])} for r in ds]
+
+
+# ----------------------------------------------------------------------------- built-in world splits
+# Train and held-out scenario seeds come from disjoint ranges, so no evaluation scenario is ever
+# seen in logs, SFT or GOPO rollouts.
+TRAIN_SEED_BASE = 0            # train scenarios: seeds 0 .. 999_999
+TEST_SEED_BASE = 1_000_000     # held-out scenarios: seeds 1_000_000 ..
+
+
+def train_seeds(n, offset=0):
+    assert offset + n <= TEST_SEED_BASE, "train seeds would overlap the held-out range"
+    return list(range(TRAIN_SEED_BASE + offset, TRAIN_SEED_BASE + offset + n))
+
+
+def test_seeds(n):
+    return list(range(TEST_SEED_BASE, TEST_SEED_BASE + n))
