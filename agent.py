@@ -1,0 +1,72 @@
+"""The Customer Service Agent: pi_C(y_t | h_t, z_t), a causal LM that writes the reply.
+
+Its prompt is the dialogue so far, then the chosen strategy token and that strategy's one-line
+instruction, then "A:" (see lm.py for the format). It never chooses the strategy; it carries out
+the one the Expert chose. SFT uses the logged replies with loss on reply tokens only; one forward
+covers every reply of a dialogue.
+"""
+import random
+
+import torch
+from tqdm import tqdm
+
+import lm
+
+
+def reply_mask(n_tokens, replies):
+    """1 on the positions of reply tokens (targets), 0 elsewhere: list of length n_tokens."""
+    mask = [0] * n_tokens
+    for start, end in replies:
+        mask[start:end] = [1] * (end - start)
+    return mask
+
+
+def reply_logps(model, ids, attn, target_mask):
+    """Summed log-prob of the masked target tokens per row: ids/attn/target_mask (B, L) -> (B,)."""
+    logits = model(input_ids=ids, attention_mask=attn).logits          # (B, L, V)
+    logps = lm.token_logps(logits, ids)                                 # (B, L-1)
+    return (logps * target_mask[:, 1:]).sum(-1)
+
+
+def collate(examples, pad_id):
+    """examples: list of (ids, target mask) -> ids, attn, target_mask, all (B, L), right-padded."""
+    ids, attn = lm.pad([e[0] for e in examples], pad_id)
+    mask, _ = lm.pad([e[1] for e in examples], 0)
+    return ids, attn, mask.float()
+
+
+def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0, desc="SFT agent"):
+    """Supervised fine-tuning on logged replies: minimise the mean NLL of reply tokens."""
+    examples = []
+    for r in records:
+        ids, _, replies = lm.encode_dialogue(tok, r["turns"], instructions)
+        examples.append((ids, reply_mask(len(ids), replies)))
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    model.train()
+    losses = []
+    for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        ids, attn, mask = collate(rng.sample(examples, min(batch_size, len(examples))), tok.pad_token_id)
+        loss = -reply_logps(model, ids, attn, mask).sum() / mask[:, 1:].sum()   # mean NLL per token
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def write(model, tok, contexts, strategies, instructions, max_new_tokens=32, temperature=1.0,
+          generator=None):
+    """Replies for B dialogues: contexts (B id lists, ending after the customer's turn) and the
+    chosen strategies (B names). Returns (prompt id lists, reply id lists, reply texts)."""
+    prompts = [c + lm.agent_prompt_ids(tok, z, instructions[z]) for c, z in zip(contexts, strategies)]
+    new = lm.generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens,
+                      temperature, generator)
+    new = [r if r and r[-1] == tok.eos_token_id else r + [tok.eos_token_id] for r in new]
+    texts = [tok.decode(r[:-1], skip_special_tokens=True).strip() for r in new]
+    return prompts, new, texts

@@ -1,0 +1,137 @@
+"""Evaluate a run on held-out scenarios: a markdown table, eval.json and eval.png.
+
+    python eval.py out/gopo                  # 200 held-out scenarios, greedy decoding
+    python eval.py out/gopo --n-scenarios 500
+
+Rows: the run's GOPO agents, its SFT agents, and the world's behaviour, random-valid and oracle
+policies (template text). Held-out scenarios come from the test seed range, which no training
+stage ever samples (data.py). Each metric is a mean with a 95% CI over scenarios.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import data
+import lm
+import rollout as rollout_lib
+import shop
+import tse
+
+METRICS = ["tse", "success", "esndcg", "gre", "turns", "order_value"]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def die(message):
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("run", help="run folder written by train.py (holds expert/, agent/, values.json)")
+p.add_argument("--n-scenarios", type=int, default=200, help="held-out scenarios")
+p.add_argument("--batch", type=int, default=100, help="dialogues rolled out together")
+p.add_argument("--seed", type=int, default=0, help="customer template seed")
+
+
+def dialogue_metrics(rec, values, world):
+    """Per-dialogue metrics of one record (DESIGN §3)."""
+    m = tse.trajectory_metrics(rec, values, world.HORIZON)
+    agent_turns = [t for t in rec["turns"] if t["role"] == "agent"]
+    m["gre"] = tse.gre([t["strategy"] for t in agent_turns], [world.recognise(t["text"]) for t in agent_turns])
+    m["order_value"] = rec.get("order_value", 0.0)
+    return m
+
+
+def evaluate_agents(expert_dir, agent_dir, scenarios, world, batch, seed):
+    """Greedy rollouts of a saved (Expert, CS Agent) pair -> list of records."""
+    expert_model, tok_e = lm.load(expert_dir)
+    agent_model, tok_a = lm.load(agent_dir)
+    records = []
+    for i in range(0, len(scenarios), batch):
+        trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, scenarios[i:i + batch], world,
+                                    greedy=True, seed=seed)
+        records += [t["record"] for t in trajs]
+    return records
+
+
+def summarize(records, values, world):
+    per = [dialogue_metrics(r, values, world) for r in records]
+    return {k: tse.summarize([m[k] for m in per]) for k in METRICS}
+
+
+def table(results, methods):
+    head = "| method | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    rows = []
+    for name in methods:
+        cells = [f"{results[name][k]['mean']:.3f} [{results[name][k]['ci95'][0]:.3f}, "
+                 f"{results[name][k]['ci95'][1]:.3f}]" if k != "order_value" else
+                 f"{results[name][k]['mean']:.0f} [{results[name][k]['ci95'][0]:.0f}, "
+                 f"{results[name][k]['ci95'][1]:.0f}]" for k in METRICS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(results, methods, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = ["tse", "success", "esndcg", "gre"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(methods)
+    for j, name in enumerate(methods):
+        means = [results[name][k]["mean"] for k in keys]
+        err = [[results[name][k]["mean"] - results[name][k]["ci95"][0] for k in keys],
+               [results[name][k]["ci95"][1] - results[name][k]["mean"] for k in keys]]
+        ax.bar([i + j * width for i in range(len(keys))], means, width, yerr=err, capsize=3, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
+    ax.set(ylim=(0, 1.05), title=title, ylabel="mean (95% CI)")
+    ax.legend(fontsize=8, ncol=len(methods))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    if args.n_scenarios <= 0 or args.batch <= 0:
+        die("--n-scenarios and --batch must be > 0")
+    run = args.run
+    for need in ("values.json", "expert", "agent", "expert_sft", "agent_sft"):
+        if not os.path.exists(os.path.join(run, need)):
+            die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
+    with open(os.path.join(run, "values.json")) as f:
+        values = json.load(f)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    world = shop
+    scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
+    results = {}
+    for name, e, a in (("gopo", "expert", "agent"), ("sft", "expert_sft", "agent_sft")):
+        recs = evaluate_agents(os.path.join(run, e), os.path.join(run, a), scenarios, world, args.batch, args.seed)
+        results[name] = summarize(recs, values, world)
+        data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
+    for name, policy in world.POLICIES.items():
+        recs = [world.play(s, policy, seed=args.seed) for s in scenarios]
+        results[name] = summarize(recs, values, world)
+    methods = ["gopo", "sft", "behaviour", "random", "oracle"]
+    gap = (results["gopo"]["tse"]["mean"] - results["sft"]["tse"]["mean"]) / \
+        max(1e-9, results["oracle"]["tse"]["mean"] - results["sft"]["tse"]["mean"])
+    md = f"Held-out evaluation of `{run}` on {args.n_scenarios} scenarios (greedy; mean [95% CI]).\n\n" + \
+        table(results, methods) + f"\nShare of the SFT->oracle TSE gap closed by GOPO: {gap:.2f}\n"
+    print(md)
+    with open(os.path.join(run, "eval.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(run, "eval.json"), "w") as f:
+        json.dump({**results, "n_scenarios": args.n_scenarios, "gap_closed_tse": gap}, f, indent=2)
+    plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {args.n_scenarios} held-out scenarios")
+
+
+if __name__ == "__main__":
+    main()

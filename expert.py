@@ -1,0 +1,118 @@
+"""The Expert Agent: pi_E(z_t | h_t), a causal LM whose next token is one of the strategy tokens.
+
+The decision distribution is the LM's next-token distribution restricted to the strategy tokens,
+with every strategy the SOP forbids after the previous one set to -inf before the softmax
+(DESIGN §2). One forward over the serialized dialogue gives every decision of a trajectory, so
+scoring a whole dialogue is one pass, not one per turn. The SOP mask is applied in sampling, in
+greedy decoding, in SFT and in scoring alike: a forbidden strategy has probability exactly 0.
+"""
+import random
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lm
+
+
+def sop_mask(prev_strategies, strategies, sop):
+    """Allowed-set mask for each decision. prev_strategies: list of previous strategy (or None).
+
+    Returns a bool tensor (N, Z): True where allowed.
+    """
+    index = {z: i for i, z in enumerate(strategies)}
+    mask = torch.zeros(len(prev_strategies), len(strategies), dtype=torch.bool)
+    for n, prev in enumerate(prev_strategies):
+        mask[n, [index[z] for z in sop[prev or "<start>"]]] = True
+    return mask
+
+
+def masked_logps(logits, strategy_ids, allowed):
+    """log pi_E(. | h) over strategies: logits (..., V), allowed (..., Z) -> (..., Z), -inf if forbidden."""
+    z_logits = logits[..., strategy_ids].float()                      # (..., Z)
+    return F.log_softmax(z_logits.masked_fill(~allowed, float("-inf")), -1)
+
+
+def decision_logps(model, batch, strategy_ids):
+    """Log-probs of the taken decisions of a batch of trajectories, from one forward.
+
+    batch: dict with
+      ids (B, L) right-padded token ids, attn (B, L),
+      pos (B, T) position of each decision's strategy token (0 where padded),
+      z (B, T) index of the taken strategy, allowed (B, T, Z) SOP masks, step_mask (B, T).
+    Returns step_logps (B, T), zero at padded steps.
+    """
+    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"]).logits   # (B, L, V)
+    prev = (batch["pos"] - 1).clamp(min=0)                                           # predicting position
+    h = torch.gather(logits, 1, prev[..., None].expand(-1, -1, logits.shape[-1]))   # (B, T, V)
+    logps = masked_logps(h, strategy_ids, batch["allowed"])                          # (B, T, Z)
+    taken = torch.gather(logps, 2, batch["z"][..., None]).squeeze(2)                 # (B, T)
+    return torch.where(batch["step_mask"], taken, torch.zeros_like(taken))
+
+
+def collate(trajectories, pad_id, n_strategies):
+    """Trajectories (dicts with ids, decisions [(pos, z_index)], allowed (T, Z)) -> a padded batch."""
+    ids, attn = lm.pad([t["ids"] for t in trajectories], pad_id)
+    T = max(len(t["decisions"]) for t in trajectories)
+    B = len(trajectories)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    z = torch.zeros(B, T, dtype=torch.long)
+    allowed = torch.ones(B, T, n_strategies, dtype=torch.bool)
+    step_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, t in enumerate(trajectories):
+        n = len(t["decisions"])
+        pos[b, :n] = torch.tensor([p for p, _ in t["decisions"]])
+        z[b, :n] = torch.tensor([zi for _, zi in t["decisions"]])
+        allowed[b, :n] = t["allowed"]
+        step_mask[b, :n] = True
+    return {"ids": ids, "attn": attn, "pos": pos, "z": z, "allowed": allowed, "step_mask": step_mask}
+
+
+def trajectory_from_record(tok, rec, strategies, sop, instructions):
+    """A logged record -> the Expert's view of it: token ids, decisions, SOP masks."""
+    ids, decisions, _ = lm.encode_dialogue(tok, rec["turns"], instructions)
+    index = {z: i for i, z in enumerate(strategies)}
+    zs = [z for _, z in decisions]
+    return {"ids": ids, "decisions": [(p, index[z]) for p, z in decisions],
+            "allowed": sop_mask([None] + zs[:-1], strategies, sop)}
+
+
+@torch.no_grad()
+def decide(model, contexts, prevs, strategies, sop, strategy_ids, pad_id, greedy=False, generator=None):
+    """One decision for each of B dialogues (left-padded batch, one forward).
+
+    contexts: B id lists ending where the strategy token goes. Returns (z indices (B,), logps (B,)).
+    """
+    ids, attn = lm.pad(contexts, pad_id, left=True)
+    logits = lm.forward_logits(model, ids, attn)[:, -1]                       # (B, V)
+    logps = masked_logps(logits, strategy_ids, sop_mask(prevs, strategies, sop))  # (B, Z)
+    if greedy:
+        z = logps.argmax(-1)
+    else:
+        z = torch.multinomial(logps.exp(), 1, generator=generator).squeeze(1)
+    return z, logps.gather(1, z[:, None]).squeeze(1)
+
+
+def sft(model, tok, records, strategies, sop, instructions, steps, batch_size=16, lr=3e-3, seed=0,
+        desc="SFT expert"):
+    """Supervised fine-tuning on logged strategies: minimise -sum_t log pi_E(z_t | h_t) (masked)."""
+    strategy_ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
+    trajs = [trajectory_from_record(tok, r, strategies, sop, instructions) for r in records]
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    model.train()
+    losses = []
+    for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        batch = collate(rng.sample(trajs, min(batch_size, len(trajs))), tok.pad_token_id, len(strategies))
+        step_logps = decision_logps(model, batch, strategy_ids)                 # (B, T)
+        loss = -step_logps.sum() / batch["step_mask"].sum()                     # mean NLL per decision
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses

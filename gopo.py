@@ -1,0 +1,194 @@
+"""GOPO: DPO over whole dialogues, counting only the Expert's decisions (DESIGN §4).
+
+What it really is: for each scenario, roll out K dialogues with the current Expert, score each
+with a sequence-level business reward R, and prefer the better dialogue of each pair with the DPO
+sigmoid loss, where a trajectory's "log-prob" is the sum of the Expert's decision log-probs
+S(tau) = sum_t log pi_E(z_t | h_t). Customer turns and CS replies are context, never scored.
+The CS Agent gets a separate turn-level DPO on strategy adherence.
+
+Equations (our re-interpretation; the paper's are not public):
+  (1) R(tau) = alpha * TSE(tau) + (1 - alpha) * ESNDCG(z(tau), z*)
+  (2) S_theta(tau) = sum_t log pi_theta(z_t | h_t)                         trajectory_logps
+  (3) L_pair = -log sigma(beta [(S_theta(w) - S_ref(w)) - (S_theta(l) - S_ref(l))])  preference_loss
+  (4) L = mean over pairs of (3) + lambda * NLL(w), NLL(w) = -S_theta(w) / T_w
+  (5) listwise: L_PL = -sum_i [r_(i) - log sum_{j>=i} exp r_(j)], r = beta (S_theta - S_ref),
+      rollouts sorted by R (Plackett-Luce)                                  listwise_loss
+"""
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+import agent as agent_lib
+import expert as expert_lib
+import lm
+import rollout as rollout_lib
+import tse
+
+
+# ----------------------------------------------------------------------------- losses (pure functions)
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta):
+    """DPO sigmoid loss on sequence log-probs, all (B,). Returns (losses, chosen_rewards, rejected_rewards).
+
+    With single-turn trajectories this is exactly the DPO loss of Rafailov et al. (2023).
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)            # (B,)  eq. (3)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)      # (B,)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)                   # (B,)  eq. (3)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def trajectory_logps(step_logps, step_mask):
+    """S(tau) = sum of the Expert's decision log-probs: step_logps, step_mask (B, T) -> (B,). eq. (2)"""
+    return (step_logps * step_mask).sum(-1)
+
+
+def listwise_loss(policy_logps, ref_logps, rewards, beta):
+    """Plackett-Luce loss over K ranked rollouts per scenario: all (N, K) -> (N,). eq. (5)
+
+    Rollouts are ranked by `rewards` (best first); with K = 2 and distinct rewards this equals
+    `preference_loss` on the (better, worse) pair.
+    """
+    order = rewards.argsort(-1, descending=True)                                 # (N, K)
+    r = beta * (policy_logps - ref_logps)                                        # (N, K)
+    r = torch.gather(r, 1, order)
+    tail_lse = torch.logcumsumexp(r.flip(-1), -1).flip(-1)                       # log sum_{j>=i} exp r_j
+    return -(r - tail_lse)[:, :-1].sum(-1)                                       # last term is 0
+
+
+# ----------------------------------------------------------------------------- reward and pairs
+def joint_reward(rec, values, horizon, alpha=0.5, gamma=0.9):
+    """R(tau) of eq. (1), with the metrics it is built from."""
+    m = tse.trajectory_metrics(rec, values, horizon, gamma)
+    m["R"] = alpha * m["tse"] + (1 - alpha) * m["esndcg"]
+    return m
+
+
+def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
+    """Preference pairs within each scenario group: all (w, l) with R_w - R_l >= delta.
+
+    rewards: list of floats; groups: list of index lists (the K rollouts of one scenario).
+    Best-vs-worst comes first in each group, then the widest margins, capped at max_pairs.
+    """
+    pairs = []
+    for g in groups:
+        cand = [(rewards[w] - rewards[l], w, l) for w in g for l in g if rewards[w] - rewards[l] >= delta]
+        cand.sort(key=lambda c: -c[0])      # the widest margin is best-vs-worst
+        pairs += [(w, l) for _, w, l in cand[:max_pairs]]
+    return pairs
+
+
+# ----------------------------------------------------------------------------- updates
+def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
+    """One gradient step of the Expert on the GOPO loss. Returns the loss value."""
+    used = sorted({i for p in pairs for i in p}) if not args.listwise else sorted(i for g in groups for i in g)
+    row = {i: k for k, i in enumerate(used)}
+    batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
+    step_logps = expert_lib.decision_logps(model, batch, strategy_ids)            # (N, T)
+    S = trajectory_logps(step_logps, batch["step_mask"].float())                 # (N,)
+    S_ref = torch.tensor([sum(trajs[i]["ref_logps"]) for i in used])             # (N,)
+    n_steps = batch["step_mask"].sum(-1)                                         # (N,)
+    if args.listwise:
+        idx = torch.tensor([[row[i] for i in g] for g in groups])                 # (G, K)
+        R = torch.tensor([[rewards[i] for i in g] for g in groups])
+        pref = listwise_loss(S[idx], S_ref[idx], R, args.beta).mean()
+        winners = idx.gather(1, R.argmax(-1, keepdim=True)).squeeze(1)
+    else:
+        w = torch.tensor([row[a] for a, _ in pairs])
+        l = torch.tensor([row[b] for _, b in pairs])
+        losses, _, _ = preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)
+        pref, winners = losses.mean(), w
+    nll = (-S[winners] / n_steps[winners]).mean()                                # eq. (4)
+    loss = pref + args.nll_coef * nll
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instructions, temperature=1.0):
+    """Turn-level CS pairs: for n sampled (h_t, z_t), two sampled replies; where exactly one adheres
+    to z_t (by the strategy recogniser) the adherent one is chosen. Returns a list of
+    (prompt ids, chosen reply ids, rejected reply ids)."""
+    turns = [(tr, k) for tr in trajs for k in range(len(tr["replies"]))]
+    picked = rng.sample(turns, min(n, len(turns)))
+    if not picked:
+        return []
+    prompts = [tr["agent_ids"][:tr["replies"][k][0]] for tr, k in picked]       # ends after "A:"
+    zs = [tr["record"]["turns"][2 * k + 1]["strategy"] for tr, k in picked]
+    pairs = []
+    with torch.no_grad():
+        ys = [lm.generate(agent_model, prompts * 1, tok.pad_token_id, tok.eos_token_id, 32, temperature, gen)
+              for _ in range(2)]
+    for p, z, a, b in zip(prompts, zs, ys[0], ys[1]):
+        ok = [recognise(tok.decode(y, skip_special_tokens=True)) == z for y in (a, b)]
+        if ok[0] != ok[1]:
+            pairs.append((p, a, b) if ok[0] else (p, b, a))
+    return pairs
+
+
+def agent_update(model, opt, pairs, pad_id, beta):
+    """One turn-level DPO step of the CS Agent; the reference is the agent before this step."""
+    examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in pairs for y in (c, r)]
+    ids, attn, mask = agent_lib.collate(examples, pad_id)
+    with torch.no_grad():
+        ref = agent_lib.reply_logps(model, ids, attn, mask)                     # (2P,)
+    logps = agent_lib.reply_logps(model, ids, attn, mask)                       # (2P,) chosen, rejected interleaved
+    losses, _, _ = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
+    opt.zero_grad(set_to_none=True)
+    losses.mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return losses.mean().item()
+
+
+# ----------------------------------------------------------------------------- one iteration
+def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, values, world, args,
+              it, seed):
+    """Rollout -> score -> pairs -> update. Returns the iteration's metrics (one metrics.jsonl line)."""
+    t0 = time.time()
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded)
+    batch = [s for s in scenarios for _ in range(args.k)]
+    trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, greedy=False,
+                                seed=seed, agent_temperature=args.agent_temperature)
+    groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
+    # 2. score with R and build pairs within each scenario
+    scores = [joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
+    rewards = [m["R"] for m in scores]
+    pairs = build_pairs(rewards, groups, args.delta, args.max_pairs)
+    # 3. Expert update on the trajectory-level preference loss
+    strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
+    expert_model.train()
+    losses = [expert_update(expert_model, opt_e, trajs, pairs, groups, rewards, strategy_ids,
+                            tok_e.pad_token_id, len(world.STRATEGIES), args)
+              for _ in range(args.gopo_epochs)] if (pairs or args.listwise) else []
+    expert_model.eval()
+    # 4. CS alignment: turn-level DPO on adherence
+    cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng, gen,
+                                  world.INSTRUCTIONS) if args.cs_samples else []
+    cs_loss = None
+    if cs_pairs:
+        agent_model.train()
+        cs_loss = agent_update(agent_model, opt_a, cs_pairs, tok_a.pad_token_id, args.beta_cs)
+        agent_model.eval()
+    recs = [tr["record"] for tr in trajs]
+    return {"iter": it, "R": mean(rewards), "tse": mean(m["tse"] for m in scores),
+            "esndcg": mean(m["esndcg"] for m in scores), "success": mean(m["success"] for m in scores),
+            "gre": mean(gre(r, world.recognise) for r in recs),
+            "loss": mean(losses) if losses else None, "pairs": len(pairs), "cs_pairs": len(cs_pairs),
+            "cs_loss": cs_loss, "seconds": round(time.time() - t0, 2)}
+
+
+def gre(rec, recognise):
+    agent_turns = [t for t in rec["turns"] if t["role"] == "agent"]
+    return tse.gre([t["strategy"] for t in agent_turns], [recognise(t["text"]) for t in agent_turns])
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0

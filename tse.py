@@ -1,0 +1,195 @@
+"""Evaluation metrics for GOPO: TSE, ESNDCG, generation reward, BLEU / ROUGE-L, and confidence intervals.
+
+TSE (Task-focused Sequential Engagement) scores *how* a dialogue moves the customer toward the goal:
+every agent turn gets the value of the engagement event it caused, where an event's value is how
+often dialogues containing it end in task success (learned from logs by `event_values`). ESNDCG
+scores how closely a predicted strategy sequence follows an expert reference. Everything here is
+pure python on plain lists; nothing depends on the rest of the repo.
+"""
+import math
+import statistics
+from collections import Counter
+
+
+# ----------------------------------------------------------------------------- event values and TSE
+
+def event_values(dialogues, success_events=("purchase",)):
+    """Value of each engagement event, learned from a log of dialogue records.
+
+    v(e) = (n_success_with_e + 1) / (n_with_e + 2), where n_with_e is the number of dialogues in which
+    event e occurs (counted once per dialogue, however often it occurs) and n_success_with_e is how
+    many of those have rec["success"] True. Events are read from customer turns; None is skipped.
+    Every event in `success_events` gets value 1.0, whether or not it occurs in the log.
+    """
+    n_with, n_success = Counter(), Counter()
+    for rec in dialogues:
+        events = {t["event"] for t in rec["turns"] if t["role"] == "customer" and t["event"] is not None}
+        for e in events:
+            n_with[e] += 1
+            n_success[e] += bool(rec["success"])
+    # Laplace smoothing: an event seen once is pulled toward 1/2 instead of jumping to 0 or 1
+    values = {e: (n_success[e] + 1) / (n_with[e] + 2) for e in n_with}
+    for e in success_events:
+        values[e] = 1.0  # the success event *is* the goal, by definition worth 1
+    return values
+
+
+def tse(events, success, values, horizon, gamma=0.9):
+    """Task-focused Sequential Engagement of one dialogue.
+
+    TSE = sum_{t=1..H} gamma^(t-1) v_t / sum_{t=1..H} gamma^(t-1), with H = horizon, where
+    events = e_1..e_T are the customer's events after agent turns 1..T and
+      v_t = values.get(e_t, 0.0)          for t <= T  (None, "no reaction", and unknown events are 0)
+      v_t = 1.0 if success else 0.0       for t >  T  (the dialogue is over; its outcome persists).
+    Events past the horizon (t > H) are ignored. With values in [0, 1], TSE is in [0, 1].
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    # padding to H with the outcome makes early success score higher than late success,
+    # and early abandonment lower than late abandonment
+    num = den = 0.0
+    for t in range(horizon):
+        v = values.get(events[t], 0.0) if t < len(events) else float(bool(success))
+        w = gamma ** t
+        num += w * v
+        den += w
+    return num / den
+
+
+# ----------------------------------------------------------------------------- ESNDCG
+
+def esndcg(pred, ref, lam=0.5):
+    """Expert-sequence NDCG of a predicted strategy sequence `pred` against a reference `ref`.
+
+    For t = 1..T in order, predicted position t is matched to the nearest not-yet-matched reference
+    position s with ref[s] == pred[t] (ties in |s - t|: the earlier s). The gain is
+    g_t = lam^|s-t| if matched, else 0. Then
+      ESNDCG = (sum_{t=1..T} g_t / log2(t+1)) / (sum_{s=1..T*} 1 / log2(s+1)).
+    Empty ref: 1.0 if pred is empty too, else 0.0. Empty pred with nonempty ref: 0.0.
+
+    Bound (no clipping needed): at most k <= T* predicted positions are matched, each with g <= 1.
+    Sorted, the matched positions t_1 < ... < t_k satisfy t_i >= i, so the numerator is at most
+    sum_{i=1..k} 1/log2(i+1) <= the denominator. Hence ESNDCG is in [0, 1], and 1 iff pred starts
+    with ref exactly. Note: extra predicted turns after the reference's length are not penalised.
+    """
+    if not ref:
+        return 1.0 if not pred else 0.0
+    used = [False] * len(ref)
+    dcg = 0.0
+    for t, z in enumerate(pred):
+        best = None
+        for s, zs in enumerate(ref):  # scanning s upward keeps the earlier s on ties
+            if not used[s] and zs == z and (best is None or abs(s - t) < abs(best - t)):
+                best = s
+        if best is not None:
+            used[best] = True
+            dcg += lam ** abs(best - t) / math.log2(t + 2)  # 0-indexed t -> log2((t+1)+1)
+    idcg = sum(1.0 / math.log2(s + 2) for s in range(len(ref)))
+    return dcg / idcg
+
+
+# ----------------------------------------------------------------------------- generation quality
+
+def gre(strategies, recognised):
+    """Generation reward: mean over agent turns of [recognised_t == strategies_t], i.e. the fraction of
+    replies that a strategy recogniser judges to carry the strategy they were generated for. Empty -> 0.0."""
+    assert len(strategies) == len(recognised), "one recognised strategy per agent turn"
+    if not strategies:
+        return 0.0
+    return sum(a == b for a, b in zip(strategies, recognised)) / len(strategies)
+
+
+def _ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(hyp_tokens_list, ref_tokens_list, max_n=4):
+    """Corpus BLEU-4, one reference per hypothesis.
+
+    p_n = clipped n-gram matches / hypothesis n-grams, both summed over the corpus. p_1 is unsmoothed;
+    for n >= 2 add-one smoothing p_n = (matches + 1) / (total + 1) keeps one missing 4-gram from
+    zeroing the score on short texts. BLEU = BP * exp(mean_n log p_n), with brevity penalty
+    BP = 1 if c > r else exp(1 - r/c) (c, r = total hypothesis / reference lengths). 0.0 if c = 0 or p_1 = 0.
+    """
+    assert len(hyp_tokens_list) == len(ref_tokens_list), "one reference per hypothesis"
+    matches, totals = [0] * max_n, [0] * max_n
+    c = r = 0
+    for hyp, ref in zip(hyp_tokens_list, ref_tokens_list):
+        c += len(hyp)
+        r += len(ref)
+        for n in range(1, max_n + 1):
+            h, rf = _ngrams(hyp, n), _ngrams(ref, n)
+            matches[n - 1] += sum(min(k, rf[g]) for g, k in h.items())  # clip by reference counts
+            totals[n - 1] += sum(h.values())
+    if c == 0 or matches[0] == 0:
+        return 0.0
+    log_p = [math.log(matches[0] / totals[0])]
+    log_p += [math.log((matches[n] + 1) / (totals[n] + 1)) for n in range(1, max_n)]
+    bp = 1.0 if c > r else math.exp(1 - r / c)
+    return bp * math.exp(sum(log_p) / max_n)
+
+
+def rouge_l(hyp_tokens, ref_tokens):
+    """ROUGE-L F1: with L = length of the longest common subsequence, P = L/|hyp|, R = L/|ref|,
+    F = 2PR / (P + R). 0.0 if either side is empty or L = 0."""
+    if not hyp_tokens or not ref_tokens:
+        return 0.0
+    # classic O(|hyp| |ref|) LCS dynamic program, one row at a time
+    prev = [0] * (len(ref_tokens) + 1)
+    for h in hyp_tokens:
+        cur = [0]
+        for j, r in enumerate(ref_tokens):
+            cur.append(prev[j] + 1 if h == r else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(hyp_tokens), lcs / len(ref_tokens)
+    return 2 * p * r / (p + r)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def mean_ci(xs, level=0.95):
+    """Mean with a normal-approximation confidence interval: mean +- z * s / sqrt(n), where s is the
+    sample standard deviation (n - 1 denominator) and z = 1.96 for level 0.95 (else the normal quantile).
+    n = 1 -> (x, x, x); n = 0 -> (nan, nan, nan)."""
+    xs = [float(x) for x in xs]
+    n = len(xs)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    m = sum(xs) / n
+    if n == 1:
+        return (m, m, m)
+    z = 1.96 if level == 0.95 else statistics.NormalDist().inv_cdf((1 + level) / 2)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    half = z * s / math.sqrt(n)
+    return (m, m - half, m + half)
+
+
+def summarize(xs):
+    """{"mean": mean, "ci95": [lo, hi]} from `mean_ci`, ready for a JSON report."""
+    m, lo, hi = mean_ci(xs)
+    return {"mean": m, "ci95": [lo, hi]}
+
+
+# ----------------------------------------------------------------------------- one trajectory
+
+def trajectory_metrics(rec, values, horizon, gamma=0.9):
+    """TSE, ESNDCG, success and agent-turn count of one dialogue record.
+
+    The event of agent turn t is the event of the customer turn right after it (None if the next turn
+    is not a customer turn, e.g. the dialogue ends on the agent). ESNDCG compares the agent turns'
+    strategies with rec["ref_strategies"].
+    """
+    turns = rec["turns"]
+    strategies, events = [], []
+    for i, turn in enumerate(turns):
+        if turn["role"] == "agent":
+            strategies.append(turn["strategy"])
+            nxt = turns[i + 1] if i + 1 < len(turns) else None
+            events.append(nxt["event"] if nxt is not None and nxt["role"] == "customer" else None)
+    return {"tse": tse(events, rec["success"], values, horizon, gamma),
+            "esndcg": esndcg(strategies, rec["ref_strategies"]),
+            "success": float(rec["success"]),
+            "turns": len(strategies)}
