@@ -10,6 +10,8 @@ stage ever samples (data.py). Each metric is a mean with a 95% CI over scenarios
 import argparse
 import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
 import sys
 
 import torch

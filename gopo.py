@@ -42,7 +42,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 def trajectory_logps(step_logps, step_mask):
     """S(tau) = sum of the Expert's decision log-probs: step_logps, step_mask (B, T) -> (B,). eq. (2)"""
-    return (step_logps * step_mask).sum(-1)
+    return torch.where(step_mask.bool(), step_logps, torch.zeros_like(step_logps)).sum(-1)
 
 
 def listwise_loss(policy_logps, ref_logps, rewards, beta):
@@ -74,7 +74,8 @@ def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
     """
     pairs = []
     for g in groups:
-        cand = [(rewards[w] - rewards[l], w, l) for w in g for l in g if rewards[w] - rewards[l] >= delta]
+        cand = [(rewards[w] - rewards[l], w, l) for w in g for l in g
+                if rewards[w] - rewards[l] >= delta - 1e-9]   # tolerance: 0.15 - 0.10 < 0.05 in floats
         cand.sort(key=lambda c: -c[0])      # the widest margin is best-vs-worst
         pairs += [(w, l) for _, w, l in cand[:max_pairs]]
     return pairs
@@ -121,7 +122,7 @@ def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instruct
     zs = [tr["record"]["turns"][2 * k + 1]["strategy"] for tr, k in picked]
     pairs = []
     with torch.no_grad():
-        ys = [lm.generate(agent_model, prompts * 1, tok.pad_token_id, tok.eos_token_id, 32, temperature, gen)
+        ys = [lm.generate(agent_model, prompts, tok.pad_token_id, tok.eos_token_id, 32, temperature, gen)
               for _ in range(2)]
     for p, z, a, b in zip(prompts, zs, ys[0], ys[1]):
         ok = [recognise(tok.decode(y, skip_special_tokens=True)) == z for y in (a, b)]

@@ -62,7 +62,7 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
             tr["turns"].append({"role": "customer", "text": utterance, "strategy": None, "event": event})
             tr["ids"] += lm.customer_ids(tok_e, utterance)
             tr["agent_ids"] += lm.customer_ids(tok_a, utterance)
-            if not done:
+            if not done and world.SOP[names[j]]:  # nothing may follow `close`: the dialogue ends
                 still.append(i)
         live = still
     out = []

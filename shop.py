@@ -26,15 +26,15 @@ import random
 import re
 
 # ----------------------------------------------------------------------------- catalogue
-CATALOGUE = {  # category -> [(product name, must-have feature, price)]
+CATALOGUE = {  # category -> [(product name, must-have feature, price)]; each feature names one product
     "laptop": [("Aero", "lightweight", 899), ("Titan", "gaming", 1499),
                ("Nova", "battery", 1099), ("Flex", "touchscreen", 999)],
-    "phone": [("Lumo", "camera", 799), ("Volt", "battery", 599),
+    "phone": [("Lumo", "selfie", 799), ("Volt", "durable", 599),
               ("Mini", "compact", 499), ("Vault", "storage", 899)],
-    "headphones": [("Echo", "wireless", 149), ("Calm", "noise-cancelling", 299),
+    "headphones": [("Echo", "wireless", 149), ("Calm", "quiet", 299),
                    ("Boom", "bass", 129), ("Fold", "foldable", 99)],
-    "camera": [("Zoomer", "zoom", 649), ("Aqua", "waterproof", 399),
-               ("Snap", "compact", 349), ("Reel", "video", 799)],
+    "camera": [("Zoomer", "zoom", 649), ("Aqua", "underwater", 399),
+               ("Snap", "pocket", 349), ("Reel", "video", 799)],
 }
 PRODUCTS = {name: (cat, feat, price) for cat, items in CATALOGUE.items() for name, feat, price in items}
 PLAN_SHARE = 0.1          # the protection plan an upsell adds, as a share of the product price
@@ -100,8 +100,9 @@ AGENT_TEMPLATES = {
     "elicit_need": ["What are you looking for today?", "What kind of product do you need?"],
     "elicit_feature": ["What matters most to you in a {category}?",
                        "Which feature do you need in your {category}?"],
-    "recommend": ["For a {category} with {feature}, I recommend the {name}.",
-                  "For a {category} with {feature}, you will love the {name}."],
+    "recommend": ["For {feature}, I recommend the {name} {category}.",
+                  "For {feature}, you will love the {name} {category}."],
+    "recommend_blind": ["How about the {name} {category}?", "Maybe the {name} {category} suits you?"],
     "answer": ["Yes, it has a two year warranty and free delivery.",
                "Good question: delivery is free and the warranty is two years."],
     "handle_objection": ["I understand, but it is worth every cent.",
@@ -125,7 +126,8 @@ def render_agent(strategy, known, rng):
     if strategy == "recommend":
         name = known.get("target") or guess_product(known, rng)
         cat, feat, _ = PRODUCTS[name]
-        return rng.choice(AGENT_TEMPLATES["recommend"]).format(name=name, category=cat, feature=feat)
+        key = "recommend" if known.get("feature") or known.get("target") else "recommend_blind"
+        return rng.choice(AGENT_TEMPLATES[key]).format(name=name, category=cat, feature=feat)
     return rng.choice(AGENT_TEMPLATES[strategy])
 
 
@@ -172,11 +174,11 @@ CUSTOMER_TEMPLATES = {
     "greet_cat": ["Hi, I want to buy a {category}.", "Hello, I am looking for a {category}."],
     "greet_vague": ["Hello, I need some advice.", "Hi, can you help me find something?"],
     "say_cat": ["I am looking for a {category}.", "I want a new {category}."],
-    "say_feat": ["It must have {feature}.", "I really need {feature}."],
+    "say_feat": ["It must have {feature}.", "I really need {feature}."],  # the need ends the turn
     "told": ["I already told you what I need.", "Like I said before."],
     "wrong_cat": ["That is not a {category}, which is what I want."],
-    "wrong_feat": ["Hmm, no. I need a {category} with {feature}.",
-                   "That {category} lacks {feature}, which I need."],
+    "wrong_feat": ["Hmm, no. My {category} must have {feature}.",
+                   "No, for my {category} I need {feature}."],
     "liked": ["That sounds perfect.", "Nice, I like it."],
     "price": ["I like it, but it is over my budget.", "It is a bit too expensive for me."],
     "doubt": ["Hmm, I am not sure it is worth it.", "I have doubts about it."],

@@ -11,6 +11,8 @@ metrics.jsonl (one line per GOPO iteration), curves.png.
 import argparse
 import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
 import random
 import shutil
 import sys
@@ -38,16 +40,26 @@ def die(message):
     sys.exit(2)
 
 
-def positive(kind):
+def checked(kind, lo, lo_ok, hi=None):
+    """argparse type: a number in [lo, hi] (lo excluded unless lo_ok)."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        if v < lo or (v == lo and not lo_ok) or (hi is not None and v > hi):
+            bound = f"{'>=' if lo_ok else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
         return v
     return parse
+
+
+def positive(kind):
+    return checked(kind, 0, False)
+
+
+def nonneg(kind):
+    return checked(kind, 0, True)
 
 
 p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,30 +70,32 @@ p.add_argument("--run", default=None, help="run folder name under --out (default
 p.add_argument("--seed", type=int, default=0, help="seeds every sampler: logs, init, batches, rollouts")
 p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 # ---- data: logged dialogues of the behaviour ("typical human agent") policy
-p.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues")
+p.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
+p.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL (common schema) "
+               "instead of simulating them")
 # ---- model
 p.add_argument("--model", default="tiny", choices=["tiny"], help="backbone of both agents")
-p.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
-p.add_argument("--n-layer", type=positive(int), default=4, help="tiny model depth")
+p.add_argument("--d-model", type=positive(int), default=192, help="tiny model width")
+p.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
 p.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
 # ---- SFT
-p.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
+p.add_argument("--sft-steps", type=positive(int), default=200, help="SFT steps per agent")
 p.add_argument("--sft-batch", type=positive(int), default=16, help="SFT batch size (dialogues)")
-p.add_argument("--sft-lr", type=positive(float), default=3e-3, help="SFT learning rate")
+p.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
 # ---- GOPO
 p.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations")
 p.add_argument("--scenarios", type=positive(int), default=16, help="scenarios per iteration (B)")
 p.add_argument("--k", type=positive(int), default=4, help="rollouts per scenario (K)")
 p.add_argument("--beta", type=positive(float), default=0.5, help="DPO temperature of the Expert loss")
-p.add_argument("--nll-coef", type=float, default=0.1, help="lambda: weight of the winners' NLL")
-p.add_argument("--alpha", type=float, default=0.5, help="R = alpha*TSE + (1-alpha)*ESNDCG")
-p.add_argument("--delta", type=float, default=0.05, help="min reward gap for a preference pair")
+p.add_argument("--nll-coef", type=nonneg(float), default=0.1, help="lambda: weight of the winners' NLL")
+p.add_argument("--alpha", type=checked(float, 0, True, 1), default=0.5, help="R = alpha*TSE + (1-alpha)*ESNDCG")
+p.add_argument("--delta", type=positive(float), default=0.05, help="min reward gap for a preference pair")
 p.add_argument("--max-pairs", type=positive(int), default=4, help="pairs per scenario, at most")
 p.add_argument("--listwise", action="store_true", help="Plackett-Luce over the K rollouts instead of pairs")
 p.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
 p.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
-p.add_argument("--agent-temperature", type=float, default=0.7, help="CS sampling temperature in rollouts")
-p.add_argument("--cs-samples", type=int, default=16, help="(h_t, z_t) per iteration for CS alignment pairs")
+p.add_argument("--agent-temperature", type=nonneg(float), default=0.7, help="CS sampling temperature in rollouts")
+p.add_argument("--cs-samples", type=nonneg(int), default=16, help="(h_t, z_t) per iteration for CS alignment pairs")
 p.add_argument("--beta-cs", type=positive(float), default=0.1, help="DPO temperature of the CS alignment loss")
 p.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent learning rate in GOPO")
 
@@ -89,6 +103,11 @@ p.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent lea
 def main(argv=None):
     args = p.parse_args(argv)
     run_dir = os.path.join(args.out, args.run or args.algo)
+    world = shop
+    try:  # read user data before touching the output folder, so a bad file loses nothing
+        logs = data.read_jsonl(args.logs, world.STRATEGIES, world.EVENTS) if args.logs else None
+    except data.DataError as e:
+        die(str(e))
     if os.path.exists(run_dir):
         if not args.overwrite:
             die(f"{run_dir} already exists (holds another run); pass --overwrite or choose --run NAME")
@@ -99,12 +118,12 @@ def main(argv=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    world = shop
     t_start = time.time()
 
     # ---- 1. logged dialogues (training data) and the event values fitted on them
-    logs = [world.play(world.make_scenario(s), world.behaviour_policy, seed=args.seed)
-            for s in data.train_seeds(args.n_logs)]
+    if logs is None:
+        logs = [world.play(world.make_scenario(s), world.behaviour_policy, seed=args.seed)
+                for s in data.train_seeds(args.n_logs)]
     data.write_jsonl(logs, os.path.join(run_dir, "logs.jsonl"))
     values = tse.event_values(logs, world.SUCCESS_EVENTS)
     with open(os.path.join(run_dir, "values.json"), "w") as f:
@@ -137,7 +156,7 @@ def main(argv=None):
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     from tqdm import tqdm
     for it in (bar := tqdm(range(args.iters), desc="GOPO")):
-        seeds = data.train_seeds(args.scenarios, offset=args.n_logs + it * args.scenarios)
+        seeds = data.train_seeds(args.scenarios, offset=len(logs) + it * args.scenarios)
         m = gopo.iteration(expert_model, agent_model, tok, tok, opt_e, opt_a,
                            [world.make_scenario(s) for s in seeds], values, world, args, it,
                            seed=args.seed * 100_003 + it)

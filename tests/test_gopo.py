@@ -1,0 +1,388 @@
+"""Tests of the GOPO loss, the Expert's trajectory scoring, the SOP mask, the simulator, checkpoints
+and a short end-to-end learning run (gopo.py, expert.py, rollout.py, shop.py, lm.py)."""
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import agent as agent_lib
+import data
+import expert as expert_lib
+import gopo
+import lm
+import rollout as rollout_lib
+import shop
+import tse
+
+Z = len(shop.STRATEGIES)
+ZI = {z: i for i, z in enumerate(shop.STRATEGIES)}
+
+
+def sigmoid_dpo(pc, pr, rc, rr, beta):
+    """Textbook DPO loss of one pair, written out with math (Rafailov et al. 2023, eq. 7)."""
+    margin = beta * ((pc - rc) - (pr - rr))
+    return -math.log(1.0 / (1.0 + math.exp(-margin)))
+
+
+# ----------------------------------------------------------------------------- 1-4: pure loss functions
+def test_preference_loss_is_textbook_dpo_on_single_turn_trajectories():
+    g = torch.Generator().manual_seed(0)
+    B, beta = 16, 0.3
+    pc, pr, rc, rr = (-5 * torch.rand(B, generator=g, dtype=torch.float64) for _ in range(4))
+    losses, cr, rj = gopo.preference_loss(pc, pr, rc, rr, beta)
+    assert losses.shape == cr.shape == rj.shape == (B,)
+    expected = torch.tensor([sigmoid_dpo(*map(float, v), beta) for v in zip(pc, pr, rc, rr)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(losses, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cr, beta * (pc - rc))
+    torch.testing.assert_close(rj, beta * (pr - rr))
+    # the same through trajectory_logps with one decision per trajectory (T = 1, mask all ones)
+    one = torch.ones(B, 1)
+    S = [gopo.trajectory_logps(x[:, None].float(), one) for x in (pc, pr, rc, rr)]
+    losses1, _, _ = gopo.preference_loss(*S, beta)
+    torch.testing.assert_close(losses1, expected.float(), rtol=1e-5, atol=1e-6)
+    # swapping chosen and rejected changes the loss (it is not symmetric)
+    swapped, _, _ = gopo.preference_loss(pr, pc, rr, rc, beta)
+    assert not torch.allclose(swapped, losses)
+
+
+def test_preference_loss_gradient_pushes_chosen_up_and_rejected_down():
+    pc = torch.tensor([-2.0], requires_grad=True)
+    pr = torch.tensor([-2.0], requires_grad=True)
+    losses, _, _ = gopo.preference_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert losses.item() == pytest.approx(math.log(2))
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.25) and pr.grad.item() == pytest.approx(0.25)
+
+
+def test_trajectory_logps_sums_only_masked_steps():
+    step_logps = torch.tensor([[-1.0, -2.0, -3.0],
+                               [-0.5, 123.0, 7.0],      # padded steps hold garbage
+                               [-4.0, -0.25, 55.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    expected = torch.tensor([-6.0, -0.5, -4.25])
+    torch.testing.assert_close(gopo.trajectory_logps(step_logps, mask.float()), expected)
+    torch.testing.assert_close(gopo.trajectory_logps(step_logps, mask.bool()), expected)
+
+
+def test_listwise_loss_k2_equals_pairwise_and_k3_is_plackett_luce():
+    beta = 0.7
+    g = torch.Generator().manual_seed(1)
+    # K = 2: rows with the better rollout in either column
+    pol, ref = -3 * torch.rand(6, 2, generator=g), -3 * torch.rand(6, 2, generator=g)
+    R = torch.rand(6, 2, generator=g)
+    lw = gopo.listwise_loss(pol, ref, R, beta)
+    w, l = R.argmax(-1), R.argmin(-1)
+    ar = torch.arange(6)
+    pw, _, _ = gopo.preference_loss(pol[ar, w], pol[ar, l], ref[ar, w], ref[ar, l], beta)
+    torch.testing.assert_close(lw, pw, rtol=1e-5, atol=1e-6)
+    # K = 3, hand-written Plackett-Luce with the rollouts deliberately out of reward order
+    pol3 = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -2.5]])
+    ref3 = torch.tensor([[-1.5, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    R3 = torch.tensor([[0.2, 0.9, 0.5], [0.7, 0.1, 0.4]])
+    got = gopo.listwise_loss(pol3, ref3, R3, beta)
+    for n in range(2):
+        order = sorted(range(3), key=lambda k: -float(R3[n, k]))       # best first
+        r = [beta * float(pol3[n, k] - ref3[n, k]) for k in order]
+        want = -sum(r[i] - math.log(sum(math.exp(x) for x in r[i:])) for i in range(2))
+        assert float(got[n]) == pytest.approx(want, rel=1e-5)
+
+
+def test_build_pairs_within_groups_margin_order_and_cap():
+    rewards = [0.9, 0.1, 0.5, 0.52,      # group A
+               0.3, 0.3, 0.31,           # group B: every gap < delta -> no pairs
+               0.2, 0.8]                 # group C
+    groups = [[0, 1, 2, 3], [4, 5, 6], [7, 8]]
+    pairs = gopo.build_pairs(rewards, groups, delta=0.05, max_pairs=2)
+    # A: best-vs-worst first, then the next widest margin; capped at 2. C: its only pair.
+    assert pairs == [(0, 1), (3, 1), (8, 7)]
+    # no cap in effect: every (w, l) with a margin >= delta, nothing across groups
+    allp = gopo.build_pairs(rewards, groups, delta=0.05, max_pairs=100)
+    gid = {i: k for k, g in enumerate(groups) for i in g}
+    assert all(gid[w] == gid[l] for w, l in allp)
+    assert all(rewards[w] - rewards[l] >= 0.05 for w, l in allp)
+    assert set(allp) == {(0, 1), (2, 1), (3, 1), (0, 2), (0, 3), (8, 7)}
+    assert allp[0] == (0, 1) and allp[-1] == (8, 7)
+    # max_pairs=1 leaves exactly best-vs-worst per group that has any pair
+    assert gopo.build_pairs(rewards, groups, delta=0.05, max_pairs=1) == [(0, 1), (8, 7)]
+    assert gopo.build_pairs(rewards, groups, delta=0.9, max_pairs=4) == []
+
+
+# ----------------------------------------------------------------------------- 5: what the Expert scores
+def per_decision_logps(model, traj, strategy_ids):
+    """Reference scorer: one forward per decision on the prefix ids[:pos], SOP-masked softmax over
+    the strategy-token logits at the last position (independent of expert.decision_logps)."""
+    out, prev = [], None
+    for pos, zi in traj["decisions"]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([traj["ids"][:pos]])).logits[0, -1]
+        z_logits = logits[strategy_ids].double()
+        allowed = torch.tensor([z in shop.SOP[prev or "<start>"] for z in shop.STRATEGIES])
+        logp = torch.log_softmax(z_logits.masked_fill(~allowed, float("-inf")), -1)
+        out.append(float(logp[zi]))
+        prev = shop.STRATEGIES[zi]
+    return out
+
+
+def score(model, tok, recs, strategy_ids):
+    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.SOP, shop.INSTRUCTIONS)
+             for r in recs]
+    batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
+    with torch.no_grad():
+        step = expert_lib.decision_logps(model, batch, strategy_ids)
+    return trajs, batch, step, gopo.trajectory_logps(step, batch["step_mask"].float())
+
+
+def test_one_forward_scoring_equals_per_turn_forwards(models, tok, logs, strategy_ids):
+    expert_model, _ = models
+    # a batch of dialogues of different lengths, so right padding is exercised
+    recs = sorted(logs[:6], key=lambda r: len(r["turns"]))
+    recs = [recs[0], recs[-1], recs[2]]
+    assert len({len(r["turns"]) for r in recs}) > 1
+    trajs, batch, step, S = score(expert_model, tok, recs, strategy_ids)
+    for b, (rec, traj) in enumerate(zip(recs, trajs)):
+        # the decisions sit exactly on the strategy tokens of the agent turns
+        zs = [t["strategy"] for t in rec["turns"] if t["role"] == "agent"]
+        assert [shop.STRATEGIES[zi] for _, zi in traj["decisions"]] == zs
+        assert all(traj["ids"][p] == strategy_ids[zi] for p, zi in traj["decisions"])
+        ref = per_decision_logps(expert_model, traj, strategy_ids)
+        n = len(ref)
+        assert batch["step_mask"][b].sum() == n
+        torch.testing.assert_close(step[b, :n].double(), torch.tensor(ref, dtype=torch.float64),
+                                   atol=1e-4, rtol=0)
+        assert torch.all(step[b, n:] == 0)
+        assert float(S[b]) == pytest.approx(sum(ref), abs=1e-4)
+        assert all(math.isfinite(x) and x <= 0 for x in ref)
+
+
+def edit_turn(rec, index, text):
+    rec = copy.deepcopy(rec)
+    rec["turns"][index]["text"] = text
+    return rec
+
+
+def test_customer_and_cs_tokens_are_context_only(models, tok, logs, strategy_ids):
+    expert_model, _ = models
+    rec = next(r for r in logs if len(r["turns"]) >= 7 and r["turns"][-1]["role"] == "customer")
+    _, _, _, S0 = score(expert_model, tok, [rec], strategy_ids)
+    last_agent = max(i for i, t in enumerate(rec["turns"]) if t["role"] == "agent")
+    # (b1) rewrite the last CS reply and the customer's answer after it: nothing scored changes
+    after = edit_turn(edit_turn(rec, last_agent, "Something else entirely, with more words."),
+                      last_agent + 1, "A different customer line that is much longer than before.")
+    trajs_a, _, _, S_after = score(expert_model, tok, [after], strategy_ids)
+    trajs_0, _, _, _ = score(expert_model, tok, [rec], strategy_ids)
+    assert trajs_a[0]["decisions"] == trajs_0[0]["decisions"]
+    assert trajs_a[0]["ids"] != trajs_0[0]["ids"]
+    # identical up to float32 rounding (a different sequence length can change GEMM blocking)
+    torch.testing.assert_close(S_after, S0, atol=1e-5, rtol=0)
+    # (b2) rewrite a customer line BEFORE a decision: it is context, so the score moves
+    before = edit_turn(rec, 2, "Totally unrelated words about the weather and trains.")
+    _, _, _, S_before = score(expert_model, tok, [before], strategy_ids)
+    assert abs(float(S_before - S0)) > 1e-3
+
+
+# ----------------------------------------------------------------------------- 6: SOP mask
+def assert_sop_respected(records, sop=shop.SOP):
+    n = 0
+    for rec in records:
+        prev = None
+        for t in rec["turns"]:
+            if t["role"] == "agent":
+                assert t["strategy"] in sop[prev or "<start>"], (prev, t["strategy"], rec["id"])
+                prev = t["strategy"]
+                n += 1
+    return n
+
+
+def sop_rollouts(models, tok, world, greedy, seeds=range(3)):
+    expert_model, agent_model = models
+    scenarios = [shop.make_scenario(s) for s in data.train_seeds(40, offset=5000)]
+    trajs = []
+    for seed in seeds:
+        trajs += rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, world, greedy=greedy,
+                                     seed=seed, max_reply_tokens=12)
+    return trajs
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
+def test_sop_never_violated_in_rollouts(models, tok, close_world, greedy, strategy_ids):
+    """Untrained (random) Expert and CS Agent, 40 scenarios x 3 seeds: every consecutive pair of
+    strategies is SOP-allowed, and every recorded decision log-prob is finite (prob > 0)."""
+    trajs = sop_rollouts(models, tok, close_world, greedy, seeds=range(3) if not greedy else [0])
+    # shop's SOP, except the workaround's close -> close (see conftest.close_terminal_world)
+    n = assert_sop_respected([t["record"] for t in trajs], close_world.SOP)
+    assert n > 100
+    assert all(math.isfinite(x) for t in trajs for x in t["ref_logps"])
+    # the random Expert explores beyond the forced greet: many distinct strategies are used
+    if not greedy:
+        used = {t["strategy"] for tr in trajs for t in tr["record"]["turns"] if t["role"] == "agent"}
+        assert len(used) >= 6
+
+
+def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, strategy_ids):
+    g = torch.Generator().manual_seed(0)
+    logits = 10 * torch.randn(len(shop.SOP), 5, len(tok), generator=g)           # (prev, 5, V)
+    prevs = list(shop.SOP)
+    allowed = expert_lib.sop_mask([None if p == "<start>" else p for p in prevs], shop.STRATEGIES,
+                                  shop.SOP)
+    for n, prev in enumerate(prevs):
+        assert [z for z, a in zip(shop.STRATEGIES, allowed[n]) if a] == \
+            [z for z in shop.STRATEGIES if z in shop.SOP[prev]]
+    nonempty = allowed.any(-1)
+    lp = expert_lib.masked_logps(logits[nonempty], strategy_ids, allowed[nonempty][:, None].expand(-1, 5, -1))
+    mask = allowed[nonempty][:, None].expand_as(lp)
+    assert torch.all(lp[~mask] == float("-inf")) and torch.all(lp[~mask].exp() == 0)
+    assert torch.all(torch.isfinite(lp[mask]))
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:-1]))
+    # decide(): sampling many times from a flat-ish model never returns a forbidden strategy
+    expert_model, _ = models
+    ctx = [tok.bos_token_id] + lm.customer_ids(tok, "Hi.")
+    gen = torch.Generator().manual_seed(0)
+    for prev in ["greet", "recommend", "upsell"]:
+        z, logp = expert_lib.decide(expert_model, [ctx] * 200, [prev] * 200, shop.STRATEGIES, shop.SOP,
+                                    strategy_ids, tok.pad_token_id, generator=gen)
+        assert {shop.STRATEGIES[k] for k in z.tolist()} <= set(shop.SOP[prev])
+        assert torch.all(torch.isfinite(logp))
+
+
+@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
+                   reason="BUG rollout.py: after `close` whose text lacks the goodbye cue the customer "
+                          "keeps talking, SOP['close'] == [] leaves no allowed strategy: sampling "
+                          "crashes (multinomial on NaN), greedy picks index 0 ('greet'). Remove this "
+                          "marker once rollout ends a dialogue at `close`.")
+def test_rollout_survives_close_without_goodbye(models, tok):
+    """Same check as test_sop_never_violated_in_rollouts, on the real shop world."""
+    trajs = sop_rollouts(models, tok, shop, greedy=False)
+    assert_sop_respected([t["record"] for t in trajs])
+
+
+def test_rollout_logps_equal_one_forward_scoring(models, tok, close_world, strategy_ids):
+    """The reference log-probs recorded while sampling (left-padded, one decision at a time) are what
+    decision_logps computes later from one right-padded forward: GOPO's S_ref and S_theta agree
+    before any update, so the first loss of a pair is exactly log 2."""
+    expert_model, agent_model = models
+    scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=7000)]
+    trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, close_world, greedy=False,
+                                seed=3, max_reply_tokens=12)
+    batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
+    with torch.no_grad():
+        step = expert_lib.decision_logps(expert_model, batch, strategy_ids)
+    for b, tr in enumerate(trajs):
+        n = len(tr["ref_logps"])
+        torch.testing.assert_close(step[b, :n], torch.tensor(tr["ref_logps"]), atol=1e-4, rtol=0)
+        # the Expert's context is the record re-serialised: rollout ids == encode_dialogue(record)
+        ids, decisions, _ = lm.encode_dialogue(tok, tr["record"]["turns"], shop.INSTRUCTIONS)
+        assert ids == tr["ids"]
+        assert [(p, ZI[z]) for p, z in decisions] == tr["decisions"]
+
+
+# ----------------------------------------------------------------------------- 7: simulator determinism
+def test_simulator_is_deterministic():
+    scenarios = [shop.make_scenario(s) for s in data.train_seeds(40)]
+    for s in scenarios:
+        assert shop.make_scenario(s["seed"]) == s
+        for policy in (shop.behaviour_policy, shop.random_policy, shop.oracle_policy):
+            assert shop.play(s, policy, seed=3) == shop.play(s, policy, seed=3)
+    texts = lambda r: [t["text"] for t in r["turns"]]
+    differ = sum(texts(shop.play(s, shop.behaviour_policy, seed=0)) !=
+                 texts(shop.play(s, shop.behaviour_policy, seed=1)) for s in scenarios)
+    assert differ >= 10
+
+
+def test_customer_reply_is_deterministic_and_templates_do_not_change_events():
+    s = shop.make_scenario(11)
+    name = s["target"]
+    agent_texts = ["Hello and welcome to our shop!", "What are you looking for today?",
+                   f"For a thing, I recommend the {name}.", "I can give you 10% off today.",
+                   "Good question: delivery is free and the warranty is two years.",
+                   "Shall I place the order for you?", "Would you like to add our protection plan?",
+                   "Thank you for shopping with us, goodbye!"]
+
+    def run(seed):
+        c = shop.Customer(s, seed=seed)
+        out = [c.opening()]
+        for t, text in enumerate(agent_texts):
+            out.append(c.reply(text, t))
+            if out[-1][2]:
+                break
+        return out, c.success
+
+    assert run(0) == run(0)
+    many = [run(k) for k in range(8)]
+    # the rules are exact: events, end of dialogue and success do not depend on the template seed
+    assert len({(tuple((e, d) for _, e, d in o[1:]), ok) for o, ok in many}) == 1
+    assert len({tuple(u for u, _, _ in o[1:]) for o, _ in many}) > 1
+
+
+# ----------------------------------------------------------------------------- 8: checkpoints
+def test_save_reload_gives_identical_logits_and_tokenization(models, tok, logs, tmp_path):
+    expert_model, _ = models
+    lm.save(expert_model, tok, str(tmp_path / "ckpt"))
+    model2, tok2 = lm.load(str(tmp_path / "ckpt"))
+    model2.eval()
+    assert tok2.padding_side == "left" and len(tok2) == len(tok)
+    texts = [t["text"] for r in logs[:5] for t in r["turns"]] + \
+        ["".join(lm.strategy_token(z) for z in shop.STRATEGIES) + lm.EOT + lm.BOS + " ünïcödé 10%?"]
+    for text in texts:
+        assert tok2.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    for z in shop.STRATEGIES:
+        assert tok2.convert_tokens_to_ids(lm.strategy_token(z)) == tok.convert_tokens_to_ids(lm.strategy_token(z))
+    assert (tok2.pad_token_id, tok2.bos_token_id, tok2.eos_token_id) == \
+        (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    seqs = [lm.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)[0] for r in logs[:4]]
+    ids, attn = lm.pad(seqs, tok.pad_token_id, left=True)
+    with torch.no_grad():
+        a = lm.forward_logits(expert_model, ids, attn)
+        b = lm.forward_logits(model2, ids, attn)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- 9: it learns
+def test_gopo_raises_mean_reward_on_its_training_scenarios(tok, logs, values, close_world):
+    """A short seeded GOPO run raises the mean joint reward R of greedy rollouts on its own training
+    scenarios. Measured here: R 0.430 -> 0.522 -> 0.551 over 2 iterations (~11 s); other model seeds
+    and scenario sets gave +0.09..+0.12. The test must fail when the update is broken, and does:
+      - update disabled (gopo_epochs=0, or gopo.expert_update monkeypatched to a no-op): R stays
+        0.430 exactly and no Expert parameter changes;
+      - preferences reversed (build_pairs monkeypatched to return (l, w)): R 0.430 -> 0.450, under
+        the +0.05 bar (this is why the bar is there: any change of the greedy policy moves R a bit).
+
+    The CS Agent is a bit wider (64) than the Expert so that brief SFT makes it write recognisable
+    replies (GRE ~0.9); it is frozen during GOPO (cs_samples=0, greedy replies), so any change of R
+    comes from the Expert's decisions. `close_world` sidesteps the close bug (see conftest).
+    """
+    torch.manual_seed(0)
+    world = close_world
+    expert_model = lm.build_tiny_model(tok, d_model=32, n_layer=2, n_head=2, seed=0)
+    agent_model = lm.build_tiny_model(tok, d_model=64, n_layer=2, n_head=2, seed=1)
+    for m in (expert_model, agent_model):
+        lm.add_strategy_tokens(m, tok, shop.STRATEGIES)
+    expert_lib.sft(expert_model, tok, logs, shop.STRATEGIES, shop.SOP, shop.INSTRUCTIONS, steps=40,
+                   batch_size=8, lr=1e-2, seed=0)
+    agent_lib.sft(agent_model, tok, logs, shop.INSTRUCTIONS, steps=100, batch_size=4, lr=1e-2, seed=0)
+    scenarios = [shop.make_scenario(s) for s in data.train_seeds(8, offset=1000)]
+
+    def mean_R():
+        trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, world, greedy=True)
+        return gopo.mean(gopo.joint_reward(t["record"], values, shop.HORIZON)["R"] for t in trajs)
+
+    args = SimpleNamespace(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4,
+                           listwise=False, gopo_epochs=2, agent_temperature=0.0, cs_samples=0,
+                           beta_cs=0.1)
+    opt_e = torch.optim.AdamW(expert_model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt_a = torch.optim.AdamW(agent_model.parameters(), lr=1e-4, weight_decay=0.0)
+    before_params = [p.detach().clone() for p in expert_model.parameters()]
+    R0 = mean_R()
+    history = []
+    for it in range(2):
+        m = gopo.iteration(expert_model, agent_model, tok, tok, opt_e, opt_a, scenarios, values, world,
+                           args, it, seed=it)
+        history.append(m)
+        assert m["pairs"] > 0 and m["loss"] is not None and math.isfinite(m["loss"])
+        assert {"R", "tse", "esndcg", "gre", "loss", "pairs", "seconds"} <= set(m)
+    R1 = mean_R()
+    changed = sum(not torch.equal(a, b) for a, b in zip(before_params, expert_model.parameters()))
+    assert changed > 0, "the Expert's parameters did not change"
+    assert R1 > R0 + 0.05, f"mean R did not improve: {R0:.3f} -> {R1:.3f} ({history})"
