@@ -35,19 +35,31 @@ def collate(examples, pad_id):
     return ids, attn, mask.float()
 
 
-def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0, desc="SFT agent"):
-    """Supervised fine-tuning on logged replies: minimise the mean NLL of reply tokens."""
-    examples = []
+def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0, cycle=100,
+        window_steps=0, desc="SFT agent"):
+    """Supervised fine-tuning on logged replies: minimise the mean NLL of reply tokens.
+
+    The first `window_steps` steps are a curriculum on short windows (the customer's last turn,
+    the strategy prompt, the reply; 4x the batch size of them), the rest on whole dialogues.
+    Why: a from-scratch model learns to copy the customer's must-have into the reply far faster
+    when there are 30 tokens to search instead of 200; the skill then carries to whole dialogues.
+    """
+    dialogues, windows = [], []
     for r in records:
-        ids, _, replies = lm.encode_dialogue(tok, r["turns"], instructions)
-        examples.append((ids, reply_mask(len(ids), replies)))
+        ids, decisions, replies = lm.encode_dialogue(tok, r["turns"], instructions)
+        dialogues.append((ids, reply_mask(len(ids), replies)))
+        starts = [1] + [end for _, end in replies[:-1]]          # each window opens at a customer turn
+        for s, (a, b) in zip(starts, replies):
+            w = [tok.bos_token_id] + ids[s:b]
+            windows.append((w, [0] * (1 + a - s) + [1] * (b - a)))
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lm.sft_schedule(s, cycle))
     model.train()
     losses = []
-    for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
-        ids, attn, mask = collate(rng.sample(examples, min(batch_size, len(examples))), tok.pad_token_id)
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        pool, n = (windows, 4 * batch_size) if step < window_steps else (dialogues, batch_size)
+        ids, attn, mask = collate(rng.sample(pool, min(n, len(pool))), tok.pad_token_id)
         loss = -reply_logps(model, ids, attn, mask).sum() / mask[:, 1:].sum()   # mean NLL per token
         opt.zero_grad(set_to_none=True)
         loss.backward()

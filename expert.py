@@ -94,13 +94,13 @@ def decide(model, contexts, prevs, strategies, sop, strategy_ids, pad_id, greedy
 
 
 def sft(model, tok, records, strategies, sop, instructions, steps, batch_size=16, lr=3e-3, seed=0,
-        desc="SFT expert"):
+        cycle=100, desc="SFT expert"):
     """Supervised fine-tuning on logged strategies: minimise -sum_t log pi_E(z_t | h_t) (masked)."""
     strategy_ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
     trajs = [trajectory_from_record(tok, r, strategies, sop, instructions) for r in records]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lm.sft_schedule(s, cycle))
     model.train()
     losses = []
     for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):

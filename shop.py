@@ -43,16 +43,16 @@ DISCOUNT = 0.1
 # ----------------------------------------------------------------------------- SOP
 STRATEGIES = ["greet", "elicit_need", "recommend", "answer", "handle_objection",
               "offer_discount", "upsell", "confirm_order", "close"]
-INSTRUCTIONS = {  # the CS Agent's one-line instruction per strategy
-    "greet": "greet the customer",
-    "elicit_need": "ask what the customer needs",
-    "recommend": "name the one product that fits the stated need",
-    "answer": "answer the customer's question",
-    "handle_objection": "reassure the customer about the product",
+INSTRUCTIONS = {  # the CS Agent's one-line instruction per strategy (short: it is in every turn)
+    "greet": "say hello",
+    "elicit_need": "ask what they need",
+    "recommend": "name the product that fits",
+    "answer": "answer their question",
+    "handle_objection": "reassure them",
     "offer_discount": "offer a discount",
     "upsell": "offer the protection plan",
     "confirm_order": "ask to place the order",
-    "close": "thank the customer and say goodbye",
+    "close": "thank them and say goodbye",
 }
 START = "<start>"
 SOP = {  # previous strategy -> strategies allowed next (hard constraints)

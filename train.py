@@ -75,13 +75,15 @@ p.add_argument("--logs", default=None, help="read the logged dialogues from this
                "instead of simulating them")
 # ---- model
 p.add_argument("--model", default="tiny", choices=["tiny"], help="backbone of both agents")
-p.add_argument("--d-model", type=positive(int), default=192, help="tiny model width")
+p.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
 p.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
 p.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
 # ---- SFT
-p.add_argument("--sft-steps", type=positive(int), default=200, help="SFT steps per agent")
+p.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
 p.add_argument("--sft-batch", type=positive(int), default=16, help="SFT batch size (dialogues)")
 p.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
+p.add_argument("--sft-window-steps", type=nonneg(int), default=150,
+               help="first CS Agent SFT steps on short windows (a curriculum; see agent.sft)")
 # ---- GOPO
 p.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations")
 p.add_argument("--scenarios", type=positive(int), default=16, help="scenarios per iteration (B)")
@@ -143,7 +145,7 @@ def main(argv=None):
     sft_e = expert_lib.sft(expert_model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
                            args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
     sft_a = agent_lib.sft(agent_model, tok, logs, world.INSTRUCTIONS, args.sft_steps, args.sft_batch,
-                          args.sft_lr, args.seed)
+                          args.sft_lr, args.seed, window_steps=args.sft_window_steps)
     lm.save(expert_model, tok, os.path.join(run_dir, "expert_sft"))
     lm.save(agent_model, tok, os.path.join(run_dir, "agent_sft"))
     with open(os.path.join(run_dir, "sft.json"), "w") as f:
