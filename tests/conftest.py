@@ -41,19 +41,6 @@ N_LOGS = 60
 TINY = dict(d_model=32, n_layer=2, n_head=2)
 
 
-def close_terminal_world():
-    """The shop world with one change: after `close` the SOP allows `close` again instead of nothing.
-
-    Workaround for a bug (see test_rollout_survives_close_without_goodbye): when the CS Agent's
-    text for `close` lacks the goodbye cue the simulator keeps the dialogue going, the next decision
-    has an empty allowed set, and sampling crashes (greedy silently picks a forbidden strategy).
-    Every other rule is shop's own. Tests that need a rollout to survive that case use this world.
-    """
-    world = SimpleNamespace(**{k: getattr(shop, k) for k in dir(shop) if not k.startswith("__")})
-    world.SOP = dict(shop.SOP, close=["close"])
-    return world
-
-
 def hf_env():
     """Environment for subprocess runs of the CLIs: offline, a private HF_HOME, 2 threads."""
     env = dict(os.environ)
@@ -98,11 +85,6 @@ def build_models(tok, seed=0):
 def models(tok):
     """Session-wide (expert, agent) random models. Read-only: do not train them in a test."""
     return build_models(tok)
-
-
-@pytest.fixture(scope="session")
-def close_world():
-    return close_terminal_world()
 
 
 @pytest.fixture(scope="session")

@@ -207,12 +207,11 @@ def sop_rollouts(models, tok, world, greedy, seeds=range(3)):
 
 
 @pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
-def test_sop_never_violated_in_rollouts(models, tok, close_world, greedy, strategy_ids):
+def test_sop_never_violated_in_rollouts(models, tok, greedy, strategy_ids):
     """Untrained (random) Expert and CS Agent, 40 scenarios x 3 seeds: every consecutive pair of
     strategies is SOP-allowed, and every recorded decision log-prob is finite (prob > 0)."""
-    trajs = sop_rollouts(models, tok, close_world, greedy, seeds=range(3) if not greedy else [0])
-    # shop's SOP, except the workaround's close -> close (see conftest.close_terminal_world)
-    n = assert_sop_respected([t["record"] for t in trajs], close_world.SOP)
+    trajs = sop_rollouts(models, tok, shop, greedy, seeds=range(3) if not greedy else [0])
+    n = assert_sop_respected([t["record"] for t in trajs], shop.SOP)
     assert n > 100
     assert all(math.isfinite(x) for t in trajs for x in t["ref_logps"])
     # the random Expert explores beyond the forced greet: many distinct strategies are used
@@ -247,24 +246,19 @@ def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, s
         assert torch.all(torch.isfinite(logp))
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
-                   reason="BUG rollout.py: after `close` whose text lacks the goodbye cue the customer "
-                          "keeps talking, SOP['close'] == [] leaves no allowed strategy: sampling "
-                          "crashes (multinomial on NaN), greedy picks index 0 ('greet'). Remove this "
-                          "marker once rollout ends a dialogue at `close`.")
 def test_rollout_survives_close_without_goodbye(models, tok):
     """Same check as test_sop_never_violated_in_rollouts, on the real shop world."""
     trajs = sop_rollouts(models, tok, shop, greedy=False)
     assert_sop_respected([t["record"] for t in trajs])
 
 
-def test_rollout_logps_equal_one_forward_scoring(models, tok, close_world, strategy_ids):
+def test_rollout_logps_equal_one_forward_scoring(models, tok, strategy_ids):
     """The reference log-probs recorded while sampling (left-padded, one decision at a time) are what
     decision_logps computes later from one right-padded forward: GOPO's S_ref and S_theta agree
     before any update, so the first loss of a pair is exactly log 2."""
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=7000)]
-    trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, close_world, greedy=False,
+    trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, greedy=False,
                                 seed=3, max_reply_tokens=12)
     batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
     with torch.no_grad():
@@ -340,7 +334,7 @@ def test_save_reload_gives_identical_logits_and_tokenization(models, tok, logs, 
 
 
 # ----------------------------------------------------------------------------- 9: it learns
-def test_gopo_raises_mean_reward_on_its_training_scenarios(tok, logs, values, close_world):
+def test_gopo_raises_mean_reward_on_its_training_scenarios(tok, logs, values):
     """A short seeded GOPO run raises the mean joint reward R of greedy rollouts on its own training
     scenarios. Measured here: R 0.430 -> 0.522 -> 0.551 over 2 iterations (~11 s); other model seeds
     and scenario sets gave +0.09..+0.12. The test must fail when the update is broken, and does:
@@ -351,10 +345,10 @@ def test_gopo_raises_mean_reward_on_its_training_scenarios(tok, logs, values, cl
 
     The CS Agent is a bit wider (64) than the Expert so that brief SFT makes it write recognisable
     replies (GRE ~0.9); it is frozen during GOPO (cs_samples=0, greedy replies), so any change of R
-    comes from the Expert's decisions. `close_world` sidesteps the close bug (see conftest).
+    comes from the Expert's decisions.
     """
     torch.manual_seed(0)
-    world = close_world
+    world = shop
     expert_model = lm.build_tiny_model(tok, d_model=32, n_layer=2, n_head=2, seed=0)
     agent_model = lm.build_tiny_model(tok, d_model=64, n_layer=2, n_head=2, seed=1)
     for m in (expert_model, agent_model):
