@@ -95,7 +95,7 @@ def plot(results, methods, path, title):
         ax.bar([i + j * width for i in range(len(keys))], means, width, yerr=err, capsize=3, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
     ax.set(ylim=(0, 1.05), title=title, ylabel="mean (95% CI)")
-    ax.legend(fontsize=8, ncol=len(methods))
+    ax.legend(fontsize=8, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

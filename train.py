@@ -63,43 +63,43 @@ def nonneg(kind):
 
 
 p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-# ---- run
-p.add_argument("--algo", default="gopo", choices=["gopo"], help="training method")
-p.add_argument("--out", default="out", help="parent folder of run folders")
-p.add_argument("--run", default=None, help="run folder name under --out (default: the --algo name)")
-p.add_argument("--seed", type=int, default=0, help="seeds every sampler: logs, init, batches, rollouts")
-p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-# ---- data: logged dialogues of the behaviour ("typical human agent") policy
-p.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
-p.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL (common schema) "
+g = p.add_argument_group("run")
+g.add_argument("--algo", default="gopo", choices=["gopo"], help="training method")
+g.add_argument("--out", default="out", help="parent folder of run folders")
+g.add_argument("--run", default=None, help="run folder name under --out (default: the --algo name)")
+g.add_argument("--seed", type=int, default=0, help="seeds every sampler: logs, init, batches, rollouts")
+g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy")
+g.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
+g.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL (common schema) "
                "instead of simulating them")
-# ---- model
-p.add_argument("--model", default="tiny", choices=["tiny"], help="backbone of both agents")
-p.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
-p.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
-p.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
-# ---- SFT
-p.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
-p.add_argument("--sft-batch", type=positive(int), default=16, help="SFT batch size (dialogues)")
-p.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
-p.add_argument("--sft-window-steps", type=nonneg(int), default=150,
+g = p.add_argument_group("model")
+g.add_argument("--model", default="tiny", choices=["tiny"], help="backbone of both agents")
+g.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
+g.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
+g.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
+g = p.add_argument_group("SFT")
+g.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
+g.add_argument("--sft-batch", type=positive(int), default=16, help="SFT batch size (dialogues)")
+g.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
+g.add_argument("--sft-window-steps", type=nonneg(int), default=150,
                help="first CS Agent SFT steps on short windows (a curriculum; see agent.sft)")
-# ---- GOPO
-p.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations")
-p.add_argument("--scenarios", type=positive(int), default=16, help="scenarios per iteration (B)")
-p.add_argument("--k", type=positive(int), default=4, help="rollouts per scenario (K)")
-p.add_argument("--beta", type=positive(float), default=0.5, help="DPO temperature of the Expert loss")
-p.add_argument("--nll-coef", type=nonneg(float), default=0.1, help="lambda: weight of the winners' NLL")
-p.add_argument("--alpha", type=checked(float, 0, True, 1), default=0.5, help="R = alpha*TSE + (1-alpha)*ESNDCG")
-p.add_argument("--delta", type=positive(float), default=0.05, help="min reward gap for a preference pair")
-p.add_argument("--max-pairs", type=positive(int), default=4, help="pairs per scenario, at most")
-p.add_argument("--listwise", action="store_true", help="Plackett-Luce over the K rollouts instead of pairs")
-p.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
-p.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
-p.add_argument("--agent-temperature", type=nonneg(float), default=0.7, help="CS sampling temperature in rollouts")
-p.add_argument("--cs-samples", type=nonneg(int), default=16, help="(h_t, z_t) per iteration for CS alignment pairs")
-p.add_argument("--beta-cs", type=positive(float), default=0.1, help="DPO temperature of the CS alignment loss")
-p.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent learning rate in GOPO")
+g = p.add_argument_group("GOPO")
+g.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations")
+g.add_argument("--scenarios", type=positive(int), default=16, help="scenarios per iteration (B)")
+g.add_argument("--k", type=positive(int), default=4, help="rollouts per scenario (K)")
+g.add_argument("--beta", type=positive(float), default=0.5, help="DPO temperature of the Expert loss")
+g.add_argument("--nll-coef", type=nonneg(float), default=0.1, help="lambda: weight of the winners' NLL")
+g.add_argument("--alpha", type=checked(float, 0, True, 1), default=0.5, help="R = alpha*TSE + (1-alpha)*ESNDCG")
+g.add_argument("--delta", type=positive(float), default=0.05, help="min reward gap for a preference pair")
+g.add_argument("--max-pairs", type=positive(int), default=4, help="pairs per scenario, at most")
+g.add_argument("--listwise", action="store_true", help="Plackett-Luce over the K rollouts instead of pairs")
+g.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
+g.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
+g.add_argument("--agent-temperature", type=nonneg(float), default=0.7, help="CS sampling temperature in rollouts")
+g.add_argument("--cs-samples", type=nonneg(int), default=16, help="(h_t, z_t) per iteration for CS alignment pairs")
+g.add_argument("--beta-cs", type=positive(float), default=0.1, help="DPO temperature of the CS alignment loss")
+g.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent learning rate in GOPO")
 
 
 def main(argv=None):
