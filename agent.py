@@ -61,10 +61,8 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
         pool, n = (windows, 4 * batch_size) if step < window_steps else (dialogues, batch_size)
         ids, attn, mask = collate(rng.sample(pool, min(n, len(pool))), tok.pad_token_id)
         loss = -reply_logps(model, ids, attn, mask).sum() / mask[:, 1:].sum()   # mean NLL per token
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if not lm.guarded_step(model, opt, loss):
+            bar.write(f"{desc}: non-finite loss or gradient at step {len(losses)}, step skipped")
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")

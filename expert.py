@@ -107,10 +107,8 @@ def sft(model, tok, records, strategies, sop, instructions, steps, batch_size=16
         batch = collate(rng.sample(trajs, min(batch_size, len(trajs))), tok.pad_token_id, len(strategies))
         step_logps = decision_logps(model, batch, strategy_ids)                 # (B, T)
         loss = -step_logps.sum() / batch["step_mask"].sum()                     # mean NLL per decision
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if not lm.guarded_step(model, opt, loss):
+            bar.write(f"{desc}: non-finite loss or gradient at step {len(losses)}, step skipped")
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -14,6 +14,7 @@ Equations (our re-interpretation; the paper's are not public):
   (5) listwise: L_PL = -sum_i [r_(i) - log sum_{j>=i} exp r_(j)], r = beta (S_theta - S_ref),
       rollouts sorted by R (Plackett-Luce)                                  listwise_loss
 """
+import math
 import random
 import time
 
@@ -83,7 +84,7 @@ def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
 
 # ----------------------------------------------------------------------------- updates
 def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
-    """One gradient step of the Expert on the GOPO loss. Returns the loss value."""
+    """One gradient step of the Expert on the GOPO loss. Returns the loss (nan: step skipped)."""
     used = sorted({i for p in pairs for i in p}) if not args.listwise else sorted(i for g in groups for i in g)
     row = {i: k for k, i in enumerate(used)}
     batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
@@ -103,11 +104,7 @@ def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_i
         pref, winners = losses.mean(), w
     nll = (-S[winners] / n_steps[winners]).mean()                                # eq. (4)
     loss = pref + args.nll_coef * nll
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return loss.item()
+    return loss.item() if lm.guarded_step(model, opt, loss) else float("nan")
 
 
 def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instructions, temperature=1.0):
@@ -139,11 +136,7 @@ def agent_update(model, opt, pairs, pad_id, beta):
         ref = agent_lib.reply_logps(model, ids, attn, mask)                     # (2P,)
     logps = agent_lib.reply_logps(model, ids, attn, mask)                       # (2P,) chosen, rejected interleaved
     losses, _, _ = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
-    opt.zero_grad(set_to_none=True)
-    losses.mean().backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return losses.mean().item()
+    return losses.mean().item() if lm.guarded_step(model, opt, losses.mean()) else float("nan")
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -178,11 +171,13 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
         cs_loss = agent_update(agent_model, opt_a, cs_pairs, tok_a.pad_token_id, args.beta_cs)
         agent_model.eval()
     recs = [tr["record"] for tr in trajs]
+    finite = [x for x in losses if math.isfinite(x)]
     return {"iter": it, "R": mean(rewards), "tse": mean(m["tse"] for m in scores),
             "esndcg": mean(m["esndcg"] for m in scores), "success": mean(m["success"] for m in scores),
             "gre": mean(gre(r, world.recognise) for r in recs),
-            "loss": mean(losses) if losses else None, "pairs": len(pairs), "cs_pairs": len(cs_pairs),
-            "cs_loss": cs_loss, "seconds": round(time.time() - t0, 2)}
+            "loss": mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
+            "pairs": len(pairs), "cs_pairs": len(cs_pairs),
+            "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None, "seconds": round(time.time() - t0, 2)}
 
 
 def gre(rec, recognise):

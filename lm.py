@@ -11,6 +11,7 @@ known exactly (no re-tokenization drift between rollout and scoring):
   - the CS Agent's reply is the span after "\nA:" up to and including <|eot|>.
 """
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -68,10 +69,47 @@ def add_strategy_tokens(model, tokenizer, strategies):
 
 
 def save(model, tokenizer, path):
-    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads."""
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically."""
+    atomic_dir(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def atomic_dir(path, write):
+    """Write a folder so that a crash at any moment leaves either the old folder or the new one.
+
+    `write(tmp)` fills a temporary folder; then the old folder moves aside, the new one takes its
+    name and the old one is deleted. A crash between the two renames leaves `path.old`, which
+    `recover` puts back.
+    """
+    tmp, old = path + ".tmp", path + ".old"
+    recover(path)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path):
+    """Undo a save that died between its two renames; drop half-written temporaries."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    if not os.path.exists(path) and os.path.exists(path + ".old"):
+        os.replace(path + ".old", path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+
+
+def guarded_step(model, opt, loss, max_norm=1.0):
+    """backward + clip + step, unless the loss or the gradient is not finite (then skip, return False)."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return False
+    opt.step()
+    return True
 
 
 def load(path):

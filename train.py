@@ -69,6 +69,10 @@ g.add_argument("--out", default="out", help="parent folder of run folders")
 g.add_argument("--run", default=None, help="run folder name under --out (default: the --algo name)")
 g.add_argument("--seed", type=int, default=0, help="seeds every sampler: logs, init, batches, rollouts")
 g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+g.add_argument("--resume", default=None, metavar="RUN_DIR",
+               help="continue a killed run from its last completed stage/iteration, with its own config")
+g.add_argument("--max-nonfinite", type=positive(int), default=3,
+               help="stop after this many iterations in a row with non-finite losses or gradients")
 g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy")
 g.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
 g.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL (common schema) "
@@ -102,73 +106,145 @@ g.add_argument("--beta-cs", type=positive(float), default=0.1, help="DPO tempera
 g.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent learning rate in GOPO")
 
 
+def start_run(args):
+    """New run: refuse an existing folder (unless --overwrite), write config.json."""
+    run_dir = os.path.join(args.out, args.run or args.algo)
+    if os.path.exists(run_dir):
+        if not args.overwrite:
+            die(f"{run_dir} already exists (holds another run); pass --overwrite, --resume {run_dir} "
+                "or choose --run NAME")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    return run_dir
+
+
+def resume_run(args, argv):
+    """--resume RUN: the run's own config.json wins; flags given with it must agree with it."""
+    run_dir = args.resume
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        die(f"{run_dir} is not a train.py run (no config.json); check the path or start a new run")
+    with open(path) as f:
+        saved = json.load(f)
+    given = {k for k in vars(args) if k not in ("resume", "overwrite") and getattr(args, k) != p.get_default(k)}
+    clash = [k for k in sorted(given) if saved.get(k) != getattr(args, k)]
+    if clash:
+        k = clash[0]
+        die(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run's {saved.get(k)}; "
+            "resume with the run's own settings (drop the flag) or start a new run")
+    return run_dir, argparse.Namespace(**{**saved, "resume": run_dir, "overwrite": False})
+
+
 def main(argv=None):
     args = p.parse_args(argv)
-    run_dir = os.path.join(args.out, args.run or args.algo)
     world = shop
     try:  # read user data before touching the output folder, so a bad file loses nothing
         logs = data.read_jsonl(args.logs, world.STRATEGIES, world.EVENTS) if args.logs else None
     except data.DataError as e:
         die(str(e))
-    if os.path.exists(run_dir):
-        if not args.overwrite:
-            die(f"{run_dir} already exists (holds another run); pass --overwrite or choose --run NAME")
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    run_dir, args = resume_run(args, argv) if args.resume else (start_run(args), args)
+    path = lambda name: os.path.join(run_dir, name)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t_start = time.time()
 
     # ---- 1. logged dialogues (training data) and the event values fitted on them
-    if logs is None:
-        logs = [world.play(world.make_scenario(s), world.behaviour_policy, seed=args.seed)
-                for s in data.train_seeds(args.n_logs)]
-    data.write_jsonl(logs, os.path.join(run_dir, "logs.jsonl"))
-    values = tse.event_values(logs, world.SUCCESS_EVENTS)
-    with open(os.path.join(run_dir, "values.json"), "w") as f:
-        json.dump(values, f, indent=2)
+    if args.resume and os.path.exists(path("values.json")):
+        logs = data.read_jsonl(path("logs.jsonl"), world.STRATEGIES, world.EVENTS)
+    else:
+        if logs is None:
+            logs = [world.play(world.make_scenario(s), world.behaviour_policy, seed=args.seed)
+                    for s in data.train_seeds(args.n_logs)]
+        data.write_jsonl(logs, path("logs.jsonl"))
+        with open(path("values.json") + ".tmp", "w") as f:
+            json.dump(tse.event_values(logs, world.SUCCESS_EVENTS), f, indent=2)
+        os.replace(path("values.json") + ".tmp", path("values.json"))
+    with open(path("values.json")) as f:
+        values = json.load(f)
     print(f"logs: {len(logs)} dialogues, behaviour success {gopo.mean(r['success'] for r in logs):.3f}")
 
-    # ---- 2. tokenizer and models
-    texts = [t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values())
-    tok = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
-    expert_model = lm.build_tiny_model(tok, args.d_model, args.n_layer, seed=args.seed)
-    agent_model = lm.build_tiny_model(tok, args.d_model, args.n_layer, seed=args.seed + 1)
-    for m in (expert_model, agent_model):
-        lm.add_strategy_tokens(m, tok, world.STRATEGIES)
-    print(f"models: 2 x {lm.n_params(expert_model) / 1e6:.2f}M parameters, vocab {len(tok)}")
-
-    # ---- 3. SFT: Expert on logged strategies, CS Agent on logged replies
-    sft_e = expert_lib.sft(expert_model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
-                           args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
-    sft_a = agent_lib.sft(agent_model, tok, logs, world.INSTRUCTIONS, args.sft_steps, args.sft_batch,
-                          args.sft_lr, args.seed, window_steps=args.sft_window_steps)
-    lm.save(expert_model, tok, os.path.join(run_dir, "expert_sft"))
-    lm.save(agent_model, tok, os.path.join(run_dir, "agent_sft"))
-    with open(os.path.join(run_dir, "sft.json"), "w") as f:
-        json.dump({"expert_loss": sft_e, "agent_loss": sft_a}, f)
-    print(f"SFT: expert loss {sft_e[-1]:.3f}, agent loss {sft_a[-1]:.3f}")
+    # ---- 2. tokenizer and models; 3. SFT: Expert on logged strategies, CS Agent on logged replies
+    for name in ("expert_sft", "agent_sft", "state"):
+        lm.recover(path(name))
+    if args.resume and os.path.exists(path("sft.json")):   # sft.json is written last: SFT finished
+        expert_model, tok = lm.load(path("expert_sft"))
+        agent_model, _ = lm.load(path("agent_sft"))
+        print("SFT: loaded from the run")
+    else:
+        texts = [t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values())
+        tok = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
+        expert_model = lm.build_tiny_model(tok, args.d_model, args.n_layer, seed=args.seed)
+        agent_model = lm.build_tiny_model(tok, args.d_model, args.n_layer, seed=args.seed + 1)
+        for m in (expert_model, agent_model):
+            lm.add_strategy_tokens(m, tok, world.STRATEGIES)
+        print(f"models: 2 x {lm.n_params(expert_model) / 1e6:.2f}M parameters, vocab {len(tok)}")
+        sft_e = expert_lib.sft(expert_model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
+                               args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
+        sft_a = agent_lib.sft(agent_model, tok, logs, world.INSTRUCTIONS, args.sft_steps, args.sft_batch,
+                              args.sft_lr, args.seed, window_steps=args.sft_window_steps)
+        lm.save(expert_model, tok, path("expert_sft"))
+        lm.save(agent_model, tok, path("agent_sft"))
+        with open(path("sft.json"), "w") as f:
+            json.dump({"expert_loss": sft_e, "agent_loss": sft_a}, f)
+        print(f"SFT: expert loss {sft_e[-1]:.3f}, agent loss {sft_a[-1]:.3f}")
 
     # ---- 4. GOPO iterations on fresh training scenarios (never the held-out ones)
     opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
     opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    start, bad_in_a_row = 0, 0
+    if args.resume and os.path.exists(path("state")):   # the last completed iteration
+        expert_model, _ = lm.load(path("state/expert"))
+        agent_model, _ = lm.load(path("state/agent"))
+        opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
+        opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
+        trainer = torch.load(path("state/trainer.pt"))
+        opt_e.load_state_dict(trainer["opt_e"])
+        opt_a.load_state_dict(trainer["opt_a"])
+        start, bad_in_a_row = trainer["iterations_done"], trainer["bad_in_a_row"]
+    keep_metrics(path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
     from tqdm import tqdm
-    for it in (bar := tqdm(range(args.iters), desc="GOPO")):
+    for it in (bar := tqdm(range(start, args.iters), initial=start, total=args.iters, desc="GOPO")):
         seeds = data.train_seeds(args.scenarios, offset=len(logs) + it * args.scenarios)
         m = gopo.iteration(expert_model, agent_model, tok, tok, opt_e, opt_a,
                            [world.make_scenario(s) for s in seeds], values, world, args, it,
                            seed=args.seed * 100_003 + it)
-        with open(metrics_path, "a") as f:
+        with open(path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
         bar.set_postfix(R=f"{m['R']:.3f}", tse=f"{m['tse']:.3f}", pairs=m["pairs"])
-    lm.save(expert_model, tok, os.path.join(run_dir, "expert"))
-    lm.save(agent_model, tok, os.path.join(run_dir, "agent"))
+        if m["nonfinite_steps"]:
+            bar.write(f"iteration {it}: {m['nonfinite_steps']} Expert step(s) skipped (non-finite loss or gradient)")
+        bad_in_a_row = bad_in_a_row + 1 if m["nonfinite_steps"] else 0
+        if bad_in_a_row >= args.max_nonfinite:
+            die(f"{bad_in_a_row} iterations in a row had non-finite losses or gradients; stopped. "
+                f"The last good state is in {path('state')} (lower --lr or --beta, then --resume)")
+        save_state(path("state"), expert_model, agent_model, tok, opt_e, opt_a, it + 1, bad_in_a_row)
+    lm.save(expert_model, tok, path("expert"))
+    lm.save(agent_model, tok, path("agent"))
     plot_curves(run_dir)
     print(f"done in {time.time() - t_start:.0f}s -> {run_dir}")
+
+
+def save_state(folder, expert_model, agent_model, tok, opt_e, opt_a, iterations_done, bad_in_a_row):
+    """Everything --resume needs after an iteration, swapped in atomically as one folder."""
+    def write(tmp):
+        expert_model.save_pretrained(os.path.join(tmp, "expert"))
+        agent_model.save_pretrained(os.path.join(tmp, "agent"))
+        tok.save_pretrained(os.path.join(tmp, "expert"))
+        tok.save_pretrained(os.path.join(tmp, "agent"))
+        torch.save({"opt_e": opt_e.state_dict(), "opt_a": opt_a.state_dict(),
+                    "iterations_done": iterations_done, "bad_in_a_row": bad_in_a_row},
+                   os.path.join(tmp, "trainer.pt"))
+    lm.atomic_dir(folder, write)
+
+
+def keep_metrics(path, n):
+    """Keep the first n lines of metrics.jsonl (those of checkpointed iterations)."""
+    lines = open(path).read().splitlines()[:n] if os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 def plot_curves(run_dir):

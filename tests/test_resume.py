@@ -1,0 +1,118 @@
+"""Hardening: resume after SIGKILL, atomic checkpoints, the non-finite guard, determinism."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-logs", "40", "--sft-steps", "20", "--iters", "8", "--scenarios", "2", "--k", "3",
+        "--d-model", "32", "--vocab-size", "400"]
+
+
+def train_cmd(out, run, *extra):
+    return [sys.executable, "train.py", *TINY, "--out", str(out), "--run", run, *extra]
+
+
+def metrics(run_dir):
+    """metrics.jsonl without the wall-clock field (the one thing allowed to differ)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def weights(folder):
+    model, _ = lm.load(folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cli_env):
+    """Three runs side by side: seed 0 left alone, seed 0 again, seed 1; then a seed-0 run killed
+    with SIGKILL in the middle of GOPO and resumed."""
+    out = tmp_path_factory.mktemp("runs")
+    procs = {name: subprocess.Popen(train_cmd(out, name, *extra), cwd=ROOT, env=cli_env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, extra in (("alone", ()), ("again", ()), ("seed1", ("--seed", "1")))}
+    for name, proc in procs.items():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    killed = subprocess.Popen(train_cmd(out, "killed"), cwd=ROOT, env=cli_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = out / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    done_before = len(path.read_text().splitlines())
+    assert done_before < 8
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(out / "killed")], cwd=ROOT,
+                             env=cli_env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return out, done_before
+
+
+def test_resume_after_sigkill_matches_the_run_left_alone(runs):
+    out, done_before = runs
+    assert 3 <= done_before < 8
+    assert metrics(out / "killed") == metrics(out / "alone")
+    a, b = weights(str(out / "killed" / "expert")), weights(str(out / "alone" / "expert"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_same_seed_same_metrics_other_seed_differs(runs):
+    out, _ = runs
+    assert len(metrics(out / "alone")) == 8
+    assert metrics(out / "alone") == metrics(out / "again")
+    assert metrics(out / "alone") != metrics(out / "seed1")
+
+
+def test_a_crash_during_a_save_leaves_the_old_checkpoint(tmp_path, tok, models):
+    expert_model, _ = models
+    folder = str(tmp_path / "expert")
+    lm.save(expert_model, tok, folder)
+    before = weights(folder)
+
+    def dies_half_way(tmp):
+        with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # the process dies here
+    with pytest.raises(KeyboardInterrupt):
+        lm.atomic_dir(folder, dies_half_way)
+    for k, v in weights(folder).items():      # the old checkpoint is what loads
+        assert torch.equal(v, before[k])
+    # a crash between the two renames: only folder.old is left; recover() puts it back
+    os.replace(folder, folder + ".old")
+    lm.recover(folder)
+    assert not os.path.exists(folder + ".tmp") and not os.path.exists(folder + ".old")
+    for k, v in weights(folder).items():
+        assert torch.equal(v, before[k])
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_the_last_state_intact(tmp_path, monkeypatch, capsys):
+    import gopo
+    import train
+    nan_loss = lambda pc, pr, rc, rr, beta: ((pc - pr) * float("nan"), pc.detach(), pr.detach())
+    monkeypatch.setattr(gopo, "preference_loss", nan_loss)
+    with pytest.raises(SystemExit) as stop:
+        train.main([*TINY, "--out", str(tmp_path), "--run", "nan", "--max-nonfinite", "2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "2 iterations in a row" in err
+    run = tmp_path / "nan"
+    rows = metrics(run)
+    assert len(rows) == 2 and all(r["nonfinite_steps"] == 2 and r["loss"] is None for r in rows)
+    state, sft = weights(str(run / "state" / "expert")), weights(str(run / "expert_sft"))
+    for k in sft:                              # no NaN reached the weights: still the SFT Expert
+        assert torch.equal(state[k], sft[k])
