@@ -7,8 +7,6 @@ covers every reply of a dialogue.
 """
 import random
 
-import torch
-from tqdm import tqdm
 
 import lm
 
@@ -53,21 +51,12 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
             w = [tok.bos_token_id] + ids[s:b]
             windows.append((w, [0] * (1 + a - s) + [1] * (b - a)))
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lm.sft_schedule(s, cycle))
-    model.train()
-    losses = []
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+
+    def step_loss(step):
         pool, n = (windows, 4 * batch_size) if step < window_steps else (dialogues, batch_size)
         ids, attn, mask = collate(rng.sample(pool, min(n, len(pool))), tok.pad_token_id)
-        loss = -reply_logps(model, ids, attn, mask).sum() / mask[:, 1:].sum()   # mean NLL per token
-        if not lm.guarded_step(model, opt, loss):
-            bar.write(f"{desc}: non-finite loss or gradient at step {len(losses)}, step skipped")
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return losses
+        return -reply_logps(model, ids, attn, mask).sum() / mask[:, 1:].sum()   # mean NLL per token
+    return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)
 
 
 def write(model, tok, contexts, strategies, instructions, max_new_tokens=32, temperature=1.0,

@@ -10,7 +10,6 @@ import random
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import lm
 
@@ -99,18 +98,9 @@ def sft(model, tok, records, strategies, sop, instructions, steps, batch_size=16
     strategy_ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
     trajs = [trajectory_from_record(tok, r, strategies, sop, instructions) for r in records]
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lm.sft_schedule(s, cycle))
-    model.train()
-    losses = []
-    for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
+
+    def step_loss(step):
         batch = collate(rng.sample(trajs, min(batch_size, len(trajs))), tok.pad_token_id, len(strategies))
         step_logps = decision_logps(model, batch, strategy_ids)                 # (B, T)
-        loss = -step_logps.sum() / batch["step_mask"].sum()                     # mean NLL per decision
-        if not lm.guarded_step(model, opt, loss):
-            bar.write(f"{desc}: non-finite loss or gradient at step {len(losses)}, step skipped")
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return losses
+        return -step_logps.sum() / batch["step_mask"].sum()                     # mean NLL per decision
+    return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -98,6 +98,27 @@ def recover(path):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
+def sft_loop(model, step_loss, steps, lr, cycle, desc):
+    """The SFT loop both agents share: AdamW, `sft_schedule`, guarded steps, a progress bar.
+
+    step_loss(step) -> scalar loss tensor of that step's batch. Returns the list of losses.
+    """
+    from tqdm import tqdm
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sft_schedule(s, cycle))
+    model.train()
+    losses = []
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        loss = step_loss(step)
+        if not guarded_step(model, opt, loss):
+            bar.write(f"{desc}: non-finite loss or gradient at step {step}, step skipped")
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
 def guarded_step(model, opt, loss, max_norm=1.0):
     """backward + clip + step, unless the loss or the gradient is not finite (then skip, return False)."""
     opt.zero_grad(set_to_none=True)

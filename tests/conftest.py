@@ -9,7 +9,6 @@ import os
 import shutil
 import sys
 import tempfile
-from types import SimpleNamespace
 
 # before transformers / datasets are imported anywhere: never touch the network in tests
 _HF_HOME = tempfile.mkdtemp(prefix="gopo-tests-hf-")

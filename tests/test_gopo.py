@@ -14,7 +14,6 @@ import gopo
 import lm
 import rollout as rollout_lib
 import shop
-import tse
 
 Z = len(shop.STRATEGIES)
 ZI = {z: i for i, z in enumerate(shop.STRATEGIES)}
