@@ -40,6 +40,11 @@ def validate_record(rec, where, strategies=None, events=None):
         for field in TURN_FIELDS:
             if field not in turn:
                 raise DataError(f"{where}: turns[{i}] missing field '{field}'")
+        for field in TURN_FIELDS:  # role and text are strings; strategy and event may be null
+            if not isinstance(turn[field], str) and (field in ("role", "text") or turn[field] is not None):
+                raise DataError(f"{where}: turns[{i}].{field} should be a string"
+                                f"{'' if field in ('role', 'text') else ' or null'}, "
+                                f"got {type(turn[field]).__name__}")
         if turn["role"] not in ("customer", "agent"):
             raise DataError(f"{where}: turns[{i}].role is '{turn['role']}', "
                             "expected 'customer' or 'agent'")
@@ -67,20 +72,31 @@ def write_jsonl(records, path):
 
 
 def read_jsonl(path, strategies=None, events=None):
-    """Read and validate a JSONL file of records; errors name the line."""
+    """Read and validate a UTF-8 JSONL file of records; errors name the line."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a JSONL file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg}); "
-                                "each line must be one JSON record") from None
-            records.append(validate_record(rec, f"{path} line {lineno}", strategies, events))
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path} line {lineno}: not UTF-8 text (byte {e.start}); "
+                                    "save the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, deep nesting
+                    why = e.msg if isinstance(e, json.JSONDecodeError) else str(e).splitlines()[0]
+                    raise DataError(f"{path} line {lineno}: malformed JSON ({why}); "
+                                    "each line must be one JSON record") from None
+                records.append(validate_record(rec, f"{path} line {lineno}", strategies, events))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not records:
         raise DataError(f"{path}: no records in file")
     return records

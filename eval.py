@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning th
 import sys
 
 import torch
+from transformers.utils import logging as hf_logging
 
 import data
 import lm
@@ -52,10 +53,38 @@ def dialogue_metrics(rec, values, world):
     return m
 
 
-def evaluate_agents(expert_dir, agent_dir, scenarios, world, batch, seed):
-    """Greedy rollouts of a saved (Expert, CS Agent) pair -> list of records."""
-    expert_model, tok_e = lm.load(expert_dir)
-    agent_model, tok_a = lm.load(agent_dir)
+CHECKPOINTS = ("expert", "agent", "expert_sft", "agent_sft")
+
+
+def load_checkpoint(folder):
+    """(model, tokenizer) of a checkpoint folder; a folder that does not load is a one-line error."""
+    try:
+        return lm.load(folder)
+    except Exception as e:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, SafetensorError, ...
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        die(f"{folder} holds no loadable model ({type(e).__name__}: {why}); "
+            "re-run train.py or check the path")
+
+
+def read_values(path):
+    """The run's event values: a JSON object of event name -> number."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        die(f"{path}: malformed JSON ({e.msg}, line {e.lineno}); re-run train.py or check the run")
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"{path}: cannot read it ({type(e).__name__}: {e}); re-run train.py or check the run")
+    ok = isinstance(values, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
+    if not ok:
+        die(f"{path}: expected a JSON object of event name -> number, got {json.dumps(values)[:80]}")
+    return values
+
+
+def evaluate_agents(expert, agent, scenarios, world, batch, seed):
+    """Greedy rollouts of a loaded (Expert, CS Agent) pair, each a (model, tokenizer) -> list of records."""
+    (expert_model, tok_e), (agent_model, tok_a) = expert, agent
     records = []
     for i in range(0, len(scenarios), batch):
         trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, scenarios[i:i + batch], world,
@@ -106,17 +135,23 @@ def main(argv=None):
     if args.n_scenarios <= 0 or args.batch <= 0:
         die("--n-scenarios and --batch must be > 0")
     run = args.run
-    for need in ("values.json", "expert", "agent", "expert_sft", "agent_sft"):
+    if not os.path.exists(run):
+        die(f"{run} does not exist (give the run folder train.py wrote, e.g. out/gopo)")
+    if not os.path.isdir(run):
+        die(f"{run} is not a folder (give the run folder train.py wrote, e.g. out/gopo)")
+    for need in ("values.json", *CHECKPOINTS):
         if not os.path.exists(os.path.join(run, need)):
             die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
-    with open(os.path.join(run, "values.json")) as f:
-        values = json.load(f)
+    values = read_values(os.path.join(run, "values.json"))
+    # every checkpoint loads before any rollout, so a broken one costs no time and overwrites no report
+    hf_logging.disable_progress_bar()
+    ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in CHECKPOINTS}
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     world = shop
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     results = {}
     for name, e, a in (("gopo", "expert", "agent"), ("sft", "expert_sft", "agent_sft")):
-        recs = evaluate_agents(os.path.join(run, e), os.path.join(run, a), scenarios, world, args.batch, args.seed)
+        recs = evaluate_agents(ckpt[e], ckpt[a], scenarios, world, args.batch, args.seed)
         results[name] = summarize(recs, values, world)
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, policy in world.POLICIES.items():

@@ -10,6 +10,7 @@ metrics.jsonl (one line per GOPO iteration), curves.png.
 """
 import argparse
 import json
+import math
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
@@ -47,6 +48,8 @@ def checked(kind, lo, lo_ok, hi=None):
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
         if v < lo or (v == lo and not lo_ok) or (hi is not None and v > hi):
             bound = f"{'>=' if lo_ok else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
             raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
@@ -114,7 +117,10 @@ def start_run(args):
             die(f"{run_dir} already exists (holds another run); pass --overwrite, --resume {run_dir} "
                 "or choose --run NAME")
         shutil.rmtree(run_dir)
-    os.makedirs(run_dir)
+    try:
+        os.makedirs(run_dir)
+    except OSError as e:
+        die(f"cannot create {run_dir}: {e.strerror}")
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
     return run_dir
@@ -126,15 +132,22 @@ def resume_run(args, argv):
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         die(f"{run_dir} is not a train.py run (no config.json); check the path or start a new run")
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"{path} is unreadable or not JSON ({e}); it is not a run train.py can resume")
+    if not isinstance(saved, dict):
+        die(f"{path} is not a JSON object; it is not a run train.py can resume")
     given = {k for k in vars(args) if k not in ("resume", "overwrite") and getattr(args, k) != p.get_default(k)}
     clash = [k for k in sorted(given) if saved.get(k) != getattr(args, k)]
     if clash:
         k = clash[0]
         die(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run's {saved.get(k)}; "
             "resume with the run's own settings (drop the flag) or start a new run")
-    return run_dir, argparse.Namespace(**{**saved, "resume": run_dir, "overwrite": False})
+    # flags added since the run was made take their defaults
+    return run_dir, argparse.Namespace(**{**vars(p.parse_args([])), **saved, "resume": run_dir,
+                                          "overwrite": False})
 
 
 def main(argv=None):
@@ -144,6 +157,12 @@ def main(argv=None):
         logs = data.read_jsonl(args.logs, world.STRATEGIES, world.EVENTS) if args.logs else None
     except data.DataError as e:
         die(str(e))
+    if args.d_model % 4:
+        die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
+    n_logs = len(logs) if logs is not None else args.n_logs
+    if n_logs + args.iters * args.scenarios > data.TEST_SEED_BASE:
+        die(f"--n-logs + --iters x --scenarios needs more than the {data.TEST_SEED_BASE} training "
+            "scenario seeds; use fewer")
     run_dir, args = resume_run(args, argv) if args.resume else (start_run(args), args)
     path = lambda name: os.path.join(run_dir, name)
     random.seed(args.seed)
@@ -153,7 +172,10 @@ def main(argv=None):
 
     # ---- 1. logged dialogues (training data) and the event values fitted on them
     if args.resume and os.path.exists(path("values.json")):
-        logs = data.read_jsonl(path("logs.jsonl"), world.STRATEGIES, world.EVENTS)
+        try:
+            logs = data.read_jsonl(path("logs.jsonl"), world.STRATEGIES, world.EVENTS)
+        except data.DataError as e:
+            die(f"cannot resume: {e}")
     else:
         if logs is None:
             logs = [world.play(world.make_scenario(s), world.behaviour_policy, seed=args.seed)
