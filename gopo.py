@@ -132,9 +132,8 @@ def agent_update(model, opt, pairs, pad_id, beta):
     """One turn-level DPO step of the CS Agent; the reference is the agent before this step."""
     examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in pairs for y in (c, r)]
     ids, attn, mask = agent_lib.collate(examples, pad_id)
-    with torch.no_grad():
-        ref = agent_lib.reply_logps(model, ids, attn, mask)                     # (2P,)
     logps = agent_lib.reply_logps(model, ids, attn, mask)                       # (2P,) chosen, rejected interleaved
+    ref = logps.detach()                                                        # the agent before this step
     losses, _, _ = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
     return losses.mean().item() if lm.guarded_step(model, opt, losses.mean()) else float("nan")
 

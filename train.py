@@ -126,7 +126,7 @@ def start_run(args):
     return run_dir
 
 
-def resume_run(args, argv):
+def resume_run(args):
     """--resume RUN: the run's own config.json wins; flags given with it must agree with it."""
     run_dir = args.resume
     path = os.path.join(run_dir, "config.json")
@@ -163,7 +163,7 @@ def main(argv=None):
     if n_logs + args.iters * args.scenarios > data.TEST_SEED_BASE:
         die(f"--n-logs + --iters x --scenarios needs more than the {data.TEST_SEED_BASE} training "
             "scenario seeds; use fewer")
-    run_dir, args = resume_run(args, argv) if args.resume else (start_run(args), args)
+    run_dir, args = resume_run(args) if args.resume else (start_run(args), args)
     path = lambda name: os.path.join(run_dir, name)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
