@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import data
+import gopo
 import lm
 import rollout as rollout_lib
 import shop
@@ -47,8 +48,7 @@ p.add_argument("--seed", type=int, default=0, help="customer template seed")
 def dialogue_metrics(rec, values, world):
     """Per-dialogue metrics of one record (DESIGN §3)."""
     m = tse.trajectory_metrics(rec, values, world.HORIZON)
-    agent_turns = [t for t in rec["turns"] if t["role"] == "agent"]
-    m["gre"] = tse.gre([t["strategy"] for t in agent_turns], [world.recognise(t["text"]) for t in agent_turns])
+    m["gre"] = gopo.gre(rec, world.recognise)
     m["order_value"] = rec.get("order_value", 0.0)
     return m
 

@@ -34,13 +34,12 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
     trajs = [{"turns": [{"role": "customer", "text": o, "strategy": None, "event": None}],
               "ids": [tok_e.bos_token_id] + lm.customer_ids(tok_e, o),
               "agent_ids": [tok_a.bos_token_id] + lm.customer_ids(tok_a, o),
-              "decisions": [], "prevs": [], "ref_logps": [], "replies": []} for o in opening]
+              "decisions": [], "ref_logps": [], "replies": []} for o in opening]
     live = list(range(n))
     for t in range(horizon):
         if not live:
             break
-        prevs = [trajs[i]["prevs"][-1] if t > 0 else None for i in live]
-        prevs = [strategies[p] if p is not None else None for p in prevs]
+        prevs = [strategies[trajs[i]["decisions"][-1][1]] if t > 0 else None for i in live]
         z, logp = expert_lib.decide(expert_model, [trajs[i]["ids"] for i in live], prevs, strategies,
                                     world.SOP, strategy_ids, tok_e.pad_token_id, greedy, gen)
         names = [strategies[k] for k in z.tolist()]
@@ -51,7 +50,6 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
         for j, i in enumerate(live):
             tr = trajs[i]
             tr["decisions"].append((len(tr["ids"]), z[j].item()))
-            tr["prevs"].append(z[j].item())
             tr["ref_logps"].append(logp[j].item())
             tr["ids"] += lm.agent_prompt_ids(tok_e, names[j], world.INSTRUCTIONS[names[j]]) + \
                 lm.reply_ids(tok_e, texts[j])
@@ -67,7 +65,7 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
         live = still
     out = []
     for s, c, tr in zip(scenarios, customers, trajs):
-        zs = [strategies[k] for k in tr.pop("prevs")]
+        zs = [strategies[k] for _, k in tr["decisions"]]
         tr["allowed"] = expert_lib.sop_mask([None] + zs[:-1], strategies, world.SOP)
         tr["record"] = world.record(s, tr.pop("turns"), c, source="rollout")
         out.append(tr)

@@ -395,6 +395,12 @@ POLICIES = {"oracle": oracle_policy, "behaviour": behaviour_policy, "random": ra
 # ----------------------------------------------------------------------------- whole dialogues
 def play(scenario, policy, seed=0, horizon=HORIZON):
     """One dialogue of a rule policy with template text (the logs, the oracle and random rows)."""
+    turns, cust = dialogue(scenario, policy, seed, horizon)
+    return record(scenario, turns, cust, source=f"shop/{policy.__name__}")
+
+
+def dialogue(scenario, policy, seed=0, horizon=HORIZON):
+    """The turns of one rule-policy dialogue, and the customer at its end."""
     rng = random.Random(f"policy/{scenario['seed']}/{seed}")
     cust, tr = Customer(scenario, seed), Tracker()
     turns = [{"role": "customer", "text": cust.opening(), "strategy": None, "event": None}]
@@ -409,7 +415,7 @@ def play(scenario, policy, seed=0, horizon=HORIZON):
         tr.update(z, utt, event)
         if done:
             break
-    return record(scenario, turns, cust, source=f"shop/{policy.__name__}")
+    return turns, cust
 
 
 def record(scenario, turns, cust, source):
@@ -422,17 +428,9 @@ _REF_CACHE = {}
 
 
 def reference(scenario):
-    """z*: the oracle's strategy sequence for this scenario."""
+    """z*: the oracle's strategy sequence for this scenario (its events do not depend on templates)."""
     key = scenario["seed"]
     if key not in _REF_CACHE:
-        rng = random.Random(0)
-        cust, tr, zs = Customer(scenario), Tracker(), []
-        for t in range(HORIZON):
-            z = oracle_policy(tr, scenario, rng)
-            zs.append(z)
-            utt, event, done = cust.reply(render_agent(z, dict(tr.known, target=scenario["target"]), rng), t)
-            tr.update(z, utt, event)
-            if done:
-                break
-        _REF_CACHE[key] = zs
+        turns, _ = dialogue(scenario, oracle_policy)
+        _REF_CACHE[key] = [t["strategy"] for t in turns if t["role"] == "agent"]
     return list(_REF_CACHE[key])
