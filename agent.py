@@ -57,15 +57,3 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
         ids, attn, mask = collate(rng.sample(pool, min(n, len(pool))), tok.pad_token_id)
         return -reply_logps(model, ids, attn, mask).sum() / mask[:, 1:].sum()   # mean NLL per token
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)
-
-
-def write(model, tok, contexts, strategies, instructions, max_new_tokens=32, temperature=1.0,
-          generator=None):
-    """Replies for B dialogues: contexts (B id lists, ending after the customer's turn) and the
-    chosen strategies (B names). Returns (prompt id lists, reply id lists, reply texts)."""
-    prompts = [c + lm.agent_prompt_ids(tok, z, instructions[z]) for c, z in zip(contexts, strategies)]
-    new = lm.generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens,
-                      temperature, generator)
-    new = [r if r and r[-1] == tok.eos_token_id else r + [tok.eos_token_id] for r in new]
-    texts = [tok.decode(r[:-1], skip_special_tokens=True).strip() for r in new]
-    return prompts, new, texts

@@ -77,14 +77,13 @@ def trajectory_from_record(tok, rec, strategies, sop, instructions):
 
 
 @torch.no_grad()
-def decide(model, contexts, prevs, strategies, sop, strategy_ids, pad_id, greedy=False, generator=None):
-    """One decision for each of B dialogues (left-padded batch, one forward).
+def decide(logits, strategy_ids, allowed, greedy=False, generator=None):
+    """One decision per dialogue from the next-token logits at its end.
 
-    contexts: B id lists ending where the strategy token goes. Returns (z indices (B,), logps (B,)).
+    logits (B, V) where the strategy token goes, strategy_ids: the Z strategy tokens, allowed (B, Z)
+    SOP masks. Returns (z indices (B,), log pi_E(z | h) (B,)).
     """
-    ids, attn = lm.pad(contexts, pad_id, left=True)
-    logits = lm.forward_logits(model, ids, attn)[:, -1]                       # (B, V)
-    logps = masked_logps(logits, strategy_ids, sop_mask(prevs, strategies, sop))  # (B, Z)
+    logps = masked_logps(logits, strategy_ids, allowed)                        # (B, Z)
     if greedy:
         z = logps.argmax(-1)
     else:

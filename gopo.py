@@ -83,8 +83,10 @@ def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
 
 
 # ----------------------------------------------------------------------------- updates
-def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
-    """One gradient step of the Expert on the GOPO loss. Returns the loss (nan: step skipped)."""
+def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
+    """The GOPO loss of the Expert on one batch: one forward over every trajectory in a pair (or a
+    group, with --listwise), the preference loss on their summed decision log-probs plus the NLL
+    of the winners. Returns a scalar tensor."""
     used = sorted({i for p in pairs for i in p}) if not args.listwise else sorted(i for g in groups for i in g)
     row = {i: k for k, i in enumerate(used)}
     batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
@@ -103,7 +105,12 @@ def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_i
         losses, _, _ = preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)
         pref, winners = losses.mean(), w
     nll = (-S[winners] / n_steps[winners]).mean()                                # eq. (4)
-    loss = pref + args.nll_coef * nll
+    return pref + args.nll_coef * nll
+
+
+def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
+    """One gradient step of the Expert on the GOPO loss. Returns the loss (nan: step skipped)."""
+    loss = expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args)
     return loss.item() if lm.guarded_step(model, opt, loss) else float("nan")
 
 

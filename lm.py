@@ -10,12 +10,14 @@ known exactly (no re-tokenization drift between rollout and scoring):
     logits one position earlier, restricted to the strategy tokens and masked to the SOP set;
   - the CS Agent's reply is the span after "\nA:" up to and including <|eot|>.
 """
+import functools
 import os
 import shutil
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers.cache_utils import Cache, DynamicLayer
 
 BOS, EOT, PAD = "<|bos|>", "<|eot|>", "<|pad|>"
 
@@ -155,18 +157,28 @@ def n_params(model):
 
 
 # ----------------------------------------------------------------------------- serialization
+@functools.lru_cache(maxsize=1 << 16)
+def _encode(tok, vocab_size, text):
+    """Memoised tok.encode (a dialogue repeats its templates and instructions constantly);
+    vocab_size is in the key so that adding tokens to a tokenizer never returns a stale encoding."""
+    return tuple(tok.encode(text, add_special_tokens=False))
+
+
+def encode(tok, text):
+    return list(_encode(tok, len(tok), text))
+
+
 def customer_ids(tok, text):
-    return tok.encode("C: " + text, add_special_tokens=False) + [tok.eos_token_id]
+    return encode(tok, "C: " + text) + [tok.eos_token_id]
 
 
 def agent_prompt_ids(tok, z, instruction):
     """Strategy token, then the one-line instruction the CS Agent follows."""
-    return [tok.convert_tokens_to_ids(strategy_token(z))] + \
-        tok.encode(f" ({instruction})\nA:", add_special_tokens=False)
+    return [tok.convert_tokens_to_ids(strategy_token(z))] + encode(tok, f" ({instruction})\nA:")
 
 
 def reply_ids(tok, text):
-    return tok.encode(" " + text, add_special_tokens=False) + [tok.eos_token_id]
+    return encode(tok, " " + text) + [tok.eos_token_id]
 
 
 def encode_dialogue(tok, turns, instructions):
@@ -212,38 +224,135 @@ def token_logps(logits, ids):
     return torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, ids[:, 1:, None]).squeeze(2)
 
 
-@torch.no_grad()
+class GrowingLayer(DynamicLayer):
+    """A KV-cache layer whose buffers grow geometrically, so appending n tokens costs O(n) instead of
+    copying the whole cache (DynamicLayer's torch.cat per step makes a dialogue quadratic).
+    keys/values are views of the first `n` slots of the (B, H, capacity, D) buffers."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.buf_k = self.buf_v = None
+            self.n = 0
+        n, add = self.n, key_states.shape[-2]
+        if self.buf_k is None or n + add > self.buf_k.shape[-2]:
+            B, H, _, D = key_states.shape
+            cap = max(2 * (n + add), 64)
+            k, v = key_states.new_empty(B, H, cap, D), value_states.new_empty(B, H, cap, D)
+            if n:
+                k[:, :, :n], v[:, :, :n] = self.buf_k[:, :, :n], self.buf_v[:, :, :n]
+            self.buf_k, self.buf_v = k, v
+        self.buf_k[:, :, n:n + add] = key_states
+        self.buf_v[:, :, n:n + add] = value_states
+        self.n = n + add
+        self.keys, self.values = self.buf_k[:, :, :self.n], self.buf_v[:, :, :self.n]
+        return self.keys, self.values
+
+    def select(self, rows, slots):
+        """Keep batch rows `rows` (B',) and, for each kept row, its cache slots `slots` (B', S')."""
+        if self.is_initialized and self.n:
+            r, s = rows[:, None], slots                                   # (B', 1), (B', S')
+            self.buf_k = self.keys[r, :, s].transpose(1, 2)               # (B', S', H, D) -> (B', H, S', D)
+            self.buf_v = self.values[r, :, s].transpose(1, 2)
+            self.n = slots.shape[1]
+            self.keys, self.values = self.buf_k, self.buf_v
+
+    def batch_select_indices(self, indices):
+        self.select(indices, torch.arange(self.n).expand(len(indices), -1))
+
+
+class Context:
+    """The growing token contexts of B dialogues for one model: the rollout's state.
+
+    `ids` (B id lists) is the text so far; `extend(rows)` appends tokens without running the model;
+    `logits()` runs the model on every token not yet encoded and returns each row's next-token
+    logits (B, V). With cache=True the KV cache is kept across calls, and so across turns: a turn
+    encodes only its new tokens, never the history again. Each call appends one right-padded chunk
+    to the cache, so a row's cache may hold masked holes; positions count real tokens only, so the
+    model sees exactly the unpadded dialogue. With cache=False every call re-encodes the whole
+    history, left-padded: the slow reference path that the cached one is tested against.
+    `keep(rows)` drops finished dialogues from the batch and the cache.
+    """
+
+    def __init__(self, model, prompts, pad_id, cache=True):
+        self.model, self.pad_id, self.use_cache = model, pad_id, cache
+        self.ids = [list(p) for p in prompts]
+        self.pos = torch.zeros(len(prompts), dtype=torch.long)   # (B,) tokens of each row in the cache
+        self.cache, self.attn = None, None                       # attn (B, S): real (1) or hole (0)
+
+    def extend(self, rows):
+        for ids, new in zip(self.ids, rows):
+            ids += new
+
+    def keep(self, rows):
+        """Drop every row not in `rows`, then squeeze the holes out of the cache: each row's real
+        slots move to the right end, in order (keys already carry their rotary positions), so
+        attention never spans more slots than the longest dialogue. Once per turn: O(cache)."""
+        self.ids = [self.ids[i] for i in rows]
+        index = torch.tensor(rows, dtype=torch.long)
+        self.pos = self.pos[index]
+        if self.cache is None or not rows:
+            return
+        real = self.attn[index]                                                      # (B, S)
+        n_slots = int(real.sum(1).max())
+        if len(rows) == len(self.attn) and n_slots > 0.75 * real.shape[1]:
+            return                                         # nobody left and few holes: not worth a copy
+        slots = torch.sort(real, dim=1, stable=True).indices[:, real.shape[1] - n_slots:]   # (B, S')
+        for layer in self.cache.layers:
+            layer.select(index, slots)
+        self.attn = real.gather(1, slots)
+
+    @torch.no_grad()
+    def logits(self, appended=None):
+        """Next-token logits (B, V) after each row's last token (meaningless for a row with no new
+        token). appended: (tokens (B,), live (B,) bool), the one token per live row just extended:
+        the decode fast path, which feeds the tensor instead of rebuilding a chunk from lists."""
+        if not self.use_cache:
+            ids, attn = pad(self.ids, self.pad_id, left=True)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            return self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                              logits_to_keep=1).logits[:, -1].float()
+        if appended is not None:
+            chunk, mask = appended[0][:, None], appended[1].long()[:, None]          # (B, 1)
+        else:   # left-padded, so every row's last new token is the last column
+            chunk, mask = pad([ids[p:] for ids, p in zip(self.ids, self.pos.tolist())], self.pad_id, left=True)
+        pos = (self.pos[:, None] + mask.cumsum(1) - 1).clamp(min=0)                 # (B, C) real tokens only
+        attn = mask if self.attn is None else torch.cat([self.attn, mask], 1)        # (B, S + C)
+        if self.cache is None:
+            self.cache = Cache(layer_class_to_replicate=GrowingLayer)
+        out = self.model(input_ids=chunk, attention_mask=attn, position_ids=pos,
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache, self.attn = out.cache, attn
+        self.pos += mask.sum(1)
+        return out.logits[:, -1].float()
+
+    def sample(self, stop_id, max_new_tokens=32, temperature=1.0, generator=None):
+        """Append one sampled continuation to every row (greedy when temperature == 0), each ending
+        at `stop_id` or cut at max_new_tokens. Returns the B lists of new ids."""
+        start = [len(ids) for ids in self.ids]
+        done = torch.zeros(len(self.ids), dtype=torch.bool)
+        logits = self.logits()
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:   # Gumbel-max: an exact sample from softmax(logits / T), cheaper than multinomial
+                u = torch.rand(logits.shape, generator=generator).clamp_(min=1e-20)
+                nxt = (logits / temperature - (-u.log()).log()).argmax(-1)
+            live = ~done
+            for ids, t, alive in zip(self.ids, nxt.tolist(), live.tolist()):
+                if alive:
+                    ids.append(t)
+            done = done | (nxt == stop_id)
+            if done.all() or step == max_new_tokens - 1:
+                break          # the last tokens are encoded by the next call, with what follows them
+            logits = self.logits((nxt.masked_fill(~live, self.pad_id), live))
+        return [ids[s:] for ids, s in zip(self.ids, start)]
+
+
 def generate(model, prompts, pad_id, stop_id, max_new_tokens=32, temperature=1.0, generator=None):
     """Batched sampling with a KV cache; greedy when temperature == 0.
 
-    prompts: list of B id lists (left-padded here). Returns B lists of new ids, each ending at
-    `stop_id` (or cut at max_new_tokens).
+    prompts: list of B id lists. Returns B lists of new ids, each ending at `stop_id` (or cut at
+    max_new_tokens).
     """
-    ids, attn = pad(prompts, pad_id, left=True)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    B = len(prompts)
-    done = torch.zeros(B, dtype=torch.bool)
-    new = []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = F.softmax(logits / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        new.append(nxt)
-        done |= nxt == stop_id
-        if done.all():
-            break
-        attn = torch.cat([attn, (~done).long()[:, None] | 1], 1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos,
-                    cache=out.cache, use_cache=True)
-    new = torch.stack(new, 1).tolist()  # (B, T)
-    result = []
-    for row in new:
-        cut = row.index(stop_id) + 1 if stop_id in row else len(row)
-        result.append(row[:cut])
-    return result
+    return Context(model, prompts, pad_id).sample(stop_id, max_new_tokens, temperature, generator)

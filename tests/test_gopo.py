@@ -239,8 +239,9 @@ def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, s
     ctx = [tok.bos_token_id] + lm.customer_ids(tok, "Hi.")
     gen = torch.Generator().manual_seed(0)
     for prev in ["greet", "recommend", "upsell"]:
-        z, logp = expert_lib.decide(expert_model, [ctx] * 200, [prev] * 200, shop.STRATEGIES, shop.SOP,
-                                    strategy_ids, tok.pad_token_id, generator=gen)
+        logits = lm.Context(expert_model, [ctx] * 200, tok.pad_token_id).logits()       # (200, V)
+        z, logp = expert_lib.decide(logits, strategy_ids,
+                                    expert_lib.sop_mask([prev] * 200, shop.STRATEGIES, shop.SOP), generator=gen)
         assert {shop.STRATEGIES[k] for k in z.tolist()} <= set(shop.SOP[prev])
         assert torch.all(torch.isfinite(logp))
 

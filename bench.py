@@ -1,0 +1,234 @@
+"""Benchmark: how close GOPO's rollouts and updates come to the model's own floor.
+
+    python bench.py                    # trains the default run first (measured), then benchmarks it
+    python bench.py --run out/gopo     # benchmark an existing run's models, skip the train.py timing
+
+Every figure is a ratio of two timings taken side by side in this process, on the same models and
+shapes, each the median of --repeats interleaved repeats after a warm-up (this machine is shared
+and noisy: the absolute times are printed for context only).
+
+  1. rollout_efficiency = agent tokens per second in a full GOPO rollout batch (Expert decisions +
+     CS replies + simulator, K rollouts x scenarios, sampled) / tokens per second of a bare
+     `model.generate` (Hugging Face) on the CS Agent emitting the same number of tokens per row at
+     the same batch size, from the same opening prompts. Higher is better; 1.0 = the floor.
+  2. update_efficiency = time of the GOPO preference step (the one forward over every trajectory
+     of the pairs, the loss, the backward) / time of one plain forward + backward (token-level
+     cross-entropy) of the same model over the same padded tokens. Lower is better; 1.0 = the floor.
+     Neither includes the optimizer step.
+  3. turn_scaling_exponent: rollout time per dialogue at horizons 4, 8, 16 turns (customers that
+     never end the dialogue, so every dialogue runs the whole horizon), and the least-squares slope
+     of log(time) on log(horizon): 1.0 = linear in dialogue length, 2.0 = re-encoding the history.
+  4. train_wall_s / train_peak_rss_mb: the default `python train.py`, in a subprocess.
+Writes bench.json (or --json).
+"""
+import argparse
+import json
+import math
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+
+import data
+import expert as expert_lib
+import gopo
+import lm
+import rollout as rollout_lib
+import shop
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+p.add_argument("--run", default=None, help="benchmark this run folder's models and skip measuring train.py "
+               "(default: run the default `python train.py` into out/bench, timed, and use its models)")
+p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+p.add_argument("--scenarios", type=int, default=16, help="scenarios per rollout batch (train.py default)")
+p.add_argument("--k", type=int, default=4, help="rollouts per scenario (train.py default)")
+p.add_argument("--json", default="bench.json", help="where to write the results")
+p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+p.add_argument("--profile", action="store_true",
+               help="also print a torch.profiler table of one 16-turn rollout batch (where the time goes)")
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def side_by_side(fns, repeats):
+    """Interleave the candidates (a, b, a, b, ...) after one warm-up each; median seconds of each."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+def measure_train(out="out"):
+    """Wall seconds and peak RSS (MB) of the default `python train.py`, in a subprocess."""
+    cmd = [sys.executable, "train.py", "--out", out, "--run", "bench", "--overwrite"]
+    print("timing:", " ".join(cmd[1:]), flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        sys.exit(f"bench.py: error: train.py failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss     # Linux: KB, max over children
+    return wall, peak_kb / 1024, os.path.join(out, "bench")
+
+
+def endless_world():
+    """The shop with customers that never end the dialogue and a SOP where `close` can be followed
+    (by what may follow <start>), so every dialogue runs the whole horizon: only for timing."""
+    class Customer(shop.Customer):
+        def reply(self, text, turn):
+            utterance, event, _ = super().reply(text, turn)
+            return utterance, event, False
+    world = types.SimpleNamespace(**{k: getattr(shop, k) for k in dir(shop) if not k.startswith("_")})
+    world.Customer = Customer
+    world.SOP = dict(shop.SOP, close=shop.SOP["<start>"])
+    return world
+
+
+def main():
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    res = {"threads": args.threads, "repeats": args.repeats}
+    if args.run is None:
+        res["train_wall_s"], res["train_peak_rss_mb"], run = measure_train()
+    else:
+        run = args.run
+    expert_model, tok_e = lm.load(os.path.join(run, "expert"))
+    agent_model, tok_a = lm.load(os.path.join(run, "agent"))
+    res["run"] = run
+    res["model_params"] = lm.n_params(agent_model)
+    scenarios = [shop.make_scenario(s) for s in data.train_seeds(args.scenarios, offset=50_000)]
+    batch = [s for s in scenarios for _ in range(args.k)]
+    B = len(batch)
+
+    # ---- 1. rollout efficiency
+    last = {}
+
+    def gopo_rollout():
+        last["trajs"] = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, seed=1)
+    gopo_rollout()
+    trajs = last["trajs"]
+    emitted = sum(e - s for t in trajs for s, e in t["replies"]) + sum(len(t["decisions"]) for t in trajs)
+    per_row = round(emitted / B)
+    turns = max(len(t["replies"]) for t in trajs)     # lockstep: a turn lasts as long as its longest reply
+    decode_steps = sum(max(e - s for t in trajs if len(t["replies"]) > k for s, e in [t["replies"][k]])
+                       for k in range(turns))
+    openings = [t["agent_ids"][:t["agent_ids"].index(tok_a.eos_token_id) + 1] for t in trajs]
+    # the same final lengths: each row's prompt is its own dialogue minus the tokens it emitted
+    contexts = [t["agent_ids"][:max(len(t["agent_ids"]) - per_row, 1)] for t in trajs]
+    floors = {}
+    for name, prompts in (("same_lengths", contexts), ("openings", openings)):
+        ids, attn = lm.pad(prompts, tok_a.pad_token_id, left=True)
+        floors[name] = (ids, attn)
+    gen_kwargs = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=per_row,
+                      min_new_tokens=per_row, pad_token_id=tok_a.pad_token_id)
+
+    def bare_hf(name):
+        def run():
+            with torch.no_grad():
+                agent_model.generate(input_ids=floors[name][0], attention_mask=floors[name][1], **gen_kwargs)
+        return run
+    print(f"rollout: {B} dialogues, {emitted} tokens emitted ({per_row} per dialogue, "
+          f"{statistics.mean(len(t['agent_ids']) for t in trajs):.0f} CS Agent tokens in all; "
+          f"{turns} turns, {decode_steps} lockstep decode steps)", flush=True)
+    t_roll, t_long, t_short = side_by_side([gopo_rollout, bare_hf("same_lengths"), bare_hf("openings")],
+                                           args.repeats)
+    rate = emitted / t_roll
+    res.update(rollout_s=t_roll, bare_generate_s=t_long, bare_generate_openings_s=t_short, rollout_batch=B,
+               rollout_tokens=emitted, rollout_tokens_per_s=rate, rollout_turns=turns,
+               rollout_decode_steps=decode_steps, rollout_tokens_per_row=per_row,
+               bare_generate_tokens_per_s=B * per_row / t_long,
+               rollout_efficiency=rate / (B * per_row / t_long),
+               rollout_efficiency_vs_openings=rate / (B * per_row / t_short))
+
+    # ---- 2. update efficiency: GOPO step vs plain forward+backward on the same tokens
+    values = json.load(open(os.path.join(run, "values.json")))
+    config = json.load(open(os.path.join(run, "config.json")))
+    cfg = types.SimpleNamespace(**config)
+    rewards = [gopo.joint_reward(t["record"], values, shop.HORIZON, cfg.alpha)["R"] for t in trajs]
+    groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
+    pairs = gopo.build_pairs(rewards, groups, cfg.delta, cfg.max_pairs)
+    strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
+    used = sorted({i for pr in pairs for i in pr})
+    plain = expert_lib.collate([trajs[i] for i in used], tok_e.pad_token_id, len(shop.STRATEGIES))
+    labels = plain["ids"].masked_fill(plain["attn"] == 0, -100)
+    expert_model.train()
+
+    def gopo_step():
+        expert_model.zero_grad(set_to_none=True)
+        gopo.expert_loss(expert_model, trajs, pairs, groups, rewards, strategy_ids, tok_e.pad_token_id,
+                         len(shop.STRATEGIES), cfg).backward()
+
+    def plain_step():
+        expert_model.zero_grad(set_to_none=True)
+        expert_model(input_ids=plain["ids"], attention_mask=plain["attn"], labels=labels).loss.backward()
+    print(f"update: {len(pairs)} pairs over {len(used)} trajectories, {tuple(plain['ids'].shape)} tokens",
+          flush=True)
+    t_gopo, t_plain = side_by_side([gopo_step, plain_step], args.repeats)
+    expert_model.eval()
+    res.update(update_s=t_gopo, plain_fwd_bwd_s=t_plain, update_pairs=len(pairs),
+               update_tokens=list(plain["ids"].shape), update_efficiency=t_gopo / t_plain)
+
+    # ---- 3. turn scaling: seconds per dialogue at horizons 4, 8, 16
+    world = endless_world()
+    horizons = [4, 8, 16]
+    per_dialogue = []
+    for h in horizons:
+        def run_h():
+            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1, horizon=h)
+        run_h()
+        per_dialogue.append(median_time(run_h, args.repeats) / B)
+        print(f"horizon {h}: {per_dialogue[-1] * 1e3:.1f} ms per dialogue", flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1, horizon=16)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    xs, ys = [math.log(h) for h in horizons], [math.log(t) for t in per_dialogue]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    res.update(turn_scaling_horizons=horizons, turn_scaling_s_per_dialogue=per_dialogue,
+               turn_scaling_exponent=slope)
+
+    # ---- report
+    rows = [("rollout efficiency (>= 0.85)", res["rollout_efficiency"],
+             f"{res['rollout_tokens_per_s']:.0f} vs {res['bare_generate_tokens_per_s']:.0f} tok/s "
+             f"(HF generate, same final lengths)"),
+            ("  vs generate from the openings", res["rollout_efficiency_vs_openings"],
+             "the floor with short contexts (no dialogue history to attend to)"),
+            ("update efficiency (<= 1.2)", res["update_efficiency"],
+             f"{t_gopo * 1e3:.1f} vs {t_plain * 1e3:.1f} ms"),
+            ("turn scaling exponent (<= 1.2)", res["turn_scaling_exponent"],
+             " / ".join(f"H={h}: {t * 1e3:.1f} ms" for h, t in zip(horizons, per_dialogue)))]
+    if "train_wall_s" in res:
+        rows += [("train wall s (<= 300)", res["train_wall_s"], "default python train.py"),
+                 ("train peak RSS MB (<= 2048)", res["train_peak_rss_mb"], "ru_maxrss of the subprocess")]
+    print(f"\n{'measure':34s} {'value':>9s}  context")
+    for name, v, ctx in rows:
+        print(f"{name:34s} {v:9.3f}  {ctx}")
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
