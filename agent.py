@@ -9,6 +9,7 @@ import random
 
 
 import lm
+import parallel
 
 
 def reply_mask(n_tokens, replies):
@@ -21,6 +22,7 @@ def reply_mask(n_tokens, replies):
 
 def reply_logps(model, ids, attn, target_mask):
     """Summed log-prob of the masked target tokens per row: ids/attn/target_mask (B, L) -> (B,)."""
+    ids, attn, target_mask = ids.to(model.device), attn.to(model.device), target_mask.to(model.device)
     logits = model(input_ids=ids, attention_mask=attn).logits          # (B, L, V)
     logps = lm.token_logps(logits, ids)                                 # (B, L-1)
     return (logps * target_mask[:, 1:]).sum(-1)
@@ -43,17 +45,20 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
     when there are 30 tokens to search instead of 200; the skill then carries to whole dialogues.
     """
     dialogues, windows = [], []
+    opening = lm.start_ids(tok)
     for r in records:
         ids, decisions, replies = lm.encode_dialogue(tok, r["turns"], instructions)
         dialogues.append((ids, reply_mask(len(ids), replies)))
-        starts = [1] + [end for _, end in replies[:-1]]          # each window opens at a customer turn
+        starts = [len(opening)] + [end for _, end in replies[:-1]]   # each window opens at a customer turn
         for s, (a, b) in zip(starts, replies):
-            w = [tok.bos_token_id] + ids[s:b]
-            windows.append((w, [0] * (1 + a - s) + [1] * (b - a)))
+            w = opening + ids[s:b]
+            windows.append((w, [0] * (len(opening) + a - s) + [1] * (b - a)))
     rng = random.Random(seed)
 
     def step_loss(step):
         pool, n = (windows, 4 * batch_size) if step < window_steps else (dialogues, batch_size)
-        ids, attn, mask = collate(rng.sample(pool, min(n, len(pool))), tok.pad_token_id)
-        return -reply_logps(model, ids, attn, mask).sum() / mask[:, 1:].sum()   # mean NLL per token
+        sample = rng.sample(pool, min(n, len(pool)))                           # the same on every rank
+        ids, attn, mask = collate(parallel.share(sample), tok.pad_token_id)
+        n_tokens = sum(sum(m) for _, m in sample)
+        return -reply_logps(model, ids, attn, mask).sum() / parallel.denominator(n_tokens)   # mean NLL per token
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lm
+import parallel
 
 
 def sop_mask(prev_strategies, strategies, sop):
@@ -41,9 +42,13 @@ def decision_logps(model, batch, strategy_ids):
       z (B, T) index of the taken strategy, allowed (B, T, Z) SOP masks, step_mask (B, T).
     Returns step_logps (B, T), zero at padded steps.
     """
-    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"]).logits   # (B, L, V)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     prev = (batch["pos"] - 1).clamp(min=0)                                           # predicting position
-    h = torch.gather(logits, 1, prev[..., None].expand(-1, -1, logits.shape[-1]))   # (B, T, V)
+    # the LM head only where a decision is predicted (K positions, not L: a 150k-vocabulary
+    # model would otherwise materialise B x L x V logits)
+    keep, where = torch.unique(prev, return_inverse=True)                           # (K,), (B, T)
+    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], logits_to_keep=keep).logits  # (B, K, V)
+    h = torch.gather(logits, 1, where[..., None].expand(-1, -1, logits.shape[-1]))  # (B, T, V)
     logps = masked_logps(h, strategy_ids, batch["allowed"])                          # (B, T, Z)
     taken = torch.gather(logps, 2, batch["z"][..., None]).squeeze(2)                 # (B, T)
     return torch.where(batch["step_mask"], taken, torch.zeros_like(taken))
@@ -77,17 +82,18 @@ def trajectory_from_record(tok, rec, strategies, sop, instructions):
 
 
 @torch.no_grad()
-def decide(logits, strategy_ids, allowed, greedy=False, generator=None):
+def decide(logits, strategy_ids, allowed, uniforms=None):
     """One decision per dialogue from the next-token logits at its end.
 
     logits (B, V) where the strategy token goes, strategy_ids: the Z strategy tokens, allowed (B, Z)
-    SOP masks. Returns (z indices (B,), log pi_E(z | h) (B,)).
+    SOP masks, uniforms (B, Z) in (0, 1) for sampling (Gumbel-max), None for greedy.
+    Returns (z indices (B,), log pi_E(z | h) (B,)).
     """
     logps = masked_logps(logits, strategy_ids, allowed)                        # (B, Z)
-    if greedy:
+    if uniforms is None:
         z = logps.argmax(-1)
-    else:
-        z = torch.multinomial(logps.exp(), 1, generator=generator).squeeze(1)
+    else:   # Gumbel-max: an exact sample; forbidden strategies stay at -inf
+        z = (logps - (-uniforms.clamp(min=1e-20).log()).log()).argmax(-1)
     return z, logps.gather(1, z[:, None]).squeeze(1)
 
 
@@ -99,7 +105,9 @@ def sft(model, tok, records, strategies, sop, instructions, steps, batch_size=16
     rng = random.Random(seed)
 
     def step_loss(step):
-        batch = collate(rng.sample(trajs, min(batch_size, len(trajs))), tok.pad_token_id, len(strategies))
+        sample = rng.sample(trajs, min(batch_size, len(trajs)))                  # the same on every rank
+        batch = collate(parallel.share(sample), tok.pad_token_id, len(strategies))
         step_logps = decision_logps(model, batch, strategy_ids)                 # (B, T)
-        return -step_logps.sum() / batch["step_mask"].sum()                     # mean NLL per decision
+        n_decisions = sum(len(t["decisions"]) for t in sample)
+        return -step_logps.sum() / parallel.denominator(n_decisions)            # mean NLL per decision
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import agent as agent_lib
 import expert as expert_lib
 import lm
+import parallel
 import rollout as rollout_lib
 import tse
 
@@ -86,32 +87,38 @@ def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
 def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
     """The GOPO loss of the Expert on one batch: one forward over every trajectory in a pair (or a
     group, with --listwise), the preference loss on their summed decision log-probs plus the NLL
-    of the winners. Returns a scalar tensor."""
-    used = sorted({i for p in pairs for i in p}) if not args.listwise else sorted(i for g in groups for i in g)
+    of the winners, averaged over pairs (groups). Distributed: this rank's share of the pairs,
+    normalised so that the ranks' gradients average to the whole batch's. Returns a scalar tensor."""
+    units = groups if args.listwise else pairs
+    mine = parallel.share(units)
+    weight = 1.0 if mine else 0.0     # a rank with no share still runs forward/backward (FSDP collectives)
+    mine = mine or units[:1]
+    used = sorted({i for u in mine for i in u})
     row = {i: k for k, i in enumerate(used)}
     batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
     step_logps = expert_lib.decision_logps(model, batch, strategy_ids)            # (N, T)
-    S = trajectory_logps(step_logps, batch["step_mask"].float())                 # (N,)
-    S_ref = torch.tensor([sum(trajs[i]["ref_logps"]) for i in used])             # (N,)
-    n_steps = batch["step_mask"].sum(-1)                                         # (N,)
+    S = trajectory_logps(step_logps, batch["step_mask"].to(step_logps.device).float())   # (N,)
+    S_ref = torch.tensor([sum(trajs[i]["ref_logps"]) for i in used], device=S.device)   # (N,)
+    n_steps = batch["step_mask"].sum(-1).to(S.device)                            # (N,)
     if args.listwise:
-        idx = torch.tensor([[row[i] for i in g] for g in groups])                 # (G, K)
-        R = torch.tensor([[rewards[i] for i in g] for g in groups])
-        pref = listwise_loss(S[idx], S_ref[idx], R, args.beta).mean()
+        idx = torch.tensor([[row[i] for i in g] for g in mine], device=S.device)  # (G, K)
+        R = torch.tensor([[rewards[i] for i in g] for g in mine], device=S.device)
+        pref = listwise_loss(S[idx], S_ref[idx], R, args.beta)                    # (G,)
         winners = idx.gather(1, R.argmax(-1, keepdim=True)).squeeze(1)
     else:
-        w = torch.tensor([row[a] for a, _ in pairs])
-        l = torch.tensor([row[b] for _, b in pairs])
-        losses, _, _ = preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)
-        pref, winners = losses.mean(), w
-    nll = (-S[winners] / n_steps[winners]).mean()                                # eq. (4)
-    return pref + args.nll_coef * nll
+        w = torch.tensor([row[a] for a, _ in mine], device=S.device)
+        l = torch.tensor([row[b] for _, b in mine], device=S.device)
+        pref, _, _ = preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)   # (P,)
+        winners = w
+    nll = -S[winners] / n_steps[winners]                                         # (P,) eq. (4)
+    return weight * (pref + args.nll_coef * nll).sum() / parallel.denominator(len(units))
 
 
 def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
     """One gradient step of the Expert on the GOPO loss. Returns the loss (nan: step skipped)."""
     loss = expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args)
-    return loss.item() if lm.guarded_step(model, opt, loss) else float("nan")
+    value = parallel.total(loss.item()) / parallel.world()                      # the whole batch's loss
+    return value if lm.guarded_step(model, opt, loss) else float("nan")
 
 
 def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instructions, temperature=1.0):
@@ -136,13 +143,18 @@ def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instruct
 
 
 def agent_update(model, opt, pairs, pad_id, beta):
-    """One turn-level DPO step of the CS Agent; the reference is the agent before this step."""
-    examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in pairs for y in (c, r)]
+    """One turn-level DPO step of the CS Agent; the reference is the agent before this step.
+    Distributed: this rank's share of the pairs, as in expert_loss."""
+    mine = parallel.share(pairs)
+    weight = 1.0 if mine else 0.0
+    examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in (mine or pairs[:1]) for y in (c, r)]
     ids, attn, mask = agent_lib.collate(examples, pad_id)
     logps = agent_lib.reply_logps(model, ids, attn, mask)                       # (2P,) chosen, rejected interleaved
     ref = logps.detach()                                                        # the agent before this step
     losses, _, _ = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
-    return losses.mean().item() if lm.guarded_step(model, opt, losses.mean()) else float("nan")
+    loss = weight * losses.sum() / parallel.denominator(len(pairs))
+    value = parallel.total(loss.item()) / parallel.world()
+    return value if lm.guarded_step(model, opt, loss) else float("nan")
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -154,8 +166,12 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     gen = torch.Generator().manual_seed(seed)
     # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded)
     batch = [s for s in scenarios for _ in range(args.k)]
-    trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, greedy=False,
-                                seed=seed, agent_temperature=args.agent_temperature)
+    mine = parallel.share(list(range(len(batch))))          # distributed: each rank plays its share
+    with parallel.gathered(expert_model, agent_model):
+        trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, [batch[i] for i in mine], world,
+                                    greedy=False, seed=seed, agent_temperature=args.agent_temperature,
+                                    index=mine)
+    trajs = parallel.gather(trajs)                          # every rank: the whole batch, in order
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     # 2. score with R and build pairs within each scenario
     scores = [joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
@@ -169,8 +185,9 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
               for _ in range(args.gopo_epochs)] if (pairs or args.listwise) else []
     expert_model.eval()
     # 4. CS alignment: turn-level DPO on adherence
-    cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng, gen,
-                                  world.INSTRUCTIONS) if args.cs_samples else []
+    with parallel.gathered(agent_model):   # the same pairs on every rank (same trajectories, same seed)
+        cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng, gen,
+                                      world.INSTRUCTIONS) if args.cs_samples else []
     cs_loss = None
     if cs_pairs:
         agent_model.train()

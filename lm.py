@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 from transformers.cache_utils import Cache, DynamicLayer
 
+import parallel
+
 BOS, EOT, PAD = "<|bos|>", "<|eot|>", "<|pad|>"
 
 
@@ -53,6 +55,21 @@ def build_tiny_model(tokenizer, d_model=128, n_layer=4, n_head=4, max_len=1024, 
     return AutoModelForCausalLM.from_config(config)
 
 
+def from_pretrained(name, strategies):
+    """Any Hugging Face causal LM (hub id or local folder) as an agent backbone: its own tokenizer
+    (pad = end-of-sequence where it has no pad token) plus one new token per strategy."""
+    tok = AutoTokenizer.from_pretrained(name, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if tok.eos_token is None:
+        raise ValueError(f"{name}: the tokenizer has no end-of-sequence token to end turns with")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token     # only ever under a zero attention mask
+    if tok.bos_token is None and not chat_parts(tok)[0]:
+        tok.bos_token = tok.eos_token     # a dialogue needs an opening token
+    add_strategy_tokens(model, tok, strategies)
+    return model, tok
+
+
 def add_strategy_tokens(model, tokenizer, strategies):
     """Make sure every strategy has its own token; new rows start at the mean embedding of its name.
 
@@ -71,8 +88,12 @@ def add_strategy_tokens(model, tokenizer, strategies):
 
 
 def save(model, tokenizer, path):
-    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically."""
-    atomic_dir(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically.
+    Distributed: every rank joins the gather of the full state dict, rank 0 writes."""
+    state = parallel.full_state_dict(model) if parallel.FSDP else None
+    if parallel.is_main():
+        atomic_dir(path, lambda tmp: (model.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
+    parallel.barrier()
 
 
 def atomic_dir(path, write):
@@ -103,20 +124,21 @@ def recover(path):
 def sft_loop(model, step_loss, steps, lr, cycle, desc):
     """The SFT loop both agents share: AdamW, `sft_schedule`, guarded steps, a progress bar.
 
-    step_loss(step) -> scalar loss tensor of that step's batch. Returns the list of losses.
+    step_loss(step) -> scalar loss tensor of this rank's share of that step's batch, scaled with
+    `parallel.denominator` (in one process: the batch's loss). Returns the list of losses.
     """
     from tqdm import tqdm
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sft_schedule(s, cycle))
     model.train()
     losses = []
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False, disable=not parallel.is_main())):
         loss = step_loss(step)
         if not guarded_step(model, opt, loss):
             bar.write(f"{desc}: non-finite loss or gradient at step {step}, step skipped")
         sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(parallel.total(loss.item()) / parallel.world())   # the loss of the whole batch
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
 
@@ -124,10 +146,12 @@ def sft_loop(model, step_loss, steps, lr, cycle, desc):
 def guarded_step(model, opt, loss, max_norm=1.0):
     """backward + clip + step, unless the loss or the gradient is not finite (then skip, return False)."""
     opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if parallel.total(float(not torch.isfinite(loss))):     # any rank: all ranks skip together
         return False
     loss.backward()
+    parallel.all_reduce_grads(model)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm     # FSDP: a DTensor
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return False
@@ -168,8 +192,39 @@ def encode(tok, text):
     return list(_encode(tok, len(tok), text))
 
 
+@functools.lru_cache(maxsize=None)
+def chat_parts(tok):
+    """(opening, user_open, assistant_open): the role markers of the tokenizer's chat template, or
+    (None, "", "") without one. Found by rendering a user/assistant exchange and cutting it at the
+    contents and at the end-of-turn token, e.g. for ChatML (SmolLM2):
+      opening "<|im_start|>system\n...<|im_end|>", user_open "\n<|im_start|>user\n",
+      assistant_open "\n<|im_start|>assistant\n"."""
+    if not getattr(tok, "chat_template", None):
+        return None, "", ""
+    text = tok.apply_chat_template([{"role": "user", "content": "XXX"}, {"role": "assistant", "content": "YYY"},
+                                    {"role": "user", "content": "ZZZ"}], tokenize=False)
+    pre, rest = text.split("XXX", 1)
+    mid, rest = rest.split("YYY", 1)
+    post = rest.split("ZZZ", 1)[0]
+    eos = tok.eos_token
+    user_open, assistant_open = post.split(eos)[-1], mid.split(eos)[-1]
+    for head in (user_open, user_open.lstrip()):   # what opens the dialogue before the first user turn
+        if pre.endswith(head):
+            return pre[:len(pre) - len(head)], user_open, assistant_open
+    return pre, user_open, assistant_open
+
+
+def start_ids(tok):
+    """The tokens that open every dialogue: the chat template's opening (system prompt), or BOS."""
+    opening = chat_parts(tok)[0]
+    return encode(tok, opening) if opening else [tok.bos_token_id]
+
+
 def customer_ids(tok, text):
-    return encode(tok, "C: " + text) + [tok.eos_token_id]
+    """A customer turn, then the marker that hands the word to the agent (chat templates only)."""
+    _, user_open, assistant_open = chat_parts(tok)
+    return encode(tok, user_open + "C: " + text) + [tok.eos_token_id] + \
+        (encode(tok, assistant_open) if assistant_open else [])
 
 
 def agent_prompt_ids(tok, z, instruction):
@@ -187,7 +242,7 @@ def encode_dialogue(tok, turns, instructions):
     Returns ids (list[int]), decisions [(position of the strategy token, strategy)], and
     replies [(start, end)] half-open spans of each agent reply (its <|eot|> included).
     """
-    ids, decisions, replies = [tok.bos_token_id], [], []
+    ids, decisions, replies = start_ids(tok), [], []
     for turn in turns:
         if turn["role"] == "customer":
             ids += customer_ids(tok, turn["text"])
@@ -216,6 +271,7 @@ def pad(seqs, pad_id, left=False):
 def forward_logits(model, ids, attn):
     """Logits (B, L, V) for a padded batch; left padding is handled with explicit positions."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    ids, attn, pos = ids.to(model.device), attn.to(model.device), pos.to(model.device)
     return model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
 
 
@@ -293,13 +349,14 @@ class Context:
         self.pos = self.pos[index]
         if self.cache is None or not rows:
             return
-        real = self.attn[index]                                                      # (B, S)
+        real = self.attn[index]                                                      # (B, S), CPU
         n_slots = int(real.sum(1).max())
         if len(rows) == len(self.attn) and n_slots > 0.75 * real.shape[1]:
             return                                         # nobody left and few holes: not worth a copy
         slots = torch.sort(real, dim=1, stable=True).indices[:, real.shape[1] - n_slots:]   # (B, S')
+        dev = self.model.device
         for layer in self.cache.layers:
-            layer.select(index, slots)
+            layer.select(index.to(dev), slots.to(dev))
         self.attn = real.gather(1, slots)
 
     @torch.no_grad()
@@ -310,8 +367,9 @@ class Context:
         if not self.use_cache:
             ids, attn = pad(self.ids, self.pad_id, left=True)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            return self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                              logits_to_keep=1).logits[:, -1].float()
+            dev = self.model.device
+            return self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                              logits_to_keep=1).logits[:, -1].float().cpu()
         if appended is not None:
             chunk, mask = appended[0][:, None], appended[1].long()[:, None]          # (B, 1)
         else:   # left-padded, so every row's last new token is the last column
@@ -320,24 +378,32 @@ class Context:
         attn = mask if self.attn is None else torch.cat([self.attn, mask], 1)        # (B, S + C)
         if self.cache is None:
             self.cache = Cache(layer_class_to_replicate=GrowingLayer)
-        out = self.model(input_ids=chunk, attention_mask=attn, position_ids=pos,
+        dev = self.model.device
+        out = self.model(input_ids=chunk.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
                          cache=self.cache, use_cache=True, logits_to_keep=1)
         self.cache, self.attn = out.cache, attn
         self.pos += mask.sum(1)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()
 
-    def sample(self, stop_id, max_new_tokens=32, temperature=1.0, generator=None):
+    def sample(self, stop_id, max_new_tokens=32, temperature=1.0, generator=None, generators=None):
         """Append one sampled continuation to every row (greedy when temperature == 0), each ending
-        at `stop_id` or cut at max_new_tokens. Returns the B lists of new ids."""
+        at `stop_id` or cut at max_new_tokens. Returns the B lists of new ids.
+
+        Randomness: one `generator` for the batch, or `generators`, one per row, each drawing a fixed
+        (max_new_tokens, V) block per call, so a row's sample never depends on which other rows
+        share its batch (the same dialogues whether rollouts run in one process or split over ranks).
+        """
         start = [len(ids) for ids in self.ids]
         done = torch.zeros(len(self.ids), dtype=torch.bool)
         logits = self.logits()
+        if temperature and generators is not None:
+            block = torch.stack([torch.rand(max_new_tokens, logits.shape[-1], generator=g) for g in generators])
         for step in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:   # Gumbel-max: an exact sample from softmax(logits / T), cheaper than multinomial
-                u = torch.rand(logits.shape, generator=generator).clamp_(min=1e-20)
-                nxt = (logits / temperature - (-u.log()).log()).argmax(-1)
+                u = block[:, step] if generators is not None else torch.rand(logits.shape, generator=generator)
+                nxt = (logits / temperature - (-u.clamp(min=1e-20).log()).log()).argmax(-1)
             live = ~done
             for ids, t, alive in zip(self.ids, nxt.tolist(), live.tolist()):
                 if alive:

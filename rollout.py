@@ -21,7 +21,7 @@ import shop
 
 
 def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, greedy=False, seed=0,
-            agent_temperature=0.7, horizon=None, max_reply_tokens=32, cache=True):
+            agent_temperature=0.7, horizon=None, max_reply_tokens=32, cache=True, index=None):
     """Play one dialogue per scenario. Returns a list of trajectories (dicts):
 
       record: the dialogue in the common schema (plus order_value),
@@ -29,17 +29,21 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
       allowed: (T, Z) SOP masks, ref_logps: [log pi_E(z_t|h_t) at sampling time],
       agent_ids: the CS Agent's token ids, replies: [(start, end)] reply spans in agent_ids.
     cache=False re-encodes every history each turn (the reference path; same dialogues).
+    index: each dialogue's number in the whole batch (default 0..n-1). Its customer and its random
+    stream are seeded by (seed, index) alone, so a dialogue comes out the same whatever batch it is
+    played in: one process, or a share of the batch on each of several ranks.
     """
     horizon = horizon or world.HORIZON
     strategies = world.STRATEGIES
     strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
     eot = tok_a.eos_token_id
-    gen = torch.Generator().manual_seed(seed)
-    customers = [world.Customer(s, seed=seed * 1_000_003 + i) for i, s in enumerate(scenarios)]
+    index = list(range(len(scenarios))) if index is None else index
+    customers = [world.Customer(s, seed=seed * 1_000_003 + i) for i, s in zip(index, scenarios)]
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in index]
     opening = [c.opening() for c in customers]
-    expert_ctx = lm.Context(expert_model, [[tok_e.bos_token_id] + lm.customer_ids(tok_e, o) for o in opening],
+    expert_ctx = lm.Context(expert_model, [lm.start_ids(tok_e) + lm.customer_ids(tok_e, o) for o in opening],
                             tok_e.pad_token_id, cache)
-    agent_ctx = lm.Context(agent_model, [[tok_a.bos_token_id] + lm.customer_ids(tok_a, o) for o in opening],
+    agent_ctx = lm.Context(agent_model, [lm.start_ids(tok_a) + lm.customer_ids(tok_a, o) for o in opening],
                            tok_a.pad_token_id, cache)
     # the contexts' id lists grow in place, so each trajectory holds its own rows
     trajs = [{"turns": [{"role": "customer", "text": o, "strategy": None, "event": None}],
@@ -51,12 +55,14 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
             break
         prevs = [strategies[trajs[i]["decisions"][-1][1]] if t > 0 else None for i in live]
         logits = expert_ctx.logits()                                                   # (B, V)
+        uniforms = None if greedy else torch.stack([torch.rand(len(strategies), generator=gens[i]) for i in live])
         z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask(prevs, strategies, world.SOP),
-                                    greedy, gen)
+                                    uniforms)
         names = [strategies[k] for k in z.tolist()]
         agent_ctx.extend([lm.agent_prompt_ids(tok_a, z, world.INSTRUCTIONS[z]) for z in names])
         starts = [len(ids) for ids in agent_ctx.ids]
-        replies = agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else agent_temperature, gen)
+        replies = agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else agent_temperature,
+                                   generators=[gens[i] for i in live])
         keep = []
         for j, i in enumerate(live):
             tr = trajs[i]

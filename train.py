@@ -12,11 +12,14 @@ import argparse
 import json
 import math
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
+if "--no-offline" not in sys.argv:  # before transformers: a missing model fails at once, no hub retries
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import random
 import shutil
-import sys
 import time
 
 import torch
@@ -26,6 +29,7 @@ import data
 import expert as expert_lib
 import gopo
 import lm
+import parallel
 import shop
 import tse
 
@@ -81,10 +85,20 @@ g.add_argument("--n-logs", type=positive(int), default=1200, help="logged traini
 g.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL (common schema) "
                "instead of simulating them")
 g = p.add_argument_group("model")
-g.add_argument("--model", default="tiny", choices=["tiny"], help="backbone of both agents")
+g.add_argument("--model", default="tiny", help="backbone of both agents: 'tiny' (built from config, "
+               "tokenizer trained on the logs), a Hugging Face hub id, or a local model folder")
+g.add_argument("--expert-model", default=None, help="the Expert's backbone, if not --model "
+               "(a smaller planner than responder; hub id or folder)")
+g.add_argument("--offline", default=True, action=argparse.BooleanOptionalAction,
+               help="never touch the network (HF_HUB_OFFLINE): a model not on disk fails at once")
 g.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
 g.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
 g.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
+g = p.add_argument_group("distributed: launch with torchrun --nproc_per_node N train.py ... "
+                         "(without --fsdp: plain data parallelism)")
+g.add_argument("--fsdp", action="store_true", help="shard both models with FSDP2 (each decoder block, then the root)")
+g.add_argument("--bf16", action="store_true", help="with --fsdp: bf16 compute, fp32 master weights and reduction")
+g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on each block")
 g = p.add_argument_group("SFT")
 g.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
 g.add_argument("--sft-batch", type=positive(int), default=16, help="SFT batch size (dialogues)")
@@ -110,20 +124,65 @@ g.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent lea
 
 
 def start_run(args):
-    """New run: refuse an existing folder (unless --overwrite), write config.json."""
+    """New run: refuse an existing folder (unless --overwrite), write config.json (rank 0)."""
     run_dir = os.path.join(args.out, args.run or args.algo)
-    if os.path.exists(run_dir):
-        if not args.overwrite:
-            die(f"{run_dir} already exists (holds another run); pass --overwrite, --resume {run_dir} "
-                "or choose --run NAME")
-        shutil.rmtree(run_dir)
-    try:
-        os.makedirs(run_dir)
-    except OSError as e:
-        die(f"cannot create {run_dir}: {e.strerror}")
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    if os.path.exists(run_dir) and not args.overwrite:
+        die(f"{run_dir} already exists (holds another run); pass --overwrite, --resume {run_dir} "
+            "or choose --run NAME")
+    parallel.barrier()   # every rank has looked before rank 0 touches anything
+    if parallel.is_main():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            os.makedirs(run_dir)
+        except OSError as e:
+            die(f"cannot create {run_dir}: {e.strerror}")
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({**vars(args), "world_size": parallel.world()}, f, indent=2)
+    parallel.barrier()
     return run_dir
+
+
+def check_flags(args):
+    """Conflicting flags: one line, exit 2, before anything is written."""
+    tiny_flags = [f for f in ("d_model", "n_layer", "vocab_size") if getattr(args, f) != p.get_default(f)]
+    if args.model != "tiny" and tiny_flags:
+        die(f"--{tiny_flags[0].replace('_', '-')} only shapes the tiny model; drop it with --model {args.model}")
+    if args.expert_model is not None and (args.model == "tiny") != (args.expert_model == "tiny"):
+        die("--expert-model and --model must both be 'tiny' or both be pretrained (the tiny models "
+            "share a tokenizer trained on the logs)")
+    if args.bf16 and not args.fsdp:
+        die("--bf16 is FSDP mixed precision: add --fsdp (and launch with torchrun)")
+    if args.fsdp and parallel.world() == 1:
+        die("--fsdp shards over torchrun ranks: launch with torchrun --nproc_per_node N train.py --fsdp ...")
+    if args.resume and parallel.world() > 1:
+        die("--resume runs in one process; resume without torchrun")
+    if args.d_model % 4:
+        die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
+
+
+def check_model(name):
+    """Fail before anything is written if a pretrained backbone is not there (a config is enough)."""
+    if name is None or name == "tiny":
+        return
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        die(f"--model {name}: the folder holds no config.json (not a Hugging Face model folder)")
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        load_backbone(name, None)   # the one-line error that says what to do
+
+
+def load_backbone(name, strategies):
+    """A pretrained model + tokenizer, or a one-line error that says how to get one offline."""
+    try:
+        return lm.from_pretrained(name, strategies)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(name):
+            die(f"cannot load a model from the folder {name}: {str(e).splitlines()[0]}")
+        hint = " (offline: pass a local folder, e.g. python convert.py models/smollm2 then " \
+               "--model models/smollm2, or add --no-offline to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        die(f"cannot load --model '{name}': not a local folder and not in the Hugging Face cache{hint}")
 
 
 def resume_run(args):
@@ -152,13 +211,15 @@ def resume_run(args):
 
 def main(argv=None):
     args = p.parse_args(argv)
+    device = parallel.init()       # torchrun sets WORLD_SIZE; one process otherwise
+    check_flags(args)
+    check_model(args.model)
+    check_model(args.expert_model)
     world = shop
     try:  # read user data before touching the output folder, so a bad file loses nothing
         logs = data.read_jsonl(args.logs, world.STRATEGIES, world.EVENTS) if args.logs else None
     except data.DataError as e:
         die(str(e))
-    if args.d_model % 4:
-        die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
     n_logs = len(logs) if logs is not None else args.n_logs
     if n_logs + args.iters * args.scenarios > data.TEST_SEED_BASE:
         die(f"--n-logs + --iters x --scenarios needs more than the {data.TEST_SEED_BASE} training "
@@ -167,7 +228,8 @@ def main(argv=None):
     path = lambda name: os.path.join(run_dir, name)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    say = print if parallel.is_main() else (lambda *a, **k: None)
     t_start = time.time()
 
     # ---- 1. logged dialogues (training data) and the event values fitted on them
@@ -180,61 +242,75 @@ def main(argv=None):
         if logs is None:
             logs = [world.play(world.make_scenario(s), world.behaviour_policy, seed=args.seed)
                     for s in data.train_seeds(args.n_logs)]
-        data.write_jsonl(logs, path("logs.jsonl"))
-        with open(path("values.json") + ".tmp", "w") as f:
-            json.dump(tse.event_values(logs, world.SUCCESS_EVENTS), f, indent=2)
-        os.replace(path("values.json") + ".tmp", path("values.json"))
+        if parallel.is_main():
+            data.write_jsonl(logs, path("logs.jsonl"))
+            with open(path("values.json") + ".tmp", "w") as f:
+                json.dump(tse.event_values(logs, world.SUCCESS_EVENTS), f, indent=2)
+            os.replace(path("values.json") + ".tmp", path("values.json"))
+        parallel.barrier()
     with open(path("values.json")) as f:
         values = json.load(f)
-    print(f"logs: {len(logs)} dialogues, behaviour success {gopo.mean(r['success'] for r in logs):.3f}")
+    say(f"logs: {len(logs)} dialogues, behaviour success {gopo.mean(r['success'] for r in logs):.3f}")
 
     # ---- 2. tokenizer and models; 3. SFT: Expert on logged strategies, CS Agent on logged replies
     for name in ("expert_sft", "agent_sft", "state"):
         lm.recover(path(name))
     if args.resume and os.path.exists(path("sft.json")):   # sft.json is written last: SFT finished
-        expert_model, tok = lm.load(path("expert_sft"))
-        agent_model, _ = lm.load(path("agent_sft"))
-        print("SFT: loaded from the run")
+        expert_model, tok_e = lm.load(path("expert_sft"))
+        agent_model, tok_a = lm.load(path("agent_sft"))
+        expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
+        say("SFT: loaded from the run")
     else:
-        texts = [t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values())
-        tok = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
-        expert_model = lm.build_tiny_model(tok, args.d_model, args.n_layer, seed=args.seed)
-        agent_model = lm.build_tiny_model(tok, args.d_model, args.n_layer, seed=args.seed + 1)
-        for m in (expert_model, agent_model):
-            lm.add_strategy_tokens(m, tok, world.STRATEGIES)
-        print(f"models: 2 x {lm.n_params(expert_model) / 1e6:.2f}M parameters, vocab {len(tok)}")
-        sft_e = expert_lib.sft(expert_model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
+        if args.model == "tiny":
+            texts = [t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values())
+            tok_e = tok_a = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
+            expert_model = lm.build_tiny_model(tok_e, args.d_model, args.n_layer, seed=args.seed)
+            agent_model = lm.build_tiny_model(tok_a, args.d_model, args.n_layer, seed=args.seed + 1)
+            for m in (expert_model, agent_model):
+                lm.add_strategy_tokens(m, tok_e, world.STRATEGIES)
+        else:
+            expert_model, tok_e = load_backbone(args.expert_model or args.model, world.STRATEGIES)
+            agent_model, tok_a = load_backbone(args.model, world.STRATEGIES)
+        say(f"models: Expert {lm.n_params(expert_model) / 1e6:.2f}M, CS Agent {lm.n_params(agent_model) / 1e6:.2f}M "
+            f"parameters, vocab {len(tok_e)}/{len(tok_a)}")
+        expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
+        sft_e = expert_lib.sft(expert_model, tok_e, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
                                args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
-        sft_a = agent_lib.sft(agent_model, tok, logs, world.INSTRUCTIONS, args.sft_steps, args.sft_batch,
+        sft_a = agent_lib.sft(agent_model, tok_a, logs, world.INSTRUCTIONS, args.sft_steps, args.sft_batch,
                               args.sft_lr, args.seed, window_steps=args.sft_window_steps)
-        lm.save(expert_model, tok, path("expert_sft"))
-        lm.save(agent_model, tok, path("agent_sft"))
-        with open(path("sft.json"), "w") as f:
-            json.dump({"expert_loss": sft_e, "agent_loss": sft_a}, f)
-        print(f"SFT: expert loss {sft_e[-1]:.3f}, agent loss {sft_a[-1]:.3f}")
+        lm.save(expert_model, tok_e, path("expert_sft"))
+        lm.save(agent_model, tok_a, path("agent_sft"))
+        if parallel.is_main():
+            with open(path("sft.json"), "w") as f:
+                json.dump({"expert_loss": sft_e, "agent_loss": sft_a}, f)
+        say(f"SFT: expert loss {sft_e[-1]:.3f}, agent loss {sft_a[-1]:.3f}")
 
     # ---- 4. GOPO iterations on fresh training scenarios (never the held-out ones)
     opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
     opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
     start, bad_in_a_row = 0, 0
     if args.resume and os.path.exists(path("state")):   # the last completed iteration
-        expert_model, _ = lm.load(path("state/expert"))
-        agent_model, _ = lm.load(path("state/agent"))
+        expert_model, tok_e = lm.load(path("state/expert"))
+        agent_model, tok_a = lm.load(path("state/agent"))
+        expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
         opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
         opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
         trainer = torch.load(path("state/trainer.pt"))
         opt_e.load_state_dict(trainer["opt_e"])
         opt_a.load_state_dict(trainer["opt_a"])
         start, bad_in_a_row = trainer["iterations_done"], trainer["bad_in_a_row"]
-    keep_metrics(path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
+    if parallel.is_main():
+        keep_metrics(path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
     from tqdm import tqdm
-    for it in (bar := tqdm(range(start, args.iters), initial=start, total=args.iters, desc="GOPO")):
+    for it in (bar := tqdm(range(start, args.iters), initial=start, total=args.iters, desc="GOPO",
+                           disable=not parallel.is_main())):
         seeds = data.train_seeds(args.scenarios, offset=len(logs) + it * args.scenarios)
-        m = gopo.iteration(expert_model, agent_model, tok, tok, opt_e, opt_a,
+        m = gopo.iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a,
                            [world.make_scenario(s) for s in seeds], values, world, args, it,
                            seed=args.seed * 100_003 + it)
-        with open(path("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(m) + "\n")
+        if parallel.is_main():
+            with open(path("metrics.jsonl"), "a") as f:
+                f.write(json.dumps(m) + "\n")
         bar.set_postfix(R=f"{m['R']:.3f}", tse=f"{m['tse']:.3f}", pairs=m["pairs"])
         if m["nonfinite_steps"]:
             bar.write(f"iteration {it}: {m['nonfinite_steps']} Expert step(s) skipped (non-finite loss or gradient)")
@@ -242,20 +318,33 @@ def main(argv=None):
         if bad_in_a_row >= args.max_nonfinite:
             die(f"{bad_in_a_row} iterations in a row had non-finite losses or gradients; stopped. "
                 f"The last good state is in {path('state')} (lower --lr or --beta, then --resume)")
-        save_state(path("state"), expert_model, agent_model, tok, opt_e, opt_a, it + 1, bad_in_a_row)
-    lm.save(expert_model, tok, path("expert"))
-    lm.save(agent_model, tok, path("agent"))
-    plot_curves(run_dir)
-    print(f"done in {time.time() - t_start:.0f}s -> {run_dir}")
+        if parallel.world() == 1:   # --resume is single-process (see check_flags)
+            save_state(path("state"), expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, it + 1, bad_in_a_row)
+    lm.save(expert_model, tok_e, path("expert"))
+    lm.save(agent_model, tok_a, path("agent"))
+    if parallel.is_main():
+        plot_curves(run_dir)
+    say(f"done in {time.time() - t_start:.0f}s -> {run_dir}")
+    parallel.close()
 
 
-def save_state(folder, expert_model, agent_model, tok, opt_e, opt_a, iterations_done, bad_in_a_row):
+def place(model, args, device):
+    """Move to the device; under torchrun --fsdp, shard (FSDP2); --grad-ckpt either way."""
+    model.to(device)
+    if args.fsdp:
+        return parallel.shard(model, bf16=args.bf16, grad_ckpt=args.grad_ckpt)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def save_state(folder, expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, iterations_done, bad_in_a_row):
     """Everything --resume needs after an iteration, swapped in atomically as one folder."""
     def write(tmp):
         expert_model.save_pretrained(os.path.join(tmp, "expert"))
         agent_model.save_pretrained(os.path.join(tmp, "agent"))
-        tok.save_pretrained(os.path.join(tmp, "expert"))
-        tok.save_pretrained(os.path.join(tmp, "agent"))
+        tok_e.save_pretrained(os.path.join(tmp, "expert"))
+        tok_a.save_pretrained(os.path.join(tmp, "agent"))
         torch.save({"opt_e": opt_e.state_dict(), "opt_a": opt_a.state_dict(),
                     "iterations_done": iterations_done, "bad_in_a_row": bad_in_a_row},
                    os.path.join(tmp, "trainer.pt"))

@@ -206,6 +206,14 @@ def build_cases(tmp, checkpoint):
     cases["lr_inf"] = Case("train.py", ["--lr", "inf"], ["--lr", "inf"])
     cases["n_logs_past_train_range"] = Case("train.py", ["--n-logs", "1000001"], ["--n-logs"])
     cases["d_model_not_multiple_of_heads"] = Case("train.py", ["--d-model", "30"], ["--d-model", "30"])
+    cases["bf16_without_fsdp"] = Case("train.py", ["--bf16"], ["--bf16", "--fsdp"])
+    cases["fsdp_without_torchrun"] = Case("train.py", ["--fsdp"], ["--fsdp", "torchrun"])
+    cases["tiny_flag_with_pretrained"] = Case("train.py", ["--model", "gpt2", "--n-layer", "3"], ["only shapes the tiny model", "gpt2"])
+    not_a_model = tmp / "not_a_model"
+    not_a_model.mkdir()
+    cases["model_folder_not_a_model"] = Case("train.py", ["--model", str(not_a_model)], ["config.json"])
+    cases["expert_model_missing"] = Case("train.py", ["--model", str(not_a_model.parent / "nope"), "--expert-model",
+                                         "nope2"], ["nope", "local folder"])
     parent_file = tmp / "a_file"
     parent_file.write_text("not a folder\n")
     cases["out_parent_is_file"] = Case("train.py", ["--out", str(parent_file / "sub")], ["sub"])
@@ -256,7 +264,8 @@ def build_cases(tmp, checkpoint):
             case.args = [*case.args, "--out", str(out)]
             case.empty = str(out)
         if "--resume" not in case.args:
-            case.args = [*TINY_RUN, *case.args]
+            base = TINY_RUN if "--model" not in case.args else TINY_RUN[:-8] + TINY_RUN[-2:]  # no tiny shape flags
+            case.args = [*base, *case.args]
 
     # ---- eval.py
     ev = tmp / "eval"
@@ -376,6 +385,8 @@ ALL_CASES = [
                             "missing_file", "directory", "parent_is_file"]),
     "algo", "model", "k0", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
     "alpha_nan", "lr_inf", "n_logs_past_train_range", "d_model_not_multiple_of_heads", "out_parent_is_file",
+    "bf16_without_fsdp", "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
+    "expert_model_missing",
     "run_exists", "run_exists_with_bad_logs",
     "resume_missing", "resume_not_a_run", "resume_flag_clash", "resume_config_malformed",
     "resume_config_not_object", "resume_values_without_logs",

@@ -1,0 +1,127 @@
+"""Scale: pretrained backbones through --model, chat templates, and torchrun + FSDP2 on CPU (gloo).
+
+The distributed tests launch `torchrun --nproc_per_node 2` on the tiny model and compare with the
+single-process run on the same global batch: SFT losses, the GOPO iteration's loss and metrics, the
+saved checkpoint's logits. Rollouts are split over the ranks, and dialogues end at different turns
+on each rank, so a finished run also shows that generation under FSDP does not hang.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lm
+import shop
+from conftest import ROOT, hf_env
+
+SMALL = ["--n-logs", "60", "--d-model", "32", "--sft-steps", "4", "--sft-window-steps", "2", "--iters", "2",
+         "--scenarios", "4", "--k", "3", "--cs-samples", "6"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--"]
+
+
+def run(cmd, timeout=150):
+    p = subprocess.run(cmd, cwd=ROOT, env=hf_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One single-process run and two 2-rank runs (FSDP fp32; FSDP bf16 + activation checkpointing)."""
+    out = tmp_path_factory.mktemp("runs")
+    run([sys.executable, "train.py", "--out", str(out), "--run", "single", *SMALL])
+    run(TORCHRUN + ["train.py", "--out", str(out), "--run", "fsdp", "--fsdp", *SMALL])
+    run(TORCHRUN + ["train.py", "--out", str(out), "--run", "bf16", "--fsdp", "--bf16", "--grad-ckpt", *SMALL])
+    return out
+
+
+def test_fsdp_matches_single_process(runs):
+    """Same global batches: SFT losses to 1e-5, each GOPO iteration's loss to 1e-5 and its rollout
+    metrics exactly (every dialogue is played the same, whichever rank plays it)."""
+    single, fsdp = (json.load(open(runs / r / "sft.json")) for r in ("single", "fsdp"))
+    for key in ("expert_loss", "agent_loss"):
+        torch.testing.assert_close(torch.tensor(fsdp[key]), torch.tensor(single[key]), rtol=0, atol=1e-5)
+    m1, m2 = metrics(runs / "single"), metrics(runs / "fsdp")
+    assert len(m1) == len(m2) == 2 and m1[0]["pairs"] > 0
+    for a, b in zip(m1, m2):
+        for k in ("R", "tse", "esndcg", "success", "gre", "pairs", "cs_pairs"):
+            assert a[k] == b[k], k
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert json.load(open(runs / "fsdp" / "config.json"))["world_size"] == 2
+
+
+def test_fsdp_checkpoint_reloads_on_one_process(runs):
+    """rank 0 wrote a folder that from_pretrained loads alone; its logits equal the single-process
+    model's (same training), and tied embeddings stayed tied."""
+    ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    for name in ("expert", "agent"):
+        (a, _), (b, _) = lm.load(str(runs / "single" / name)), lm.load(str(runs / "fsdp" / name))
+        assert b.lm_head.weight.data_ptr() == b.model.embed_tokens.weight.data_ptr()
+        with torch.no_grad():
+            torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_fsdp_bf16_grad_ckpt_runs_close(runs):
+    """bf16 compute with fp32 master weights: same pipeline, losses within bf16 rounding."""
+    single, bf16 = (json.load(open(runs / r / "sft.json")) for r in ("single", "bf16"))
+    torch.testing.assert_close(torch.tensor(bf16["agent_loss"]), torch.tensor(single["agent_loss"]),
+                               rtol=0.02, atol=0.02)
+    assert len(metrics(runs / "bf16")) == 2
+
+
+def test_generation_under_fsdp_returns_when_ranks_stop_at_different_lengths(tmp_path):
+    """Rank 0 writes 3 tokens, rank 1 writes 40: both return and meet at the next collective."""
+    script = tmp_path / "gen.py"
+    script.write_text(f'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import lm, parallel
+parallel.init()
+torch.manual_seed(0)
+from transformers import LlamaConfig, AutoModelForCausalLM
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+model = parallel.shard(AutoModelForCausalLM.from_config(cfg))
+n = 3 if parallel.rank() == 0 else 40
+with parallel.gathered(model):
+    out = lm.Context(model, [[1, 2, 3]] * 2, 0).sample(-1, n, 1.0, torch.Generator().manual_seed(0))
+assert [len(o) for o in out] == [n, n]
+print("rank", parallel.rank(), "total", parallel.total(float(n)))
+parallel.close()
+''')
+    p = run(TORCHRUN + [str(script)], timeout=60)
+    assert "total 43.0" in p.stdout
+
+
+def test_pretrained_backbone_with_chat_template(tmp_path, tok):
+    """--model FOLDER: a Hugging Face model folder with a ChatML template trains end to end; the
+    template's role markers frame every turn, and the strategy tokens were added to its tokenizer."""
+    folder = tmp_path / "chatml-tiny"
+    t = lm.train_tokenizer(["C: hello there", "A: welcome"] * 20, [], vocab_size=300)
+    t.chat_template = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
+    model = lm.build_tiny_model(t, d_model=32, n_layer=1, n_head=2)
+    model.save_pretrained(folder)
+    t.save_pretrained(folder)
+    loaded, t2 = lm.from_pretrained(str(folder), shop.STRATEGIES)
+    assert lm.chat_parts(t2) == ("", "\n<|bos|>user\n", "\n<|bos|>assistant\n")
+    new_ids = [t2.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
+    assert sorted(new_ids) == list(range(len(t), len(t) + len(shop.STRATEGIES)))     # one new token each
+    assert loaded.get_input_embeddings().weight.shape[0] == len(t2)
+    ids = lm.customer_ids(t2, "Hi.")
+    assert t2.decode(ids) == "\n<|bos|>user\nC: Hi.<|eot|>\n<|bos|>assistant\n"
+    out = tmp_path / "runs"
+    run([sys.executable, "train.py", "--out", str(out), "--model", str(folder), "--n-logs", "40", "--sft-steps", "2",
+         "--sft-window-steps", "1", "--iters", "1", "--scenarios", "2", "--k", "2", "--cs-samples", "2"])
+    reloaded, t3 = lm.load(str(out / "gopo" / "expert"))
+    assert lm.strategy_token("close") in t3.get_vocab()
+    shutil.rmtree(out)
