@@ -167,10 +167,8 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded)
     batch = [s for s in scenarios for _ in range(args.k)]
     mine = parallel.share(list(range(len(batch))))          # distributed: each rank plays its share
-    with parallel.gathered(expert_model, agent_model):
-        trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, [batch[i] for i in mine], world,
-                                    greedy=False, seed=seed, agent_temperature=args.agent_temperature,
-                                    index=mine)
+    trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, [batch[i] for i in mine], world,
+                                greedy=False, seed=seed, agent_temperature=args.agent_temperature, index=mine)
     trajs = parallel.gather(trajs)                          # every rank: the whole batch, in order
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     # 2. score with R and build pairs within each scenario

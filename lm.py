@@ -156,6 +156,7 @@ def guarded_step(model, opt, loss, max_norm=1.0):
         opt.zero_grad(set_to_none=True)
         return False
     opt.step()
+    opt.zero_grad(set_to_none=True)      # free the gradients now: rollouts come next, not backward
     return True
 
 
@@ -314,7 +315,7 @@ class GrowingLayer(DynamicLayer):
             self.keys, self.values = self.buf_k, self.buf_v
 
     def batch_select_indices(self, indices):
-        self.select(indices, torch.arange(self.n).expand(len(indices), -1))
+        self.select(indices, torch.arange(self.n, device=self.keys.device).expand(len(indices), -1))
 
 
 class Context:
@@ -323,7 +324,7 @@ class Context:
     `ids` (B id lists) is the text so far; `extend(rows)` appends tokens without running the model;
     `logits()` runs the model on every token not yet encoded and returns each row's next-token
     logits (B, V). With cache=True the KV cache is kept across calls, and so across turns: a turn
-    encodes only its new tokens, never the history again. Each call appends one right-padded chunk
+    encodes only its new tokens, never the history again. Each call appends one left-padded chunk
     to the cache, so a row's cache may hold masked holes; positions count real tokens only, so the
     model sees exactly the unpadded dialogue. With cache=False every call re-encodes the whole
     history, left-padded: the slow reference path that the cached one is tested against.

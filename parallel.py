@@ -18,9 +18,11 @@ parallelism: every rank keeps the whole model and gradients are all-reduced befo
 Generation under FSDP: a rollout is hundreds of small forwards whose count differs between ranks
 (dialogues end at different turns, replies at different lengths). Instead of all-gathering the
 weights in every forward (which would force every rank to run the same number of forwards),
-`gathered(model)` all-gathers them once before the rollout and frees them after: inside it, the
-forwards need no communication, so ranks that finish early simply wait at the next collective.
-Costs one unsharded copy of the model per rank during rollouts (see the README's memory table).
+`gathered(model)` all-gathers one model's weights for one step of the dialogue (the Expert's
+decisions, then the CS Agent's replies) and frees them after; inside, the forwards need no
+communication. Every rank runs every turn of the horizon, entering the gathers even with no
+dialogue left, so ranks that finish early just wait at the next turn's gather. Costs one unsharded
+copy of one model per rank while it generates (see the README's memory table).
 """
 import contextlib
 import os

@@ -17,6 +17,7 @@ import torch
 
 import expert as expert_lib
 import lm
+import parallel
 import shop
 
 
@@ -51,18 +52,22 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
              for o, e, a in zip(opening, expert_ctx.ids, agent_ctx.ids)]
     live = list(range(len(scenarios)))         # dialogue index of each batch row
     for t in range(horizon):
-        if not live:
-            break
+        if not live and parallel.world() == 1:
+            break      # distributed: a rank with no dialogue left still joins each turn's gathers
         prevs = [strategies[trajs[i]["decisions"][-1][1]] if t > 0 else None for i in live]
-        logits = expert_ctx.logits()                                                   # (B, V)
-        uniforms = None if greedy else torch.stack([torch.rand(len(strategies), generator=gens[i]) for i in live])
-        z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask(prevs, strategies, world.SOP),
-                                    uniforms)
-        names = [strategies[k] for k in z.tolist()]
-        agent_ctx.extend([lm.agent_prompt_ids(tok_a, z, world.INSTRUCTIONS[z]) for z in names])
+        with parallel.gathered(expert_model):      # FSDP: one model's full weights at a time
+            logits = expert_ctx.logits() if live else None                             # (B, V)
+        if live:
+            uniforms = None if greedy else torch.stack([torch.rand(len(strategies), generator=gens[i])
+                                                        for i in live])
+            z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask(prevs, strategies, world.SOP),
+                                        uniforms)
+            names = [strategies[k] for k in z.tolist()]
+            agent_ctx.extend([lm.agent_prompt_ids(tok_a, z, world.INSTRUCTIONS[z]) for z in names])
         starts = [len(ids) for ids in agent_ctx.ids]
-        replies = agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else agent_temperature,
-                                   generators=[gens[i] for i in live])
+        with parallel.gathered(agent_model):
+            replies = agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else agent_temperature,
+                                       generators=[gens[i] for i in live]) if live else []
         keep = []
         for j, i in enumerate(live):
             tr = trajs[i]
