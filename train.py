@@ -2,6 +2,8 @@
 
     python train.py                       # logs -> tokenizer + tiny models -> SFT -> GOPO -> out/gopo/
     python train.py --iters 40 --k 8      # longer run
+    python train.py --model models/smollm2 --sft-lr 5e-5 --lr 1e-5   # a pretrained backbone (README "Scaling")
+    torchrun --nproc_per_node 8 -- train.py --model <14B> --fsdp --bf16 --grad-ckpt   # the same file, distributed
     python train.py --help                # every flag
 
 Writes out/<run>/: config.json, logs.jsonl (the behaviour-policy training data), values.json

@@ -36,27 +36,30 @@ def metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One single-process run and two 2-rank runs (FSDP fp32; FSDP bf16 + activation checkpointing)."""
+    """One single-process run and three 2-rank runs (plain data parallel; FSDP fp32; FSDP bf16 with
+    activation checkpointing)."""
     out = tmp_path_factory.mktemp("runs")
     run([sys.executable, "train.py", "--out", str(out), "--run", "single", *SMALL])
+    run(TORCHRUN + ["train.py", "--out", str(out), "--run", "ddp", *SMALL])
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "fsdp", "--fsdp", *SMALL])
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "bf16", "--fsdp", "--bf16", "--grad-ckpt", *SMALL])
     return out
 
 
-def test_fsdp_matches_single_process(runs):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_single_process(runs, mode):
     """Same global batches: SFT losses to 1e-5, each GOPO iteration's loss to 1e-5 and its rollout
     metrics exactly (every dialogue is played the same, whichever rank plays it)."""
-    single, fsdp = (json.load(open(runs / r / "sft.json")) for r in ("single", "fsdp"))
+    single, multi = (json.load(open(runs / r / "sft.json")) for r in ("single", mode))
     for key in ("expert_loss", "agent_loss"):
-        torch.testing.assert_close(torch.tensor(fsdp[key]), torch.tensor(single[key]), rtol=0, atol=1e-5)
-    m1, m2 = metrics(runs / "single"), metrics(runs / "fsdp")
+        torch.testing.assert_close(torch.tensor(multi[key]), torch.tensor(single[key]), rtol=0, atol=1e-5)
+    m1, m2 = metrics(runs / "single"), metrics(runs / mode)
     assert len(m1) == len(m2) == 2 and m1[0]["pairs"] > 0
     for a, b in zip(m1, m2):
         for k in ("R", "tse", "esndcg", "success", "gre", "pairs", "cs_pairs"):
             assert a[k] == b[k], k
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert json.load(open(runs / "fsdp" / "config.json"))["world_size"] == 2
+    assert json.load(open(runs / mode / "config.json"))["world_size"] == 2
 
 
 def test_fsdp_checkpoint_reloads_on_one_process(runs):
