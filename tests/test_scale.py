@@ -106,8 +106,9 @@ parallel.close()
 
 
 def test_pretrained_backbone_with_chat_template(tmp_path, tok):
-    """--model FOLDER: a Hugging Face model folder with a ChatML template trains end to end; the
-    template's role markers frame every turn, and the strategy tokens were added to its tokenizer."""
+    """--model FOLDER: a Hugging Face model folder with a chat template trains end to end; the
+    template's role markers frame every turn, and the strategy tokens were added to its tokenizer.
+    --expert-model gives the Expert another backbone with another tokenizer (no template)."""
     folder = tmp_path / "chatml-tiny"
     t = lm.train_tokenizer(["C: hello there", "A: welcome"] * 20, [], vocab_size=300)
     t.chat_template = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>\n{% endfor %}"
@@ -122,9 +123,16 @@ def test_pretrained_backbone_with_chat_template(tmp_path, tok):
     assert loaded.get_input_embeddings().weight.shape[0] == len(t2)
     ids = lm.customer_ids(t2, "Hi.")
     assert t2.decode(ids) == "\n<|bos|>user\nC: Hi.<|eot|>\n<|bos|>assistant\n"
+    planner = tmp_path / "plain-tiny"
+    p = lm.train_tokenizer(["C: something else entirely", "A: yes"] * 20, [], vocab_size=280)
+    lm.build_tiny_model(p, d_model=32, n_layer=1, n_head=2, seed=3).save_pretrained(planner)
+    p.save_pretrained(planner)
     out = tmp_path / "runs"
-    run([sys.executable, "train.py", "--out", str(out), "--model", str(folder), "--n-logs", "40", "--sft-steps", "2",
-         "--sft-window-steps", "1", "--iters", "1", "--scenarios", "2", "--k", "2", "--cs-samples", "2"])
-    reloaded, t3 = lm.load(str(out / "gopo" / "expert"))
-    assert lm.strategy_token("close") in t3.get_vocab()
+    run([sys.executable, "train.py", "--out", str(out), "--model", str(folder), "--expert-model", str(planner),
+         "--n-logs", "40", "--sft-steps", "2", "--sft-window-steps", "1", "--iters", "1", "--scenarios", "2",
+         "--k", "2", "--cs-samples", "2"])
+    (_, tok_e), (_, tok_a) = lm.load(str(out / "gopo" / "expert")), lm.load(str(out / "gopo" / "agent"))
+    assert lm.strategy_token("close") in tok_e.get_vocab() and lm.strategy_token("close") in tok_a.get_vocab()
+    assert not tok_e.chat_template and tok_a.chat_template and len(tok_e) != len(tok_a)
+    assert len(metrics(out / "gopo")) == 1          # the GOPO iteration ran with two tokenizers
     shutil.rmtree(out)
