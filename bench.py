@@ -56,6 +56,14 @@ p.add_argument("--profile", action="store_true",
                help="also print a torch.profiler table of one 16-turn rollout batch (where the time goes)")
 
 
+def die(message):   # one line on stderr, exit 2 (argparse would print the whole usage)
+    print(f"bench.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+p.error = lambda message: die(f"{message} (see --help)")
+
+
 def median_time(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -106,6 +114,11 @@ def endless_world():
 
 def main():
     args = p.parse_args()
+    if min(args.repeats, args.scenarios, args.k, args.threads) < 1:
+        p.error("--repeats, --scenarios, --k and --threads must be at least 1")
+    needed = ["expert/config.json", "agent/config.json", "values.json", "config.json"]
+    if args.run is not None and not all(os.path.isfile(os.path.join(args.run, f)) for f in needed):
+        p.error(f"--run {args.run}: not a finished train.py run (needs expert/, agent/ and values.json)")
     torch.set_num_threads(args.threads)
     res = {"threads": args.threads, "repeats": args.repeats}
     if args.run is None:

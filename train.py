@@ -96,7 +96,7 @@ g.add_argument("--offline", default=True, action=argparse.BooleanOptionalAction,
 g.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
 g.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
 g.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
-g = p.add_argument_group("distributed: launch with torchrun --nproc_per_node N train.py ... "
+g = p.add_argument_group("distributed: launch with torchrun --nproc_per_node N -- train.py ... "
                          "(without --fsdp: plain data parallelism)")
 g.add_argument("--fsdp", action="store_true", help="shard both models with FSDP2 (each decoder block, then the root)")
 g.add_argument("--bf16", action="store_true", help="with --fsdp: bf16 compute, fp32 master weights and reduction")
