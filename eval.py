@@ -98,14 +98,14 @@ def summarize(records, values, world):
     return {k: tse.summarize([m[k] for m in per]) for k in METRICS}
 
 
-def table(results, methods):
-    head = "| method | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+def table(results, methods, metrics=METRICS):
+    head = "| method | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
     rows = []
     for name in methods:
         cells = [f"{results[name][k]['mean']:.3f} [{results[name][k]['ci95'][0]:.3f}, "
                  f"{results[name][k]['ci95'][1]:.3f}]" if k != "order_value" else
                  f"{results[name][k]['mean']:.0f} [{results[name][k]['ci95'][0]:.0f}, "
-                 f"{results[name][k]['ci95'][1]:.0f}]" for k in METRICS]
+                 f"{results[name][k]['ci95'][1]:.0f}]" for k in metrics]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
@@ -130,6 +130,65 @@ def plot(results, methods, path, title):
     plt.close(fig)
 
 
+REAL_METRICS = ["tse", "success", "esndcg", "gre", "turns", "bleu", "rouge_l"]
+
+
+def read_config(path):
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}          # runs from before --data existed: the built-in shop
+    return config if isinstance(config, dict) else {}
+
+
+def evaluate_logged(run, config, values, ckpt, args):
+    """A real-data run: greedy logged-context rollouts on the test split (the world is rebuilt from
+    the training split exactly as train.py built it), scored with the fitted event values, ESNDCG
+    against the human strategies, GRE, and BLEU / ROUGE-L of the replies against the human ones."""
+    import logged
+    try:
+        splits = logged.load_splits(config["data"], config["data_path"])
+    except (data.DataError, KeyError) as e:
+        die(f"cannot reload the run's data ({e}); check --data-path in {run}/config.json")
+    try:
+        with open(os.path.join(run, "split.json")) as f:
+            saved = json.load(f)
+        if saved != {k: [r["id"] for r in v] for k, v in splits.items()}:
+            die(f"{config['data_path']} no longer gives the split saved in {run}/split.json (the file changed)")
+    except (OSError, ValueError):
+        die(f"{run}/split.json is missing or malformed; re-run train.py")
+    world = logged.make_world(splits["train"], [r for v in splits.values() for r in v])
+    test = splits["test"]
+
+    def metrics(rec, logged_rec):
+        m = tse.trajectory_metrics(rec, values, world.HORIZON)
+        m["gre"] = gopo.gre(rec, world.recognise)
+        m["bleu"], m["rouge_l"] = logged.reply_overlap(rec, logged_rec)
+        return m
+
+    results = {}
+    for name, e, a in (("gopo", "expert", "agent"), ("sft", "expert_sft", "agent_sft")):
+        recs = evaluate_agents(ckpt[e], ckpt[a], test, world, args.batch, args.seed)
+        per = [metrics(r, s) for r, s in zip(recs, test)]
+        results[name] = {k: tse.summarize([m[k] for m in per]) for k in REAL_METRICS}
+        data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
+    # the human agents of the test logs, scored the same way (BLEU and ROUGE-L are 1 by definition)
+    human = [dict(r, turns=logged.from_opening(r), ref_strategies=logged.human_strategies(r)) for r in test]
+    per = [metrics(r, s) for r, s in zip(human, test)]
+    results["human"] = {k: tse.summarize([m[k] for m in per]) for k in REAL_METRICS}
+    methods = ["gopo", "sft", "human"]
+    md = (f"Evaluation of `{run}` on the {len(test)} test dialogues of {config['data']} (logged-context "
+          f"rollouts, greedy; mean [95% CI]). With so few dialogues the intervals are wide.\n\n"
+          + table(results, methods, REAL_METRICS))
+    print(md)
+    with open(os.path.join(run, "eval.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(run, "eval.json"), "w") as f:
+        json.dump({**results, "n_scenarios": len(test), "data": config["data"]}, f, indent=2)
+    plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {len(test)} test dialogues")
+
+
 def main(argv=None):
     args = p.parse_args(argv)
     if args.n_scenarios <= 0 or args.batch <= 0:
@@ -147,6 +206,9 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in CHECKPOINTS}
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    config = read_config(os.path.join(run, "config.json"))
+    if config.get("data", "shop") != "shop":
+        return evaluate_logged(run, config, values, ckpt, args)
     world = shop
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     results = {}

@@ -82,7 +82,10 @@ g.add_argument("--resume", default=None, metavar="RUN_DIR",
                help="continue a killed run from its last completed stage/iteration, with its own config")
 g.add_argument("--max-nonfinite", type=positive(int), default=3,
                help="stop after this many iterations in a row with non-finite losses or gradients")
-g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy")
+g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy, or a real dataset")
+g.add_argument("--data", default="shop", choices=["shop", "mgshop", "multiwoz"],
+               help="the built-in shop simulator, or real logs with a logged-context world (logged.py)")
+g.add_argument("--data-path", default=None, help="MG-ShopDial JSON file, or the MultiWOZ 2.2 folder")
 g.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
 g.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL (common schema) "
                "instead of simulating them")
@@ -103,7 +106,8 @@ g.add_argument("--bf16", action="store_true", help="with --fsdp: bf16 compute, f
 g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on each block")
 g = p.add_argument_group("SFT")
 g.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
-g.add_argument("--sft-batch", type=positive(int), default=16, help="SFT batch size (dialogues)")
+g.add_argument("--sft-batch", type=positive(int), default=None,
+               help="SFT batch size (dialogues); default 16 for the shop, 4 for a real dataset (dialogues ~5x longer)")
 g.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
 g.add_argument("--sft-window-steps", type=nonneg(int), default=150,
                help="first CS Agent SFT steps on short windows (a curriculum; see agent.sft)")
@@ -160,6 +164,29 @@ def check_flags(args):
         die("--resume runs in one process; resume without torchrun")
     if args.d_model % 4:
         die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
+    if args.data != "shop" and not args.data_path:
+        die(f"--data {args.data} needs --data-path (see README \"Real data\" for where to get it)")
+    if args.data == "shop" and args.data_path:
+        die("--data-path is for --data mgshop or multiwoz; the built-in shop needs no file")
+    if args.data != "shop" and (args.logs or args.n_logs != p.get_default("n_logs")):
+        die(f"--logs and --n-logs are for the built-in shop; --data {args.data} trains on its own train split")
+
+
+def load_world(args):
+    """(world, training logs or None, splits or None). The built-in shop simulates its logs later;
+    a real dataset's training split is the logs, and its world is a logged-context one (logged.py)."""
+    try:
+        if args.data == "shop":
+            logs = data.read_jsonl(args.logs, shop.STRATEGIES, shop.EVENTS) if args.logs else None
+            return shop, logs, None
+        import logged
+        splits = logged.load_splits(args.data, args.data_path)
+        if not splits["train"] or not splits["test"]:
+            die(f"--data-path {args.data_path}: the {args.data} data has an empty train or test split")
+        world = logged.make_world(splits["train"], [r for v in splits.values() for r in v])
+        return world, splits["train"], splits
+    except data.DataError as e:
+        die(str(e))
 
 
 def check_model(name):
@@ -215,18 +242,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = parallel.init()       # torchrun sets WORLD_SIZE; one process otherwise
     check_flags(args)
+    if args.sft_batch is None and not args.resume:
+        args.sft_batch = 16 if args.data == "shop" else 4
     check_model(args.model)
     check_model(args.expert_model)
-    world = shop
-    try:  # read user data before touching the output folder, so a bad file loses nothing
-        logs = data.read_jsonl(args.logs, world.STRATEGIES, world.EVENTS) if args.logs else None
-    except data.DataError as e:
-        die(str(e))
+    # read user data before touching the output folder, so a bad file loses nothing
+    world, logs, splits = load_world(args) if not args.resume else (None, None, None)
     n_logs = len(logs) if logs is not None else args.n_logs
     if n_logs + args.iters * args.scenarios > data.TEST_SEED_BASE:
         die(f"--n-logs + --iters x --scenarios needs more than the {data.TEST_SEED_BASE} training "
             "scenario seeds; use fewer")
     run_dir, args = resume_run(args) if args.resume else (start_run(args), args)
+    if args.resume:
+        world, logs, splits = load_world(args)
     path = lambda name: os.path.join(run_dir, name)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -245,6 +273,9 @@ def main(argv=None):
             logs = [world.play(world.make_scenario(s), world.behaviour_policy, seed=args.seed)
                     for s in data.train_seeds(args.n_logs)]
         if parallel.is_main():
+            if splits is not None:   # the split of a real dataset, by dialogue id
+                with open(path("split.json"), "w") as f:
+                    json.dump({k: [r["id"] for r in v] for k, v in splits.items()}, f, indent=1)
             data.write_jsonl(logs, path("logs.jsonl"))
             with open(path("values.json") + ".tmp", "w") as f:
                 json.dump(tse.event_values(logs, world.SUCCESS_EVENTS), f, indent=2)
@@ -266,8 +297,9 @@ def main(argv=None):
         if args.model == "tiny":
             texts = [t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values())
             tok_e = tok_a = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
-            expert_model = lm.build_tiny_model(tok_e, args.d_model, args.n_layer, seed=args.seed)
-            agent_model = lm.build_tiny_model(tok_a, args.d_model, args.n_layer, seed=args.seed + 1)
+            max_len = 1024 if args.data == "shop" else 4096      # real dialogues run to ~2k tokens
+            expert_model = lm.build_tiny_model(tok_e, args.d_model, args.n_layer, max_len=max_len, seed=args.seed)
+            agent_model = lm.build_tiny_model(tok_a, args.d_model, args.n_layer, max_len=max_len, seed=args.seed + 1)
             for m in (expert_model, agent_model):
                 lm.add_strategy_tokens(m, tok_e, world.STRATEGIES)
         else:

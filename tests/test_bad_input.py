@@ -207,6 +207,16 @@ def build_cases(tmp, checkpoint):
     cases["n_logs_past_train_range"] = Case("train.py", ["--n-logs", "1000001"], ["--n-logs"])
     cases["d_model_not_multiple_of_heads"] = Case("train.py", ["--d-model", "30"], ["--d-model", "30"])
     cases["bf16_without_fsdp"] = Case("train.py", ["--bf16"], ["--bf16", "--fsdp"])
+    cases["data_without_path"] = Case("train.py", ["--data", "mgshop"], ["--data-path"])
+    cases["data_path_missing"] = Case("train.py", ["--data", "mgshop", "--data-path", str(tmp / "nope.json")],
+                                      ["nope.json"])
+    wrong = tmp / "wrong_format.json"
+    wrong.write_text('[{"id": "Books:1", "metadata": {"client_checklist": []}}]\n')
+    cases["data_wrong_format"] = Case("train.py", ["--data", "mgshop", "--data-path", str(wrong)],
+                                      ["wrong_format.json", "utterances"])
+    cases["data_with_logs_flag"] = Case("train.py", ["--data", "multiwoz", "--data-path", str(tmp), "--n-logs", "9"],
+                                        ["--n-logs", "multiwoz"])
+    cases["data_path_without_data"] = Case("train.py", ["--data-path", str(wrong)], ["--data-path"])
     cases["fsdp_without_torchrun"] = Case("train.py", ["--fsdp"], ["--fsdp", "torchrun"])
     cases["tiny_flag_with_pretrained"] = Case("train.py", ["--model", "gpt2", "--n-layer", "3"], ["only shapes the tiny model", "gpt2"])
     not_a_model = tmp / "not_a_model"
@@ -265,6 +275,7 @@ def build_cases(tmp, checkpoint):
             case.empty = str(out)
         if "--resume" not in case.args:
             base = TINY_RUN if "--model" not in case.args else TINY_RUN[:-8] + TINY_RUN[-2:]  # no tiny shape flags
+            base = base if "--data" not in case.args else base[2:]                            # no --n-logs
             case.args = [*base, *case.args]
 
     # ---- eval.py
@@ -386,7 +397,8 @@ ALL_CASES = [
     "algo", "model", "k0", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
     "alpha_nan", "lr_inf", "n_logs_past_train_range", "d_model_not_multiple_of_heads", "out_parent_is_file",
     "bf16_without_fsdp", "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
-    "expert_model_missing",
+    "expert_model_missing", "data_without_path", "data_path_missing", "data_wrong_format", "data_with_logs_flag",
+    "data_path_without_data",
     "run_exists", "run_exists_with_bad_logs",
     "resume_missing", "resume_not_a_run", "resume_flag_clash", "resume_config_malformed",
     "resume_config_not_object", "resume_values_without_logs",
