@@ -58,7 +58,8 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
     def step_loss(step):
         pool, n = (windows, 4 * batch_size) if step < window_steps else (dialogues, batch_size)
         sample = rng.sample(pool, min(n, len(pool)))                           # the same on every rank
-        ids, attn, mask = collate(parallel.share(sample), tok.pad_token_id)
+        mine, weight = parallel.share_or_dummy(sample)
+        ids, attn, mask = collate(mine, tok.pad_token_id)
         n_tokens = sum(sum(m) for _, m in sample)
-        return -reply_logps(model, ids, attn, mask).sum() / parallel.denominator(n_tokens)   # mean NLL per token
+        return -weight * reply_logps(model, ids, attn, mask).sum() / parallel.denominator(n_tokens)   # mean NLL per token
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

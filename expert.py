@@ -106,8 +106,8 @@ def sft(model, tok, records, strategies, sop, instructions, steps, batch_size=16
 
     def step_loss(step):
         sample = rng.sample(trajs, min(batch_size, len(trajs)))                  # the same on every rank
-        batch = collate(parallel.share(sample), tok.pad_token_id, len(strategies))
-        step_logps = decision_logps(model, batch, strategy_ids)                 # (B, T)
+        mine, weight = parallel.share_or_dummy(sample)
+        step_logps = decision_logps(model, collate(mine, tok.pad_token_id, len(strategies)), strategy_ids)  # (B, T)
         n_decisions = sum(len(t["decisions"]) for t in sample)
-        return -step_logps.sum() / parallel.denominator(n_decisions)            # mean NLL per decision
+        return -weight * step_logps.sum() / parallel.denominator(n_decisions)   # mean NLL per decision
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -90,9 +90,7 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     of the winners, averaged over pairs (groups). Distributed: this rank's share of the pairs,
     normalised so that the ranks' gradients average to the whole batch's. Returns a scalar tensor."""
     units = groups if args.listwise else pairs
-    mine = parallel.share(units)
-    weight = 1.0 if mine else 0.0     # a rank with no share still runs forward/backward (FSDP collectives)
-    mine = mine or units[:1]
+    mine, weight = parallel.share_or_dummy(units)
     used = sorted({i for u in mine for i in u})
     row = {i: k for k, i in enumerate(used)}
     batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
@@ -145,9 +143,8 @@ def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instruct
 def agent_update(model, opt, pairs, pad_id, beta):
     """One turn-level DPO step of the CS Agent; the reference is the agent before this step.
     Distributed: this rank's share of the pairs, as in expert_loss."""
-    mine = parallel.share(pairs)
-    weight = 1.0 if mine else 0.0
-    examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in (mine or pairs[:1]) for y in (c, r)]
+    mine, weight = parallel.share_or_dummy(pairs)
+    examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in mine for y in (c, r)]
     ids, attn, mask = agent_lib.collate(examples, pad_id)
     logps = agent_lib.reply_logps(model, ids, attn, mask)                       # (2P,) chosen, rejected interleaved
     ref = logps.detach()                                                        # the agent before this step

@@ -269,11 +269,12 @@ def pad(seqs, pad_id, left=False):
     return ids, attn
 
 
-def forward_logits(model, ids, attn):
-    """Logits (B, L, V) for a padded batch; left padding is handled with explicit positions."""
+def forward_logits(model, ids, attn, logits_to_keep=0):
+    """Logits (B, L, V) for a padded batch (the last `logits_to_keep` positions only, if > 0); left
+    padding is handled with explicit positions."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     ids, attn, pos = ids.to(model.device), attn.to(model.device), pos.to(model.device)
-    return model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=logits_to_keep).logits
 
 
 def token_logps(logits, ids):
@@ -367,10 +368,7 @@ class Context:
         the decode fast path, which feeds the tensor instead of rebuilding a chunk from lists."""
         if not self.use_cache:
             ids, attn = pad(self.ids, self.pad_id, left=True)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            dev = self.model.device
-            return self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                              logits_to_keep=1).logits[:, -1].float().cpu()
+            return forward_logits(self.model, ids, attn, logits_to_keep=1)[:, -1].float().cpu()
         if appended is not None:
             chunk, mask = appended[0][:, None], appended[1].long()[:, None]          # (B, 1)
         else:   # left-padded, so every row's last new token is the last column

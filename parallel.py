@@ -61,6 +61,13 @@ def share(items):
     return items[rank()::world()]
 
 
+def share_or_dummy(items):
+    """(this rank's share, its weight): a rank whose share is empty gets the first item with weight 0,
+    because under FSDP every rank must run every forward and backward (they hold collectives)."""
+    mine = share(items)
+    return (mine, 1.0) if mine else (items[:1], 0.0)
+
+
 def denominator(n_total):
     """Divide a rank's *summed* loss by this: the mean over ranks of the gradients is then the
     gradient of the mean loss over all n_total items (the single-process loss)."""
