@@ -162,8 +162,7 @@ def evaluate_logged(run, config, values, ckpt, args):
     test = splits["test"]
 
     def metrics(rec, logged_rec):
-        m = tse.trajectory_metrics(rec, values, world.HORIZON)
-        m["gre"] = gopo.gre(rec, world.recognise)
+        m = dialogue_metrics(rec, values, world)
         m["bleu"], m["rouge_l"] = logged.reply_overlap(rec, logged_rec)
         return m
 

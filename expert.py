@@ -92,8 +92,8 @@ def decide(logits, strategy_ids, allowed, uniforms=None):
     logps = masked_logps(logits, strategy_ids, allowed)                        # (B, Z)
     if uniforms is None:
         z = logps.argmax(-1)
-    else:   # Gumbel-max: an exact sample; forbidden strategies stay at -inf
-        z = (logps - (-uniforms.clamp(min=1e-20).log()).log()).argmax(-1)
+    else:   # forbidden strategies stay at -inf, so they are never sampled
+        z = lm.gumbel_argmax(logps, uniforms)
     return z, logps.gather(1, z[:, None]).squeeze(1)
 
 

@@ -282,6 +282,12 @@ def token_logps(logits, ids):
     return torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, ids[:, 1:, None]).squeeze(2)
 
 
+def gumbel_argmax(scores, uniforms):
+    """An exact sample from softmax(scores) (Gumbel-max), cheaper than torch.multinomial on CPU:
+    scores (..., K), uniforms (..., K) in (0, 1). -inf scores are never chosen."""
+    return (scores - (-uniforms.clamp(min=1e-20).log()).log()).argmax(-1)
+
+
 class GrowingLayer(DynamicLayer):
     """A KV-cache layer whose buffers grow geometrically, so appending n tokens costs O(n) instead of
     copying the whole cache (DynamicLayer's torch.cat per step makes a dialogue quadratic).
@@ -354,7 +360,7 @@ class Context:
         real = self.attn[index]                                                      # (B, S), CPU
         n_slots = int(real.sum(1).max())
         if len(rows) == len(self.attn) and n_slots > 0.75 * real.shape[1]:
-            return                                         # nobody left and few holes: not worth a copy
+            return                                         # no row dropped, few holes: not worth a copy
         slots = torch.sort(real, dim=1, stable=True).indices[:, real.shape[1] - n_slots:]   # (B, S')
         dev = self.model.device
         for layer in self.cache.layers:
@@ -400,9 +406,9 @@ class Context:
         for step in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(-1)
-            else:   # Gumbel-max: an exact sample from softmax(logits / T), cheaper than multinomial
+            else:
                 u = block[:, step] if generators is not None else torch.rand(logits.shape, generator=generator)
-                nxt = (logits / temperature - (-u.clamp(min=1e-20).log()).log()).argmax(-1)
+                nxt = gumbel_argmax(logits / temperature, u)
             live = ~done
             for ids, t, alive in zip(self.ids, nxt.tolist(), live.tolist()):
                 if alive:

@@ -29,9 +29,13 @@ import tse
 _WORD = re.compile(r"[a-z0-9']+")
 
 
+def words(text):
+    return _WORD.findall(text.lower())
+
+
 def features(text):
     """Word unigrams and bigrams of a lowercased text."""
-    w = _WORD.findall(text.lower())
+    w = words(text)
     return w + [f"{a} {b}" for a, b in zip(w, w[1:])]
 
 
@@ -176,7 +180,3 @@ def reply_overlap(generated, logged):
     if n == 0:
         return 0.0, 0.0
     return tse.bleu(hyp[:n], ref[:n]), sum(tse.rouge_l(h, r) for h, r in zip(hyp[:n], ref[:n])) / n
-
-
-def words(text):
-    return _WORD.findall(text.lower())

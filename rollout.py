@@ -63,7 +63,7 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
             z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask(prevs, strategies, world.SOP),
                                         uniforms)
             names = [strategies[k] for k in z.tolist()]
-            agent_ctx.extend([lm.agent_prompt_ids(tok_a, z, world.INSTRUCTIONS[z]) for z in names])
+            agent_ctx.extend([lm.agent_prompt_ids(tok_a, name, world.INSTRUCTIONS[name]) for name in names])
         starts = [len(ids) for ids in agent_ctx.ids]
         with parallel.gathered(agent_model):
             replies = agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else agent_temperature,

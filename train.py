@@ -176,9 +176,9 @@ def load_world(args):
     """(world, training logs or None, splits or None). The built-in shop simulates its logs later;
     a real dataset's training split is the logs, and its world is a logged-context one (logged.py)."""
     try:
-        if args.data == "shop":
-            logs = data.read_jsonl(args.logs, shop.STRATEGIES, shop.EVENTS) if args.logs else None
-            return shop, logs, None
+        if args.data == "shop":   # on --resume the run's own logs.jsonl is read later instead
+            read = args.logs and not args.resume
+            return shop, data.read_jsonl(args.logs, shop.STRATEGIES, shop.EVENTS) if read else None, None
         import logged
         splits = logged.load_splits(args.data, args.data_path)
         if not splits["train"] or not splits["test"]:

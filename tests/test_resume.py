@@ -116,3 +116,21 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_last_state_intact(tmp_p
     state, sft = weights(str(run / "state" / "expert")), weights(str(run / "expert_sft"))
     for k in sft:                              # no NaN reached the weights: still the SFT Expert
         assert torch.equal(state[k], sft[k])
+
+
+def test_resume_reads_the_runs_own_logs_not_the_original_logs_file(tmp_path, cli_env):
+    """A run trained on --logs FILE resumes after FILE is gone: the run keeps its own logs.jsonl."""
+    import data
+    import shop
+    logs = tmp_path / "mine.jsonl"
+    data.write_jsonl([shop.play(shop.make_scenario(s), shop.behaviour_policy) for s in range(30)], str(logs))
+    short = ["--sft-steps", "2", "--sft-window-steps", "1", "--iters", "1", "--scenarios", "2", "--k", "2",
+             "--d-model", "16", "--vocab-size", "300", "--cs-samples", "0"]
+    base = [sys.executable, "train.py", *short, "--out", str(tmp_path), "--run", "r"]
+    run = subprocess.run([*base, "--logs", str(logs)], cwd=ROOT, env=cli_env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    os.remove(logs)
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "r")], cwd=ROOT,
+                             env=cli_env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(metrics(tmp_path / "r")) == 1
