@@ -1,15 +1,60 @@
-"""Baselines (work in progress for the baselines issue): the PPO pieces as pure functions.
+"""The baselines of the paper's comparison: flat PPO, Memento and the no-Expert ablation (GOPO
+itself is gopo.py; `--algo sft` is train.py's SFT stage alone).
 
-Only the math is here so far, each tested against an independent formula in tests/test_baselines.py;
-`train.py --algo ppo|memento|gopo-noexpert` is not wired yet.
+Every method gets the same budget after the same SFT data: `iters x scenarios x k` simulated
+dialogues on the same training scenarios (train.py), and each `*_iteration` below returns one
+metrics.jsonl line from that iteration's rollouts. What each one really is:
 
-PPO choices (the flat single-agent baseline of the paper): token-level PPO with a value head,
-GAE(gamma, lambda) over the reply tokens of a dialogue, the clipped surrogate of Schulman et al.
-(2017), and a per-token KL penalty to the SFT model folded into the reward (as in Ouyang et al. 2022).
+- ppo: the flat single-agent baseline. One causal LM (the *flat agent*: SFT on the same logged
+  replies, but its prompt has no strategy token and no instruction, lm.flat_prompt_ids) writes each
+  reply from the history, and token-level PPO trains it. Our choices, where the paper is silent:
+    * the policy is the sampling distribution of the rollouts, softmax(logits / T) with T =
+      --agent-temperature, so the importance ratios are exact (on-policy up to the epochs);
+    * a linear value head on the LM's last hidden state (shared trunk), V(s) before each reply token;
+    * rewards on the last token of each reply: r_t = gamma^(t-1) v(e_t) / D, and at the last reply
+      also the outcome's share of the padded horizon (`turn_rewards`), so that the undiscounted
+      return of a dialogue is exactly its TSE (tse.tse), the metric it is evaluated on;
+    * minus a per-token KL penalty to the frozen SFT flat agent folded into the rewards
+      (kl_shaped_rewards, as in Ouyang et al. 2022); GAE(gamma=1, lambda) over the reply tokens of a
+      dialogue (customer tokens are the environment), lambda = 1 by default (the Monte Carlo
+      return minus V): the outcome sits 100+ tokens after the decisive words of a dialogue, and
+      lambda = 0.95 let almost none of it reach them (0.95^100 < 0.01) before V had learned;
+      advantages whitened over the batch;
+    * the clipped surrogate (Schulman et al. 2017) + 0.5 x squared value error, a few epochs of
+      minibatches per iteration, gradient norm clipped at 1.
+- gopo-noexpert: the ablation. GOPO's loss unchanged (gopo.preference_loss + lambda NLL of the
+  winners, the same R, pairs and budget), but S(tau) sums the flat agent's reply-token log-probs,
+  since there is no Expert and no strategy decision. R's ESNDCG reads the strategies the world
+  recognises in the replies.
+- memento: case-based reasoning with no gradient step on any LM (after Memento, Zhou et al. 2025).
+  A case bank of (state embedding, strategy, observed return); the frozen SFT Expert proposes, the
+  bank decides, the frozen SFT CS Agent writes. Our choices:
+    * state embedding: a TF-IDF bag of words of the history, each turn weighted decay^age (age 0 =
+      the customer's last utterance), the strategy labels of past agent turns as words "z:<name>";
+      vocabulary and IDF from the logged training dialogues; cosine similarity;
+    * observed return: the TSE of the rest of the dialogue from that turn (`returns_to_go`);
+    * decision: among the cases whose strategy the SOP allows now, the k most similar; the strategy
+      with the highest similarity-weighted mean return among them; where none is retrieved, the SFT
+      Expert's argmax. While training, with probability --memento-eps the SFT Expert samples instead
+      (exploration);
+    * the bank starts with the cases of the logged training dialogues (the SFT data; --no-memento-logs
+      starts it empty) and grows with every training rollout. Evaluation reads it, never writes it.
 """
+import math
+import random
+import re
+import time
+
 import torch
+import torch.nn.functional as F
+
+import agent as agent_lib
+import gopo
+import lm
+import rollout as rollout_lib
 
 
+# ----------------------------------------------------------------------------- PPO math (pure functions)
 def gae(rewards, values, gamma=1.0, lam=0.95):
     """Generalised advantage estimation along one sequence.
 
@@ -37,3 +82,280 @@ def kl_shaped_rewards(rewards, logp_policy, logp_ref, beta):
     """Per-token rewards minus beta times the sampled KL estimate log pi(a) - log pi_ref(a) (all (T,)):
     tokens the policy likes more than the SFT model pay a penalty, tokens it likes less earn a bonus."""
     return rewards - beta * (logp_policy - logp_ref)
+
+
+# ----------------------------------------------------------------------------- rewards of one dialogue
+def turn_values(rec, values, horizon):
+    """(v_1..v_H): the value of each agent turn's event, padded after the end with the outcome
+    (1 if the task succeeded, else 0), exactly as tse.tse reads a dialogue; and T, the turns played."""
+    turns = rec["turns"]
+    events = [turns[i + 1]["event"] if i + 1 < len(turns) and turns[i + 1]["role"] == "customer" else None
+              for i, t in enumerate(turns) if t["role"] == "agent"][:horizon]
+    v = [values.get(e, 0.0) for e in events]
+    return v + [float(bool(rec["success"]))] * (horizon - len(v)), len(v)
+
+
+def turn_rewards(rec, values, horizon, gamma=0.9):
+    """PPO's per-turn rewards (T,), whose sum is exactly TSE(tau):
+    r_t = gamma^(t-1) v_t / D for t = 1..T, plus at t = T the outcome's share of the horizon,
+    sum_{t=T+1..H} gamma^(t-1) v_t / D, with D = sum_{t=1..H} gamma^(t-1)."""
+    v, T = turn_values(rec, values, horizon)
+    D = sum(gamma ** t for t in range(horizon))
+    r = [gamma ** t * v[t] / D for t in range(T)]
+    if T:
+        r[-1] += sum(gamma ** t * v[t] for t in range(T, horizon)) / D
+    return r
+
+
+def returns_to_go(rec, values, horizon, gamma=0.9):
+    """Memento's observed return of each agent turn t = 1..T: the TSE of the rest of the dialogue,
+    G_t = sum_{s=t..H} gamma^(s-t) v_s / sum_{s=t..H} gamma^(s-t) (so G_1 = TSE(tau), and every
+    G_t is in [0, 1] whatever t)."""
+    v, T = turn_values(rec, values, horizon)
+    return [sum(gamma ** (s - t) * v[s] for s in range(t, horizon)) /
+            sum(gamma ** (s - t) for s in range(t, horizon)) for t in range(T)]
+
+
+# ----------------------------------------------------------------------------- the flat agent
+def flat_batch(trajs, pad_id):
+    """Flat-agent trajectories -> ids, attn, reply-token mask, all (B, L), right-padded."""
+    ids, attn = lm.pad([t["agent_ids"] for t in trajs], pad_id)
+    mask, _ = lm.pad([agent_lib.reply_mask(len(t["agent_ids"]), t["replies"]) for t in trajs], 0)
+    return ids, attn, mask.float()
+
+
+def token_logps_values(model, value_head, ids, attn, temperature=1.0):
+    """log pi_T(ids[:, i] | ids[:, :i]) (B, L-1) at temperature T, and, with a value head, V of the
+    state before each of those tokens (B, L-1); else None."""
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None)
+    logits = out.logits[:, :-1].float() / temperature                               # (B, L-1, V)
+    logps = torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(2)  # (B, L-1)
+    if value_head is None:
+        return logps, None
+    return logps, value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)     # (B, L-1)
+
+
+def flat_rollout(model, tok, scenarios, world, args, seed):
+    """K sampled dialogues of the flat agent per scenario (the same batch layout as GOPO's)."""
+    batch = [s for s in scenarios for _ in range(args.k)]
+    return rollout_lib.rollout(None, model, None, tok, batch, world, greedy=False, seed=seed,
+                               agent_temperature=args.agent_temperature)
+
+
+def rollout_metrics(trajs, values, world, args, t0, **extra):
+    """The metrics.jsonl line every method shares: R and what it is built from, on the rollouts."""
+    scores = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
+    return {"R": gopo.mean(m["R"] for m in scores), "tse": gopo.mean(m["tse"] for m in scores),
+            "esndcg": gopo.mean(m["esndcg"] for m in scores), "success": gopo.mean(m["success"] for m in scores),
+            **extra, "seconds": round(time.time() - t0, 2)}
+
+
+def token_rewards(trajs, values, horizon, L):
+    """(B, L-1) rewards aligned with token_logps_values' targets: each turn's `turn_rewards` on the
+    target index of its reply's last token (<|eot|>, at position end - 1), 0 elsewhere."""
+    rewards = torch.zeros(len(trajs), L - 1)
+    for b, tr in enumerate(trajs):
+        for (_, end), r in zip(tr["replies"], turn_rewards(tr["record"], values, horizon)):
+            rewards[b, end - 2] = r
+    return rewards
+
+
+class ValueHead(torch.nn.Module):
+    """V(s) = w . h + b on the LM's last hidden state h (d,), zero-initialised (V = 0 at the start)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.linear = torch.nn.Linear(d, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h):
+        return self.linear(h)
+
+
+def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, values, world, args, it, seed):
+    """Rollout -> per-token rewards, KL shaping, GAE -> a few epochs of clipped PPO. One metrics line."""
+    t0 = time.time()
+    trajs = flat_rollout(model, tok, scenarios, world, args, seed)
+    ids, attn, mask = flat_batch(trajs, tok.pad_token_id)
+    act = mask[:, 1:].bool()                                       # (B, L-1): target index j predicts ids[:, j+1]
+    T = args.agent_temperature
+    with torch.no_grad():
+        old_logps, old_values = token_logps_values(model, value_head, ids, attn, T)   # (B, L-1) each
+        ref_logps, _ = token_logps_values(ref_model, None, ids, attn, T)
+    rewards = token_rewards(trajs, values, world.HORIZON, ids.shape[1])             # (B, L-1)
+    shaped = kl_shaped_rewards(rewards, old_logps, ref_logps, args.kl_coef)
+    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for b in range(len(trajs)):      # GAE over this dialogue's reply tokens only; V = 0 after the end
+        j = act[b].nonzero().squeeze(1)
+        a, g = gae(shaped[b, j], torch.cat([old_values[b, j], old_values.new_zeros(1)]), 1.0, args.gae_lambda)
+        adv[b, j], ret[b, j] = a, g
+    adv = torch.where(act, (adv - adv[act].mean()) / (adv[act].std() + 1e-8), adv)     # whitened
+    both = torch.nn.ModuleList([model, value_head])
+    rng = random.Random(seed)
+    model.train()
+    pg_losses, v_losses, skipped = [], [], 0
+    for _ in range(args.ppo_epochs):
+        order = list(range(len(trajs)))
+        rng.shuffle(order)
+        for i in range(0, len(order), args.ppo_minibatch):
+            mb = torch.tensor(order[i:i + args.ppo_minibatch])
+            m = act[mb]
+            new_logps, new_values = token_logps_values(model, value_head, ids[mb], attn[mb], T)
+            pg = ppo_clip_loss(new_logps[m], old_logps[mb][m], adv[mb][m], args.clip).mean()
+            vf = 0.5 * (new_values[m] - ret[mb][m]).pow(2).mean()
+            if lm.guarded_step(both, opt, pg + args.vf_coef * vf):
+                pg_losses.append(pg.item())
+                v_losses.append(vf.item())
+            else:
+                skipped += 1
+    model.eval()
+    kl = ((old_logps - ref_logps)[act]).mean().item()
+    return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, loss=gopo.mean(pg_losses) if pg_losses else None,
+                                          value_loss=gopo.mean(v_losses) if v_losses else None, kl=kl,
+                                          nonfinite_steps=skipped)}
+
+
+def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed):
+    """The no-Expert ablation: GOPO's rollout -> R -> pairs -> trajectory DPO, on the flat agent's
+    reply tokens. S(tau) = sum of its reply-token log-probs; the reference is the agent that sampled."""
+    t0 = time.time()
+    trajs = flat_rollout(model, tok, scenarios, world, args, seed)
+    rewards = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha)["R"] for tr in trajs]
+    groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
+    pairs = gopo.build_pairs(rewards, groups, args.delta, args.max_pairs)
+    losses, skipped = [], 0
+    if pairs:
+        used = sorted({i for p in pairs for i in p})
+        row = {i: r for r, i in enumerate(used)}
+        ids, attn, mask = flat_batch([trajs[i] for i in used], tok.pad_token_id)
+        n_tokens = mask.sum(-1)                                                  # (N,)
+        with torch.no_grad():
+            S_ref = agent_lib.reply_logps(model, ids, attn, mask)                # (N,)
+        w = torch.tensor([row[a] for a, _ in pairs])
+        l = torch.tensor([row[b] for _, b in pairs])
+        model.train()
+        for _ in range(args.gopo_epochs):
+            S = agent_lib.reply_logps(model, ids, attn, mask)                    # (N,) eq. (2) on reply tokens
+            pref, _, _ = gopo.preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)   # (P,) eq. (3)
+            loss = (pref + args.nll_coef * -S[w] / n_tokens[w]).mean()           # eq. (4)
+            if lm.guarded_step(model, opt, loss):
+                losses.append(loss.item())
+            else:
+                skipped += 1
+        model.eval()
+    return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, loss=gopo.mean(losses) if losses else None,
+                                          pairs=len(pairs), nonfinite_steps=skipped)}
+
+
+# ----------------------------------------------------------------------------- Memento
+def words(text):
+    return re.findall(r"[a-z0-9%]+", text.lower())
+
+
+class CaseBank:
+    """Memento's case memory: keys (N, D) unit state embeddings, z (N,) strategy index, g (N,) return."""
+
+    def __init__(self, vocab, idf, strategies, k=16, decay=0.5):
+        self.vocab, self.strategies, self.k, self.decay = vocab, strategies, k, decay
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.idf = torch.tensor(idf)
+        self.keys = torch.zeros(0, len(vocab))
+        self.z = torch.zeros(0, dtype=torch.long)
+        self.g = torch.zeros(0)
+
+    @classmethod
+    def from_logs(cls, records, strategies, k=16, decay=0.5):
+        """Vocabulary and IDF (per turn, smoothed) from the logged training dialogues; an empty bank."""
+        docs = [set(turn_words(t)) for r in records for t in r["turns"]]
+        vocab = sorted(set().union(*docs) | {f"z:{z}" for z in strategies})
+        df = {w: 0 for w in vocab}
+        for d in docs:
+            for w in d:
+                df[w] += 1
+        idf = [math.log((len(docs) + 1) / (df[w] + 1)) + 1 for w in vocab]
+        return cls(vocab, idf, strategies, k, decay)
+
+    def embed(self, turns):
+        """The state before the next agent turn: (D,) unit vector, TF-IDF with recency weights."""
+        x = torch.zeros(len(self.vocab))
+        for age, t in enumerate(reversed(turns)):
+            w = self.decay ** age
+            for word in turn_words(t):
+                if word in self.index:
+                    x[self.index[word]] += w
+        x = x * self.idf
+        return x / x.norm().clamp(min=1e-8)
+
+    def add(self, records, values, horizon, gamma=0.9):
+        """One case per agent turn of each record: (state before it, its strategy, its return-to-go)."""
+        keys, zs, gs = [], [], []
+        zi = {z: i for i, z in enumerate(self.strategies)}
+        for rec in records:
+            turns = rec["turns"]
+            agent_at = [i for i, t in enumerate(turns) if t["role"] == "agent"][:horizon]
+            for i, g in zip(agent_at, returns_to_go(rec, values, horizon, gamma)):
+                keys.append(self.embed(turns[:i]))
+                zs.append(zi[turns[i]["strategy"]])
+                gs.append(g)
+        if keys:
+            self.keys = torch.cat([self.keys, torch.stack(keys)])
+            self.z = torch.cat([self.z, torch.tensor(zs)])
+            self.g = torch.cat([self.g, torch.tensor(gs)])
+
+    def q_values(self, turns_list, allowed):
+        """(B, Z) similarity-weighted mean return of each strategy among the k nearest allowed cases
+        of each state; nan where no such case was retrieved."""
+        B, Z = allowed.shape
+        q = torch.full((B, Z), float("nan"))
+        if not len(self.z):
+            return q
+        sims = torch.stack([self.embed(t) for t in turns_list]) @ self.keys.T        # (B, N)
+        sims = sims.masked_fill(~allowed[:, self.z], float("-inf"))                   # SOP before retrieval
+        top, idx = sims.topk(min(self.k, sims.shape[1]), dim=1)                       # (B, k)
+        ok = torch.isfinite(top)
+        wt = torch.where(ok, top.clamp(min=1e-6), torch.zeros_like(top))            # (B, k)
+        onehot = F.one_hot(self.z[idx], Z).float() * wt[..., None]                    # (B, k, Z)
+        num = (onehot * self.g[idx][..., None]).sum(1)                                # (B, Z)
+        den = onehot.sum(1)
+        return torch.where(den > 0, num / den.clamp(min=1e-12), q)
+
+    def choose(self, turns_list, allowed, logps, explore=0.0, gen=None):
+        """(B,) strategy indices: the bank's best retrieved strategy, the Expert's argmax where the
+        bank retrieved nothing; with probability `explore`, a sample of the Expert's distribution."""
+        q = self.q_values(turns_list, allowed)
+        known = torch.isfinite(q)
+        z = torch.where(known.any(1), q.masked_fill(~known, float("-inf")).argmax(1), logps.argmax(1))
+        if explore > 0:
+            sample = lm.gumbel_argmax(logps, torch.rand(logps.shape, generator=gen))
+            z = torch.where(torch.rand(len(z), generator=gen) < explore, sample, z)
+        return z
+
+    def state_dict(self):
+        return {"vocab": self.vocab, "idf": self.idf, "strategies": self.strategies, "k": self.k,
+                "decay": self.decay, "keys": self.keys, "z": self.z, "g": self.g}
+
+    @classmethod
+    def load(cls, path):
+        s = torch.load(path)
+        bank = cls(s["vocab"], s["idf"].tolist(), s["strategies"], s["k"], s["decay"])
+        bank.keys, bank.z, bank.g = s["keys"], s["z"], s["g"]
+        return bank
+
+
+def turn_words(turn):
+    return words(turn["text"]) + ([f"z:{turn['strategy']}"] if turn["role"] == "agent" and turn["strategy"] else [])
+
+
+def memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios, values, world, args, it, seed):
+    """Rollouts whose decisions the bank makes (with exploration), then every turn into the bank."""
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(seed)
+    batch = [s for s in scenarios for _ in range(args.k)]
+    choose = lambda turns, allowed, logps, uniforms: bank.choose(turns, allowed, logps, args.memento_eps, gen)
+    trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, greedy=False, seed=seed,
+                                agent_temperature=args.agent_temperature, choose=choose)
+    records = [tr["record"] for tr in trajs]
+    bank.add(records, values, world.HORIZON)
+    return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, gre=gopo.mean(gopo.gre(r, world.recognise) for r in records),
+                                          cases=len(bank.z))}

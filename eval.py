@@ -1,11 +1,16 @@
-"""Evaluate a run on held-out scenarios: a markdown table, eval.json and eval.png.
+"""Evaluate runs on held-out scenarios: markdown tables, JSON and plots.
 
-    python eval.py out/gopo                  # 200 held-out scenarios, greedy decoding
+    python eval.py out/gopo                  # one run: 200 held-out scenarios, greedy decoding
     python eval.py out/gopo --n-scenarios 500
+    python eval.py --compare out/sft out/ppo out/memento out/gopo-noexpert out/gopo   # the comparison
 
-Rows: the run's GOPO agents, its SFT agents, and the world's behaviour, random-valid and oracle
-policies (template text). Held-out scenarios come from the test seed range, which no training
-stage ever samples (data.py). Each metric is a mean with a 95% CI over scenarios.
+One run: the run's method (gopo, ppo, memento, gopo-noexpert; sft gives both SFT rows), the SFT
+model(s) it started from, and the world's behaviour, random-valid and oracle policies (template
+text) -> eval.md, eval.json, eval.png, eval_<method>.jsonl in the run folder.
+--compare: each folder is a run, or holds runs of one method (e.g. out/ppo/s0, s1, s2: training
+seeds, pooled) -> compare.md, compare.json, compare.png (in --out). Held-out scenarios come from the
+test seed range, which no training stage ever samples (data.py), and are the same for every method
+and seed. Each metric is a mean with a 95% CI over dialogues (scenarios x seeds).
 """
 import argparse
 import json
@@ -24,7 +29,7 @@ import rollout as rollout_lib
 import shop
 import tse
 
-METRICS = ["tse", "success", "esndcg", "gre", "turns", "order_value"]
+METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,21 +44,52 @@ def die(message):
 
 
 p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.add_argument("run", help="run folder written by train.py (holds expert/, agent/, values.json)")
+p.add_argument("run", nargs="?", help="run folder written by train.py (holds values.json and its checkpoints)")
+p.add_argument("--compare", nargs="+", metavar="RUNS", default=None,
+               help="compare methods: run folders, or folders of runs of one method (training seeds, pooled)")
+p.add_argument("--out", default=None, help="--compare: where compare.md/json/png go (default: the runs' parent folder)")
+p.add_argument("--bootstrap", type=int, default=2000, help="--compare: resamples for the CI of relative TSE")
 p.add_argument("--n-scenarios", type=int, default=200, help="held-out scenarios")
 p.add_argument("--batch", type=int, default=100, help="dialogues rolled out together")
 p.add_argument("--seed", type=int, default=0, help="customer template seed")
 
 
 def dialogue_metrics(rec, values, world):
-    """Per-dialogue metrics of one record (DESIGN §3)."""
+    """Per-dialogue metrics of one record (DESIGN §3), plus sop_ok."""
     m = tse.trajectory_metrics(rec, values, world.HORIZON)
     m["gre"] = gopo.gre(rec, world.recognise)
     m["order_value"] = rec.get("order_value", 0.0)
+    m["sop_ok"] = sop_ok(rec, world)
     return m
 
 
-CHECKPOINTS = ("expert", "agent", "expert_sft", "agent_sft")
+def sop_ok(rec, world):
+    """1.0 if the act the world recognises in every reply is one the SOP allows after the previous
+    reply's act (an unrecognised reply is not an SOP act), else 0.0. It reads what the customer
+    heard, the same way for every method: a flat agent has no Expert to keep it inside the SOP, and
+    a two-agent reply can fail to carry out its strategy."""
+    prev = "<start>"
+    for turn in rec["turns"]:
+        if turn["role"] == "agent":
+            act = world.recognise(turn["text"])
+            if act is None or act not in world.SOP[prev]:
+                return 0.0
+            prev = act
+    return 1.0
+
+
+# method -> (Expert checkpoint, or None for a flat agent; the agent's checkpoint); memento adds bank.pt
+METHODS = {"gopo": ("expert", "agent"), "sft": ("expert_sft", "agent_sft"), "sft-flat": (None, "flat_sft"),
+           "ppo": (None, "flat"), "gopo-noexpert": (None, "flat"), "memento": ("expert_sft", "agent_sft")}
+ROWS = {  # a run's rows: its method, then the SFT model(s) it started from
+    "gopo": ["gopo", "sft"], "sft": ["sft", "sft-flat"], "ppo": ["ppo", "sft-flat"],
+    "gopo-noexpert": ["gopo-noexpert", "sft-flat"], "memento": ["memento", "sft"]}
+FLAT = {"sft-flat", "ppo", "gopo-noexpert"}   # no strategy asked for: GRE does not apply
+
+
+def needed_files(rows):
+    files = [c for m in rows for c in METHODS[m] if c]
+    return sorted(set(files), key=files.index) + (["bank.pt"] if "memento" in rows else [])
 
 
 def load_checkpoint(folder):
@@ -82,27 +118,65 @@ def read_values(path):
     return values
 
 
-def evaluate_agents(expert, agent, scenarios, world, batch, seed):
-    """Greedy rollouts of a loaded (Expert, CS Agent) pair, each a (model, tokenizer) -> list of records."""
+def evaluate_agents(expert, agent, scenarios, world, batch, seed, choose=None):
+    """Greedy rollouts of a loaded (Expert, CS Agent) pair, each a (model, tokenizer), the Expert
+    (None, None) for a flat agent -> list of records."""
     (expert_model, tok_e), (agent_model, tok_a) = expert, agent
     records = []
     for i in range(0, len(scenarios), batch):
         trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, scenarios[i:i + batch], world,
-                                    greedy=True, seed=seed)
+                                    greedy=True, seed=seed, choose=choose)
         records += [t["record"] for t in trajs]
     return records
 
 
-def summarize(records, values, world):
+def load_run(run, rows):
+    """Every checkpoint (and the case bank) the rows need, loaded before any rollout, so a broken one
+    costs no time and overwrites no report: {name: (model, tokenizer)}, plus "bank"."""
+    for need in ("values.json", *needed_files(rows)):
+        if not os.path.exists(os.path.join(run, need)):
+            die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
+    hf_logging.disable_progress_bar()
+    ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in needed_files(rows) if name != "bank.pt"}
+    if "memento" in rows:
+        import baselines
+        try:
+            ckpt["bank"] = baselines.CaseBank.load(os.path.join(run, "bank.pt"))
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
+            die(f"{run}/bank.pt is not a readable case bank ({type(e).__name__}); re-run train.py --algo memento")
+    return ckpt
+
+
+def method_records(ckpt, method, scenarios, world, batch, seed):
+    """Greedy held-out dialogues of one method of a loaded run."""
+    e, a = METHODS[method]
+    choose = None
+    if method == "memento":   # the bank decides, greedily; it is read, never written, here
+        choose = lambda turns, allowed, logps, uniforms: ckpt["bank"].choose(turns, allowed, logps)
+    return evaluate_agents(ckpt[e] if e else (None, None), ckpt[a], scenarios, world, batch, seed, choose)
+
+
+def per_dialogue(records, values, world, flat=False):
+    """{metric: [value per dialogue]}; GRE is None for a flat agent (it is asked for no strategy)."""
     per = [dialogue_metrics(r, values, world) for r in records]
-    return {k: tse.summarize([m[k] for m in per]) for k in METRICS}
+    return {k: [None if (flat and k == "gre") else m[k] for m in per] for k in METRICS}
+
+
+def summary(per):
+    """{metric: {"mean", "ci95"}} from per-dialogue lists (mean None where the metric does not apply)."""
+    return {k: tse.summarize(xs) if None not in xs else {"mean": None, "ci95": [None, None]} for k, xs in per.items()}
+
+
+def summarize(records, values, world, flat=False):
+    return summary(per_dialogue(records, values, world, flat))
 
 
 def table(results, methods, metrics=METRICS):
     head = "| method | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
     rows = []
     for name in methods:
-        cells = [f"{results[name][k]['mean']:.3f} [{results[name][k]['ci95'][0]:.3f}, "
+        cells = ["—" if results[name][k]["mean"] is None else
+                 f"{results[name][k]['mean']:.3f} [{results[name][k]['ci95'][0]:.3f}, "
                  f"{results[name][k]['ci95'][1]:.3f}]" if k != "order_value" else
                  f"{results[name][k]['mean']:.0f} [{results[name][k]['ci95'][0]:.0f}, "
                  f"{results[name][k]['ci95'][1]:.0f}]" for k in metrics]
@@ -110,24 +184,28 @@ def table(results, methods, metrics=METRICS):
     return head + "\n".join(rows) + "\n"
 
 
-def plot(results, methods, path, title):
+def plot(results, methods, path, title, ax=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = ["tse", "success", "esndcg", "gre"]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    keys = [k for k in ("tse", "success", "esndcg", "gre", "sop_ok") if k in results[methods[0]]]
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(methods)
     for j, name in enumerate(methods):
-        means = [results[name][k]["mean"] for k in keys]
-        err = [[results[name][k]["mean"] - results[name][k]["ci95"][0] for k in keys],
-               [results[name][k]["ci95"][1] - results[name][k]["mean"] for k in keys]]
+        r = {k: results[name][k] if results[name][k]["mean"] is not None else {"mean": 0.0, "ci95": [0.0, 0.0]}
+             for k in keys}   # a metric that does not apply (GRE of a flat agent) has no bar
+        means = [r[k]["mean"] for k in keys]
+        err = [[r[k]["mean"] - r[k]["ci95"][0] for k in keys], [r[k]["ci95"][1] - r[k]["mean"] for k in keys]]
         ax.bar([i + j * width for i in range(len(keys))], means, width, yerr=err, capsize=3, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
     ax.set(ylim=(0, 1.05), title=title, ylabel="mean (95% CI)")
-    ax.legend(fontsize=8, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.legend(fontsize=8, ncol=min(len(methods), 5), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    if own:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
 
 
 REAL_METRICS = ["tse", "success", "esndcg", "gre", "turns", "bleu", "rouge_l"]
@@ -142,7 +220,7 @@ def read_config(path):
     return config if isinstance(config, dict) else {}
 
 
-def evaluate_logged(run, config, values, ckpt, args):
+def evaluate_logged(run, config, values, ckpt, rows, args):
     """A real-data run: greedy logged-context rollouts on the test split (the world is rebuilt from
     the training split exactly as train.py built it), scored with the fitted event values, ESNDCG
     against the human strategies, GRE, and BLEU / ROUGE-L of the replies against the human ones."""
@@ -167,16 +245,17 @@ def evaluate_logged(run, config, values, ckpt, args):
         return m
 
     results = {}
-    for name, e, a in (("gopo", "expert", "agent"), ("sft", "expert_sft", "agent_sft")):
-        recs = evaluate_agents(ckpt[e], ckpt[a], test, world, args.batch, args.seed)
+    for name in rows:
+        recs = method_records(ckpt, name, test, world, args.batch, args.seed)
         per = [metrics(r, s) for r, s in zip(recs, test)]
-        results[name] = {k: tse.summarize([m[k] for m in per]) for k in REAL_METRICS}
+        results[name] = summary({k: [None if (name in FLAT and k == "gre") else m[k] for m in per]
+                                 for k in REAL_METRICS})
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     # the human agents of the test logs, scored the same way (BLEU and ROUGE-L are 1 by definition)
     human = [dict(r, turns=logged.from_opening(r), ref_strategies=logged.human_strategies(r)) for r in test]
     per = [metrics(r, s) for r, s in zip(human, test)]
     results["human"] = {k: tse.summarize([m[k] for m in per]) for k in REAL_METRICS}
-    methods = ["gopo", "sft", "human"]
+    methods = [*rows, "human"]
     md = (f"Evaluation of `{run}` on the {len(test)} test dialogues of {config['data']} (logged-context "
           f"rollouts, greedy; mean [95% CI]). With so few dialogues the intervals are wide.\n\n"
           + table(results, methods, REAL_METRICS))
@@ -192,43 +271,55 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n_scenarios <= 0 or args.batch <= 0:
         die("--n-scenarios and --batch must be > 0")
-    run = args.run
-    if not os.path.exists(run):
-        die(f"{run} does not exist (give the run folder train.py wrote, e.g. out/gopo)")
-    if not os.path.isdir(run):
-        die(f"{run} is not a folder (give the run folder train.py wrote, e.g. out/gopo)")
-    for need in ("values.json", *CHECKPOINTS):
-        if not os.path.exists(os.path.join(run, need)):
-            die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
-    values = read_values(os.path.join(run, "values.json"))
-    # every checkpoint loads before any rollout, so a broken one costs no time and overwrites no report
-    hf_logging.disable_progress_bar()
-    ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in CHECKPOINTS}
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if (args.run is None) == (args.compare is None):
+        die("give one run folder, or --compare RUNS... (not both)")
+    if args.compare is not None:
+        import compare
+        return compare.main(args)
+    run = check_folder(args.run)
     config = read_config(os.path.join(run, "config.json"))
+    algo = config.get("algo", "gopo")
+    if algo not in ROWS:
+        die(f"{run}/config.json names an unknown --algo '{algo}' (known: {', '.join(ROWS)})")
+    rows = ROWS[algo]
+    ckpt = load_run(run, rows)
+    values = read_values(os.path.join(run, "values.json"))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     if config.get("data", "shop") != "shop":
-        return evaluate_logged(run, config, values, ckpt, args)
+        return evaluate_logged(run, config, values, ckpt, rows, args)
     world = shop
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     results = {}
-    for name, e, a in (("gopo", "expert", "agent"), ("sft", "expert_sft", "agent_sft")):
-        recs = evaluate_agents(ckpt[e], ckpt[a], scenarios, world, args.batch, args.seed)
-        results[name] = summarize(recs, values, world)
+    for name in rows:
+        recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed)
+        results[name] = summarize(recs, values, world, flat=name in FLAT)
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, policy in world.POLICIES.items():
         recs = [world.play(s, policy, seed=args.seed) for s in scenarios]
         results[name] = summarize(recs, values, world)
-    methods = ["gopo", "sft", "behaviour", "random", "oracle"]
-    gap = (results["gopo"]["tse"]["mean"] - results["sft"]["tse"]["mean"]) / \
-        max(1e-9, results["oracle"]["tse"]["mean"] - results["sft"]["tse"]["mean"])
+    methods = [*rows, "behaviour", "random", "oracle"]
+    start = rows[1]   # the SFT model this run started from
+    gap = (results[rows[0]]["tse"]["mean"] - results[start]["tse"]["mean"]) / \
+        max(1e-9, results["oracle"]["tse"]["mean"] - results[start]["tse"]["mean"])
     md = f"Held-out evaluation of `{run}` on {args.n_scenarios} scenarios (greedy; mean [95% CI]).\n\n" + \
-        table(results, methods) + f"\nShare of the SFT->oracle TSE gap closed by GOPO: {gap:.2f}\n"
+        table(results, methods)
+    if algo != "sft":
+        md += f"\nShare of the {start}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n"
     print(md)
     with open(os.path.join(run, "eval.md"), "w") as f:
         f.write(md)
     with open(os.path.join(run, "eval.json"), "w") as f:
-        json.dump({**results, "n_scenarios": args.n_scenarios, "gap_closed_tse": gap}, f, indent=2)
+        json.dump({**results, "n_scenarios": args.n_scenarios, **({"gap_closed_tse": gap} if algo != "sft" else {})},
+                  f, indent=2)
     plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {args.n_scenarios} held-out scenarios")
+
+
+def check_folder(run):
+    if not os.path.exists(run):
+        die(f"{run} does not exist (give the run folder train.py wrote, e.g. out/gopo)")
+    if not os.path.isdir(run):
+        die(f"{run} is not a folder (give the run folder train.py wrote, e.g. out/gopo)")
+    return run
 
 
 if __name__ == "__main__":

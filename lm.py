@@ -233,12 +233,19 @@ def agent_prompt_ids(tok, z, instruction):
     return [tok.convert_tokens_to_ids(strategy_token(z))] + encode(tok, f" ({instruction})\nA:")
 
 
+def flat_prompt_ids(tok):
+    """The prompt of a flat agent (the PPO baseline and the no-Expert ablation): no strategy, no
+    instruction, only the hand-over to the reply."""
+    return encode(tok, "\nA:")
+
+
 def reply_ids(tok, text):
     return encode(tok, " " + text) + [tok.eos_token_id]
 
 
 def encode_dialogue(tok, turns, instructions):
-    """Serialize a record's turns.
+    """Serialize a record's turns; instructions=None serializes them for a flat agent (no strategy
+    token before a reply, so no decisions).
 
     Returns ids (list[int]), decisions [(position of the strategy token, strategy)], and
     replies [(start, end)] half-open spans of each agent reply (its <|eot|> included).
@@ -248,8 +255,11 @@ def encode_dialogue(tok, turns, instructions):
         if turn["role"] == "customer":
             ids += customer_ids(tok, turn["text"])
         else:
-            decisions.append((len(ids), turn["strategy"]))
-            ids += agent_prompt_ids(tok, turn["strategy"], instructions[turn["strategy"]])
+            if instructions is None:
+                ids += flat_prompt_ids(tok)
+            else:
+                decisions.append((len(ids), turn["strategy"]))
+                ids += agent_prompt_ids(tok, turn["strategy"], instructions[turn["strategy"]])
             start = len(ids)
             ids += reply_ids(tok, turn["text"])
             replies.append((start, len(ids)))

@@ -22,7 +22,7 @@ import shop
 
 
 def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, greedy=False, seed=0,
-            agent_temperature=0.7, horizon=None, max_reply_tokens=32, cache=True, index=None):
+            agent_temperature=0.7, horizon=None, max_reply_tokens=32, cache=True, index=None, choose=None):
     """Play one dialogue per scenario. Returns a list of trajectories (dicts):
 
       record: the dialogue in the common schema (plus order_value),
@@ -33,37 +33,53 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
     index: each dialogue's number in the whole batch (default 0..n-1). Its customer and its random
     stream are seeded by (seed, index) alone, so a dialogue comes out the same whatever batch it is
     played in: one process, or a share of the batch on each of several ranks.
+    Baselines (baselines.py):
+      expert_model=None: a flat agent, the CS Agent model writing each reply straight from the
+        history (lm.flat_prompt_ids, no strategy); a turn's strategy in the record is the act the
+        world recognises in the reply, and there are no decisions, ids or SOP masks;
+      choose(turns, allowed, logps, uniforms) -> (B,) strategy indices: decisions made by something
+        else than the Expert's argmax/sample (Memento's case bank), given each live dialogue's turns
+        so far, the SOP masks (B, Z), the Expert's masked log-probs (B, Z) and the turn's uniforms
+        (B, Z), None when greedy. ref_logps still records the Expert's log-prob of the choice.
     """
+    flat = expert_model is None
     horizon = horizon or world.HORIZON
     strategies = world.STRATEGIES
-    strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
+    strategy_ids = None if flat else [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
     eot = tok_a.eos_token_id
     index = list(range(len(scenarios))) if index is None else index
     customers = [world.Customer(s, seed=seed * 1_000_003 + i) for i, s in zip(index, scenarios)]
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in index]
     opening = [c.opening() for c in customers]
-    expert_ctx = lm.Context(expert_model, [lm.start_ids(tok_e) + lm.customer_ids(tok_e, o) for o in opening],
-                            tok_e.pad_token_id, cache)
+    expert_ctx = None if flat else lm.Context(
+        expert_model, [lm.start_ids(tok_e) + lm.customer_ids(tok_e, o) for o in opening], tok_e.pad_token_id, cache)
     agent_ctx = lm.Context(agent_model, [lm.start_ids(tok_a) + lm.customer_ids(tok_a, o) for o in opening],
                            tok_a.pad_token_id, cache)
     # the contexts' id lists grow in place, so each trajectory holds its own rows
     trajs = [{"turns": [{"role": "customer", "text": o, "strategy": None, "event": None}],
               "ids": e, "agent_ids": a, "decisions": [], "ref_logps": [], "replies": []}
-             for o, e, a in zip(opening, expert_ctx.ids, agent_ctx.ids)]
+             for o, e, a in zip(opening, [[] for _ in opening] if flat else expert_ctx.ids, agent_ctx.ids)]
     live = list(range(len(scenarios)))         # dialogue index of each batch row
     for t in range(horizon):
         if not live and parallel.world() == 1:
             break      # distributed: a rank with no dialogue left still joins each turn's gathers
-        prevs = [strategies[trajs[i]["decisions"][-1][1]] if t > 0 else None for i in live]
-        with parallel.gathered(expert_model):      # FSDP: one model's full weights at a time
-            logits = expert_ctx.logits() if live else None                             # (B, V)
-        if live:
-            uniforms = None if greedy else torch.stack([torch.rand(len(strategies), generator=gens[i])
-                                                        for i in live])
-            z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask(prevs, strategies, world.SOP),
-                                        uniforms)
-            names = [strategies[k] for k in z.tolist()]
-            agent_ctx.extend([lm.agent_prompt_ids(tok_a, name, world.INSTRUCTIONS[name]) for name in names])
+        if flat:
+            agent_ctx.extend([lm.flat_prompt_ids(tok_a)] * len(live))
+        else:
+            prevs = [strategies[trajs[i]["decisions"][-1][1]] if t > 0 else None for i in live]
+            with parallel.gathered(expert_model):      # FSDP: one model's full weights at a time
+                logits = expert_ctx.logits() if live else None                         # (B, V)
+            if live:
+                uniforms = None if greedy else torch.stack([torch.rand(len(strategies), generator=gens[i])
+                                                            for i in live])
+                allowed = expert_lib.sop_mask(prevs, strategies, world.SOP)             # (B, Z)
+                z, logp = expert_lib.decide(logits, strategy_ids, allowed, uniforms)
+                if choose is not None:
+                    logps = expert_lib.masked_logps(logits, strategy_ids, allowed)      # (B, Z)
+                    z = choose([trajs[i]["turns"] for i in live], allowed, logps, uniforms)
+                    logp = logps.gather(1, z[:, None]).squeeze(1)
+                names = [strategies[k] for k in z.tolist()]
+                agent_ctx.extend([lm.agent_prompt_ids(tok_a, name, world.INSTRUCTIONS[name]) for name in names])
         starts = [len(ids) for ids in agent_ctx.ids]
         with parallel.gathered(agent_model):
             replies = agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else agent_temperature,
@@ -75,23 +91,29 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
                 tr["agent_ids"].append(eot)
             text = tok_a.decode(tr["agent_ids"][starts[j]:-1], skip_special_tokens=True).strip()
             tr["replies"].append((starts[j], len(tr["agent_ids"])))
+            utterance, event, done = customers[i].reply(text, t)
+            name = world.recognise(text) if flat else names[j]
+            tr["turns"].append({"role": "agent", "text": text, "strategy": name, "event": None})
+            tr["turns"].append({"role": "customer", "text": utterance, "strategy": None, "event": event})
+            tr["agent_ids"] += lm.customer_ids(tok_a, utterance)
+            if flat:
+                if not done:
+                    keep.append(j)
+                continue
             tr["decisions"].append((len(tr["ids"]), z[j].item()))
             tr["ref_logps"].append(logp[j].item())
-            utterance, event, done = customers[i].reply(text, t)
-            tr["turns"].append({"role": "agent", "text": text, "strategy": names[j], "event": None})
-            tr["turns"].append({"role": "customer", "text": utterance, "strategy": None, "event": event})
-            tr["ids"] += lm.agent_prompt_ids(tok_e, names[j], world.INSTRUCTIONS[names[j]]) + \
+            tr["ids"] += lm.agent_prompt_ids(tok_e, name, world.INSTRUCTIONS[name]) + \
                 lm.reply_ids(tok_e, text) + lm.customer_ids(tok_e, utterance)
-            tr["agent_ids"] += lm.customer_ids(tok_a, utterance)
-            if not done and world.SOP[names[j]]:  # nothing may follow `close`: the dialogue ends
+            if not done and world.SOP[name]:  # nothing may follow `close`: the dialogue ends
                 keep.append(j)
         live = [live[j] for j in keep]
-        expert_ctx.keep(keep)
+        if not flat:
+            expert_ctx.keep(keep)
         agent_ctx.keep(keep)
     out = []
     for s, c, tr in zip(scenarios, customers, trajs):
         zs = [strategies[k] for _, k in tr["decisions"]]
-        tr["allowed"] = expert_lib.sop_mask([None] + zs[:-1], strategies, world.SOP)
+        tr["allowed"] = expert_lib.sop_mask([None] + zs[:-1], strategies, world.SOP) if not flat else None
         tr["record"] = world.record(s, tr.pop("turns"), c, source="rollout")
         out.append(tr)
     return out

@@ -4,11 +4,13 @@
     python train.py --iters 40 --k 8      # longer run
     python train.py --model models/smollm2 --sft-lr 5e-5 --lr 1e-5   # a pretrained backbone (README "Scaling")
     torchrun --nproc_per_node 8 -- train.py --model <14B> --fsdp --bf16 --grad-ckpt   # the same file, distributed
+    python train.py --algo ppo --sft-from out/sft   # a baseline (sft, ppo, memento, gopo-noexpert; baselines.py)
     python train.py --help                # every flag
 
 Writes out/<run>/: config.json, logs.jsonl (the behaviour-policy training data), values.json
 (event values fitted on those logs), expert_sft/ agent_sft/ expert/ agent/ (transformers folders),
-metrics.jsonl (one line per GOPO iteration), curves.png.
+metrics.jsonl (one line per GOPO iteration), curves.png, time.json. Baselines write flat_sft/ and
+flat/ (the flat agent; ppo adds value_head.pt) or bank.pt (memento) instead of expert/ agent/.
 """
 import argparse
 import json
@@ -27,6 +29,7 @@ import time
 import torch
 
 import agent as agent_lib
+import baselines
 import data
 import expert as expert_lib
 import gopo
@@ -71,15 +74,27 @@ def nonneg(kind):
     return checked(kind, 0, True)
 
 
+ALGOS = ["gopo", "sft", "ppo", "memento", "gopo-noexpert"]
+SFT_MODELS = {  # the SFT checkpoints each method starts from (flat: the single-agent model of PPO and the ablation)
+    "gopo": ("expert", "agent"), "memento": ("expert", "agent"), "sft": ("expert", "agent", "flat"),
+    "ppo": ("flat",), "gopo-noexpert": ("flat",)}
+SFT_KEYS = ("seed", "data", "data_path", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
+            "vocab_size", "sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
+
 p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 g = p.add_argument_group("run")
-g.add_argument("--algo", default="gopo", choices=["gopo"], help="training method")
+g.add_argument("--algo", default="gopo", choices=ALGOS,
+               help="gopo; sft (the SFT stages only); the baselines (baselines.py): ppo (flat agent, token-level "
+               "PPO), memento (case bank over the frozen SFT agents), gopo-noexpert (GOPO's loss on a flat agent)")
 g.add_argument("--out", default="out", help="parent folder of run folders")
 g.add_argument("--run", default=None, help="run folder name under --out (default: the --algo name)")
 g.add_argument("--seed", type=int, default=0, help="seeds every sampler: logs, init, batches, rollouts")
 g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 g.add_argument("--resume", default=None, metavar="RUN_DIR",
                help="continue a killed run from its last completed stage/iteration, with its own config")
+g.add_argument("--sft-from", default=None, metavar="RUN_DIR",
+               help="copy the SFT checkpoints from this run (e.g. an --algo sft run with the same seed, data and "
+               "SFT flags) instead of training them again: every method then starts from the same SFT models")
 g.add_argument("--max-nonfinite", type=positive(int), default=3,
                help="stop after this many iterations in a row with non-finite losses or gradients")
 g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy, or a real dataset")
@@ -109,6 +124,9 @@ g.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps p
 g.add_argument("--sft-batch", type=positive(int), default=None,
                help="SFT batch size (dialogues); default 16 for the shop, 4 for a real dataset (dialogues ~5x longer)")
 g.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
+g.add_argument("--expert-from-agent", default=True, action=argparse.BooleanOptionalAction,
+               help="tiny models: the Expert starts its SFT from the SFT'd CS Agent's weights (so it can read "
+               "the dialogue) instead of from scratch")
 g.add_argument("--sft-window-steps", type=nonneg(int), default=150,
                help="first CS Agent SFT steps on short windows (a curriculum; see agent.sft)")
 g = p.add_argument_group("GOPO")
@@ -127,6 +145,21 @@ g.add_argument("--agent-temperature", type=nonneg(float), default=0.7, help="CS 
 g.add_argument("--cs-samples", type=nonneg(int), default=16, help="(h_t, z_t) per iteration for CS alignment pairs")
 g.add_argument("--beta-cs", type=positive(float), default=0.1, help="DPO temperature of the CS alignment loss")
 g.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent learning rate in GOPO")
+g = p.add_argument_group("baselines (baselines.py; same budget as GOPO: --iters x --scenarios x --k dialogues)")
+g.add_argument("--flat-lr", type=positive(float), default=3e-4, help="flat agent learning rate (ppo, gopo-noexpert)")
+g.add_argument("--kl-coef", type=nonneg(float), default=0.02, help="ppo: per-token KL penalty to the SFT flat agent")
+g.add_argument("--clip", type=positive(float), default=0.2, help="ppo: ratio clip range epsilon")
+g.add_argument("--gae-lambda", type=checked(float, 0, True, 1), default=1.0, help="ppo: GAE lambda (gamma is 1)")
+g.add_argument("--vf-coef", type=nonneg(float), default=0.5, help="ppo: weight of the value loss")
+g.add_argument("--ppo-epochs", type=positive(int), default=4, help="ppo: passes over each iteration's rollouts")
+g.add_argument("--ppo-minibatch", type=positive(int), default=16, help="ppo: dialogues per gradient step")
+g.add_argument("--memento-k", type=positive(int), default=16, help="memento: cases retrieved per decision")
+g.add_argument("--memento-eps", type=checked(float, 0, True, 1), default=0.2,
+               help="memento: share of training decisions sampled from the SFT Expert (exploration)")
+g.add_argument("--memento-decay", type=checked(float, 0, False, 1), default=0.5,
+               help="memento: weight of a turn in the state embedding per turn of age")
+g.add_argument("--memento-logs", default=True, action=argparse.BooleanOptionalAction,
+               help="memento: start the case bank with the cases of the logged training dialogues")
 
 
 def start_run(args):
@@ -160,6 +193,12 @@ def check_flags(args):
         die("--bf16 is FSDP mixed precision: add --fsdp (and launch with torchrun)")
     if args.fsdp and parallel.world() == 1:
         die("--fsdp shards over torchrun ranks: launch with torchrun --nproc_per_node N train.py --fsdp ...")
+    if args.algo not in ("gopo", "sft") and parallel.world() > 1:
+        die(f"--algo {args.algo} runs in one process (only gopo and sft are distributed); drop torchrun")
+    if args.algo == "ppo" and args.agent_temperature == 0:
+        die("--algo ppo needs sampled rollouts: --agent-temperature must be > 0 (it is the policy's temperature)")
+    if args.sft_from and args.resume:
+        die("--sft-from starts a new run; --resume continues one with its own SFT checkpoints")
     if args.resume and parallel.world() > 1:
         die("--resume runs in one process; resume without torchrun")
     if args.d_model % 4:
@@ -227,6 +266,9 @@ def resume_run(args):
         die(f"{path} is unreadable or not JSON ({e}); it is not a run train.py can resume")
     if not isinstance(saved, dict):
         die(f"{path} is not a JSON object; it is not a run train.py can resume")
+    if saved.get("algo", "gopo") not in ("gopo", "sft"):
+        die(f"{run_dir} is an --algo {saved['algo']} run: --resume continues gopo and sft runs only; "
+            "start it again (baselines take a few minutes)")
     given = {k for k in vars(args) if k not in ("resume", "overwrite") and getattr(args, k) != p.get_default(k)}
     clash = [k for k in sorted(given) if saved.get(k) != getattr(args, k)]
     if clash:
@@ -245,6 +287,8 @@ def main(argv=None):
     if args.sft_batch is None and not args.resume:
         args.sft_batch = 16 if args.data == "shop" else 4
     check_model(args.model)
+    if args.sft_from:
+        check_sft_from(args)
     check_model(args.expert_model)
     # read user data before touching the output folder, so a bad file loses nothing
     world, logs, splits = load_world(args) if not args.resume else (None, None, None)
@@ -285,81 +329,164 @@ def main(argv=None):
         values = json.load(f)
     say(f"logs: {len(logs)} dialogues, behaviour success {gopo.mean(r['success'] for r in logs):.3f}")
 
-    # ---- 2. tokenizer and models; 3. SFT: Expert on logged strategies, CS Agent on logged replies
-    for name in ("expert_sft", "agent_sft", "state"):
+    # ---- 2. tokenizer and models; 3. SFT: Expert on logged strategies, CS Agent (and the flat agent
+    #         of the baselines) on logged replies; or the SFT checkpoints of another run (--sft-from)
+    need = SFT_MODELS[args.algo]
+    for name in ("expert_sft", "agent_sft", "flat_sft", "state"):
         lm.recover(path(name))
-    if args.resume and os.path.exists(path("sft.json")):   # sft.json is written last: SFT finished
-        expert_model, tok_e = lm.load(path("expert_sft"))
-        agent_model, tok_a = lm.load(path("agent_sft"))
-        expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
-        say("SFT: loaded from the run")
+    if args.sft_from and not os.path.exists(path("sft.json")) and parallel.is_main():
+        copy_sft(args.sft_from, run_dir, need, values)
+    parallel.barrier()
+    models = {}      # name -> (model, tokenizer)
+    if os.path.exists(path("sft.json")):   # sft.json is written last: SFT finished (--resume, --sft-from)
+        for name in need:
+            model, tok = lm.load(path(f"{name}_sft"))
+            models[name] = (place(model, args, device), tok)
+        say(f"SFT: loaded from {args.sft_from or 'the run'}")
     else:
         if args.model == "tiny":
             texts = [t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values())
-            tok_e = tok_a = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
+            tok = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
             max_len = 1024 if args.data == "shop" else 4096      # real dialogues run to ~2k tokens
-            expert_model = lm.build_tiny_model(tok_e, args.d_model, args.n_layer, max_len=max_len, seed=args.seed)
-            agent_model = lm.build_tiny_model(tok_a, args.d_model, args.n_layer, max_len=max_len, seed=args.seed + 1)
-            for m in (expert_model, agent_model):
-                lm.add_strategy_tokens(m, tok_e, world.STRATEGIES)
+            for name in need:   # each model its own init seed, the same whichever others are built
+                m = lm.build_tiny_model(tok, args.d_model, args.n_layer, max_len=max_len,
+                                        seed=args.seed + {"expert": 0, "agent": 1, "flat": 2}[name])
+                lm.add_strategy_tokens(m, tok, world.STRATEGIES)
+                models[name] = (m, tok)
         else:
-            expert_model, tok_e = load_backbone(args.expert_model or args.model, world.STRATEGIES)
-            agent_model, tok_a = load_backbone(args.model, world.STRATEGIES)
-        say(f"models: Expert {lm.n_params(expert_model) / 1e6:.2f}M, CS Agent {lm.n_params(agent_model) / 1e6:.2f}M "
-            f"parameters, vocab {len(tok_e)}/{len(tok_a)}")
-        expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
-        sft_e = expert_lib.sft(expert_model, tok_e, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
-                               args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
-        sft_a = agent_lib.sft(agent_model, tok_a, logs, world.INSTRUCTIONS, args.sft_steps, args.sft_batch,
-                              args.sft_lr, args.seed, window_steps=args.sft_window_steps)
-        lm.save(expert_model, tok_e, path("expert_sft"))
-        lm.save(agent_model, tok_a, path("agent_sft"))
+            for name in need:
+                models[name] = load_backbone(args.expert_model or args.model if name == "expert" else args.model,
+                                             world.STRATEGIES)
+        say("models: " + ", ".join(f"{name} {lm.n_params(m) / 1e6:.2f}M" for name, (m, _) in models.items()) +
+            f" parameters, vocab {len(next(iter(models.values()))[1])}")
+        models = {name: (place(m, args, device), tok) for name, (m, tok) in models.items()}
+        losses = {}
+        for name in sorted(models, key=("agent", "flat", "expert").index):   # the CS Agent before the Expert
+            model, tok = models[name]
+            if name == "expert" and args.model == "tiny" and args.expert_from_agent and "agent" in models:
+                # a tiny Expert trained from scratch on one decision token per turn never learns to read
+                # the customer (README "Baselines"); the SFT'd CS Agent has learned to: start from it
+                model = place(lm.load(path("agent_sft"))[0], args, device)
+                models[name] = (model, tok)
+            if name == "expert":
+                losses[name] = expert_lib.sft(model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
+                                              args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
+            else:   # the CS Agent with strategy prompts, the flat agent without (instructions=None)
+                losses[name] = agent_lib.sft(model, tok, logs, world.INSTRUCTIONS if name == "agent" else None,
+                                             args.sft_steps, args.sft_batch, args.sft_lr, args.seed,
+                                             window_steps=args.sft_window_steps, desc=f"SFT {name}")
+            lm.save(model, tok, path(f"{name}_sft"))
         if parallel.is_main():
             with open(path("sft.json"), "w") as f:
-                json.dump({"expert_loss": sft_e, "agent_loss": sft_a}, f)
-        say(f"SFT: expert loss {sft_e[-1]:.3f}, agent loss {sft_a[-1]:.3f}")
+                json.dump({f"{name}_loss": losses[name] for name in need}, f)
+        say("SFT: " + ", ".join(f"{name} loss {losses[name][-1]:.3f}" for name in need))
+    expert_model, tok_e = models.get("expert", (None, None))
+    agent_model, tok_a = models.get("agent", models.get("flat", (None, None)))
 
-    # ---- 4. GOPO iterations on fresh training scenarios (never the held-out ones)
-    opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
-    opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
+    # ---- 4. the method's iterations on fresh training scenarios (never the held-out ones); every
+    #         method sees the same scenarios and plays the same number of dialogues
     start, bad_in_a_row = 0, 0
-    if args.resume and os.path.exists(path("state")):   # the last completed iteration
-        expert_model, tok_e = lm.load(path("state/expert"))
-        agent_model, tok_a = lm.load(path("state/agent"))
-        expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
+    if args.algo == "gopo":
         opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
         opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
-        trainer = torch.load(path("state/trainer.pt"))
-        opt_e.load_state_dict(trainer["opt_e"])
-        opt_a.load_state_dict(trainer["opt_a"])
-        start, bad_in_a_row = trainer["iterations_done"], trainer["bad_in_a_row"]
-    if parallel.is_main():
+        if args.resume and os.path.exists(path("state")):   # the last completed iteration
+            expert_model, tok_e = lm.load(path("state/expert"))
+            agent_model, tok_a = lm.load(path("state/agent"))
+            expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
+            opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
+            opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
+            trainer = torch.load(path("state/trainer.pt"))
+            opt_e.load_state_dict(trainer["opt_e"])
+            opt_a.load_state_dict(trainer["opt_a"])
+            start, bad_in_a_row = trainer["iterations_done"], trainer["bad_in_a_row"]
+        step = lambda scenarios, it, seed: gopo.iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a,
+                                                          scenarios, values, world, args, it, seed)
+    elif args.algo == "ppo":
+        import copy
+        ref_model = copy.deepcopy(agent_model).eval()           # the frozen SFT flat agent (KL penalty)
+        value_head = baselines.ValueHead(agent_model.config.hidden_size).to(device)
+        opt = torch.optim.AdamW([*agent_model.parameters(), *value_head.parameters()], lr=args.flat_lr,
+                                weight_decay=0.0)
+        step = lambda scenarios, it, seed: baselines.ppo_iteration(agent_model, value_head, ref_model, tok_a, opt,
+                                                                   scenarios, values, world, args, it, seed)
+    elif args.algo == "gopo-noexpert":
+        opt = torch.optim.AdamW(agent_model.parameters(), lr=args.flat_lr, weight_decay=0.0)
+        step = lambda scenarios, it, seed: baselines.flat_dpo_iteration(agent_model, tok_a, opt, scenarios, values,
+                                                                        world, args, it, seed)
+    elif args.algo == "memento":
+        bank = baselines.CaseBank.from_logs(logs, world.STRATEGIES, args.memento_k, args.memento_decay)
+        if args.memento_logs:
+            bank.add(logs, values, world.HORIZON)
+        step = lambda scenarios, it, seed: baselines.memento_iteration(expert_model, agent_model, tok_e, tok_a, bank,
+                                                                       scenarios, values, world, args, it, seed)
+    n_iters = args.iters if args.algo != "sft" else 0
+    if parallel.is_main() and n_iters:
         keep_metrics(path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
     from tqdm import tqdm
-    for it in (bar := tqdm(range(start, args.iters), initial=start, total=args.iters, desc="GOPO",
-                           disable=not parallel.is_main())):
+    for it in (bar := tqdm(range(start, n_iters), initial=start, total=n_iters, desc=args.algo,
+                           disable=not parallel.is_main() or not n_iters)):
         seeds = data.train_seeds(args.scenarios, offset=len(logs) + it * args.scenarios)
-        m = gopo.iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a,
-                           [world.make_scenario(s) for s in seeds], values, world, args, it,
-                           seed=args.seed * 100_003 + it)
+        m = step([world.make_scenario(s) for s in seeds], it, args.seed * 100_003 + it)
         if parallel.is_main():
             with open(path("metrics.jsonl"), "a") as f:
                 f.write(json.dumps(m) + "\n")
-        bar.set_postfix(R=f"{m['R']:.3f}", tse=f"{m['tse']:.3f}", pairs=m["pairs"])
-        if m["nonfinite_steps"]:
-            bar.write(f"iteration {it}: {m['nonfinite_steps']} Expert step(s) skipped (non-finite loss or gradient)")
-        bad_in_a_row = bad_in_a_row + 1 if m["nonfinite_steps"] else 0
+        bar.set_postfix(R=f"{m['R']:.3f}", tse=f"{m['tse']:.3f}")
+        if m.get("nonfinite_steps"):
+            bar.write(f"iteration {it}: {m['nonfinite_steps']} step(s) skipped (non-finite loss or gradient)")
+        bad_in_a_row = bad_in_a_row + 1 if m.get("nonfinite_steps") else 0
         if bad_in_a_row >= args.max_nonfinite:
-            die(f"{bad_in_a_row} iterations in a row had non-finite losses or gradients; stopped. "
-                f"The last good state is in {path('state')} (lower --lr or --beta, then --resume)")
-        if parallel.world() == 1:   # --resume is single-process (see check_flags)
+            where = f"The last good state is in {path('state')} (lower --lr or --beta, then --resume)" \
+                if args.algo == "gopo" else "Lower the learning rate and start again"
+            die(f"{bad_in_a_row} iterations in a row had non-finite losses or gradients; stopped. {where}")
+        if args.algo == "gopo" and parallel.world() == 1:   # --resume is single-process (see check_flags)
             save_state(path("state"), expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, it + 1, bad_in_a_row)
-    lm.save(expert_model, tok_e, path("expert"))
-    lm.save(agent_model, tok_a, path("agent"))
+    if args.algo == "gopo":
+        lm.save(expert_model, tok_e, path("expert"))
+        lm.save(agent_model, tok_a, path("agent"))
+    elif args.algo in ("ppo", "gopo-noexpert"):
+        lm.save(agent_model, tok_a, path("flat"))
+        if args.algo == "ppo":
+            torch.save(value_head.state_dict(), path("value_head.pt"))
+    elif args.algo == "memento":
+        torch.save(bank.state_dict(), path("bank.pt"))
     if parallel.is_main():
         plot_curves(run_dir)
+        with open(path("time.json"), "w") as f:   # this process's wall time (--compare reports it)
+            json.dump({"seconds": round(time.time() - t_start, 1)}, f)
     say(f"done in {time.time() - t_start:.0f}s -> {run_dir}")
     parallel.close()
+
+
+def check_sft_from(args):
+    """--sft-from RUN: a finished run whose SFT settings are this run's, holding the checkpoints needed."""
+    src = args.sft_from
+    try:
+        with open(os.path.join(src, "config.json")) as f:
+            theirs = json.load(f)
+    except (OSError, ValueError):
+        die(f"--sft-from {src}: not a train.py run (no readable config.json)")
+    clash = [k for k in SFT_KEYS if theirs.get(k) != getattr(args, k)]
+    if clash:
+        k = clash[0]
+        die(f"--sft-from {src}: its --{k.replace('_', '-')} is {theirs.get(k)}, this run's is "
+            f"{getattr(args, k)}; the SFT checkpoints must come from the same seed, data and SFT settings")
+    missing = [f"{n}_sft" for n in SFT_MODELS[args.algo] if not os.path.isdir(os.path.join(src, f"{n}_sft"))]
+    if missing or not os.path.isfile(os.path.join(src, "sft.json")):
+        die(f"--sft-from {src}: no {(missing or ['sft.json'])[0]} (an unfinished run, or one whose --algo "
+            f"trained other models: --algo sft trains all three)")
+
+
+def copy_sft(src, run_dir, need, values):
+    """The SFT checkpoints and loss curves of another run, after checking its logs gave the same values."""
+    with open(os.path.join(src, "values.json")) as f:
+        if json.load(f) != values:
+            die(f"--sft-from {src}: its event values differ from this run's (different training logs)")
+    for name in need:
+        shutil.copytree(os.path.join(src, f"{name}_sft"), os.path.join(run_dir, f"{name}_sft"))
+    with open(os.path.join(src, "sft.json")) as f:
+        losses = json.load(f)
+    with open(os.path.join(run_dir, "sft.json"), "w") as f:
+        json.dump({f"{n}_loss": losses[f"{n}_loss"] for n in need}, f)
 
 
 def place(model, args, device):
@@ -393,28 +520,35 @@ def keep_metrics(path, n):
 
 
 def plot_curves(run_dir):
-    """curves.png: SFT losses and the per-iteration GOPO metrics."""
+    """curves.png: SFT losses and the per-iteration metrics of the method (none for --algo sft)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     with open(os.path.join(run_dir, "sft.json")) as f:
         sft = json.load(f)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    ax[0].plot(sft["expert_loss"], label="Expert (decision NLL)")
-    ax[0].plot(sft["agent_loss"], label="CS Agent (reply-token NLL)")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    fig, ax = plt.subplots(1, 3 if rows else 1, figsize=(15 if rows else 5, 4), squeeze=False)
+    ax = ax[0]
+    labels = {"expert_loss": "Expert (decision NLL)", "agent_loss": "CS Agent (reply-token NLL)",
+              "flat_loss": "flat agent (reply-token NLL)"}
+    for key, curve in sft.items():
+        ax[0].plot(curve, label=labels.get(key, key))
     ax[0].set(title="SFT", xlabel="step", ylabel="loss", yscale="log")
     ax[0].legend()
-    its = [r["iter"] for r in rows]
-    for key in ("R", "tse", "esndcg", "gre", "success"):
-        ax[1].plot(its, [r[key] for r in rows], label=key)
-    ax[1].set(title="GOPO rollouts (training scenarios, sampled)", xlabel="iteration")
-    ax[1].legend()
-    ax[2].plot(its, [r["loss"] if r["loss"] is not None else float("nan") for r in rows], label="Expert loss")
-    ax[2].plot(its, [r["pairs"] for r in rows], label="pairs")
-    ax[2].set(title="GOPO update", xlabel="iteration", yscale="log")
-    ax[2].legend()
+    if rows:
+        its = [r["iter"] for r in rows]
+        for key in ("R", "tse", "esndcg", "gre", "success"):
+            if key in rows[0]:
+                ax[1].plot(its, [r[key] for r in rows], label=key)
+        ax[1].set(title="rollouts (training scenarios, sampled)", xlabel="iteration")
+        ax[1].legend()
+        for key, label in (("loss", "loss"), ("value_loss", "value loss"), ("pairs", "pairs"),
+                           ("cases", "cases in the bank")):
+            if key in rows[0]:
+                ax[2].plot(its, [r[key] if r[key] is not None else float("nan") for r in rows], label=label)
+        ax[2].set(title="update", xlabel="iteration", yscale="log")
+        ax[2].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "curves.png"), dpi=100)
     plt.close(fig)

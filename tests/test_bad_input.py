@@ -266,6 +266,30 @@ def build_cases(tmp, checkpoint):
         "train.py", ["--resume", str(resume / "no_logs")], ["logs.jsonl"], keep=str(resume / "no_logs"),
         needs="--resume")
 
+    # ---- baselines: --sft-from, --algo ppo, --resume of a baseline run
+    sft_from = tmp / "sft_from"
+    for name, config in [("seed_clash", {**tiny_config(), "sft_batch": 16, "seed": 7}),
+                         ("no_checkpoint", {**tiny_config(), "sft_batch": 16})]:
+        (sft_from / name).mkdir(parents=True)
+        (sft_from / name / "config.json").write_text(json.dumps(config))
+        (sft_from / name / "sft.json").write_text("{}")
+    cases["sft_from_missing"] = Case("train.py", ["--algo", "ppo", "--sft-from", str(sft_from / "nope")],
+                                     ["nope", "config.json"])
+    cases["sft_from_seed_clash"] = Case("train.py", ["--algo", "ppo", "--sft-from", str(sft_from / "seed_clash")],
+                                        ["--seed", "7"], keep=str(sft_from / "seed_clash"))
+    cases["sft_from_without_checkpoint"] = Case(
+        "train.py", ["--algo", "ppo", "--sft-from", str(sft_from / "no_checkpoint")], ["flat_sft", "--algo sft"],
+        keep=str(sft_from / "no_checkpoint"))
+    cases["ppo_greedy_rollouts"] = Case("train.py", ["--algo", "ppo", "--agent-temperature", "0"],
+                                        ["--agent-temperature"])
+    (resume / "ppo_run").mkdir(parents=True)
+    (resume / "ppo_run" / "config.json").write_text(json.dumps({**tiny_config(), "algo": "ppo"}))
+    cases["resume_baseline_run"] = Case("train.py", ["--resume", str(resume / "ppo_run")], ["--resume", "ppo"],
+                                        keep=str(resume / "ppo_run"), needs="--resume")
+    cases["resume_with_sft_from"] = Case("train.py", ["--resume", str(resume / "ppo_run"), "--sft-from",
+                                                      str(sft_from / "no_checkpoint")], ["--sft-from"],
+                                         keep=str(resume / "ppo_run"), needs="--resume")
+
     # every train.py case writes into its own fresh --out (which must stay empty) unless it names one
     for name, case in cases.items():
         if "--out" not in case.args and "--resume" not in case.args:
@@ -329,6 +353,17 @@ def build_cases(tmp, checkpoint):
                       broken_files={"config.json": config, "model.safetensors": b"garbage" * 100})],
             ["garbage/agent_sft", "no loadable model"], str(ev / "garbage")),
     }
+    unknown = eval_run("unknown_algo")
+    (ev / "unknown_algo" / "config.json").write_text('{"algo": "dqn"}\n')
+    memento = eval_run("memento")
+    (ev / "memento" / "config.json").write_text('{"algo": "memento"}\n')
+    (ev / "memento" / "bank.pt").write_bytes(b"not a case bank" * 10)
+    eval_cases.update({
+        "eval_run_and_compare": ([eval_run("both"), "--compare", str(ev / "both")], ["not both"], str(ev / "both")),
+        "eval_nothing_to_evaluate": ([], ["one run folder"], None),
+        "eval_unknown_algo": ([unknown], ["dqn"], unknown),
+        "eval_memento_bad_bank": ([memento], ["bank.pt"], memento),
+    })
     for name, (args, needles, keep) in eval_cases.items():
         cases[name] = Case("eval.py", args, needles, keep=keep)
     return cases
@@ -406,6 +441,9 @@ ALL_CASES = [
     "eval_n_scenarios_abc", "eval_batch_neg", "eval_no_values", "eval_values_malformed", "eval_values_not_object",
     "eval_values_not_numbers", "eval_expert_config_only", "eval_expert_empty_config",
     "eval_agent_sft_garbage_weights",
+    "sft_from_missing", "sft_from_seed_clash", "sft_from_without_checkpoint", "ppo_greedy_rollouts",
+    "resume_baseline_run", "resume_with_sft_from",
+    "eval_run_and_compare", "eval_nothing_to_evaluate", "eval_unknown_algo", "eval_memento_bad_bank",
 ]
 
 

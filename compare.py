@@ -1,0 +1,209 @@
+"""`python eval.py --compare RUNS...`: the paper's comparison, every method on the same held-out
+scenarios, pooled over training seeds.
+
+    python eval.py --compare out/sft out/ppo out/memento out/gopo-noexpert out/gopo
+
+Each folder is one train.py run or holds runs of one method (out/ppo/s0, s1, s2); a folder named
+after a method plus a suffix (out/gopo-alpha1) is a variant of it with its own row. Every run is
+rolled out greedily on the same --n-scenarios held-out scenarios; a method's row pools its seeds
+(the 95% CI is over all its dialogues, seeds x scenarios; the per-seed TSE means show the spread
+between seeds). The behaviour and oracle policies give the floor of the logs and the world's
+ceiling. Relative TSE of GOPO over a baseline is the ratio of their mean TSEs, with a 95% CI from a
+paired bootstrap over scenarios (each scenario's TSE averaged over seeds first).
+
+Writes compare.md, compare.json ({method: {metric: {"mean", "ci95"}}, "budget", "relative_tse" (of
+the gopo row), "relative_tse_by_gopo_row", "per_seed_tse", "train_seconds", "n_scenarios"}) and
+compare.png (bars, and each method's training curve of TSE on its own sampled rollouts). Metrics:
+TSE, success, ESNDCG, GRE, turns and sop_ok (eval.sop_ok: every reply's recognised act allowed by
+the SOP).
+"""
+import json
+import os
+import random
+
+import data
+import eval as eval_lib
+import shop
+
+METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok"]
+SFT_SETTINGS = ("data", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer", "vocab_size",
+                "sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")
+ROLLOUT_BUDGET = ("iters", "scenarios", "k")
+
+
+def find_runs(folder):
+    """The run folders under one --compare argument: itself, or its subfolders that are runs."""
+    eval_lib.check_folder(folder)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return [folder]
+    runs = sorted(os.path.join(folder, d) for d in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, d, "config.json")))
+    if not runs:
+        eval_lib.die(f"{folder} holds no train.py run (no config.json in it or in its subfolders)")
+    return runs
+
+
+def read_method(folder):
+    """(algo, [(run, config)]) of one --compare argument; its runs must all be of one method."""
+    runs = [(r, eval_lib.read_config(os.path.join(r, "config.json"))) for r in find_runs(folder)]
+    algos = {c.get("algo", "gopo") for _, c in runs}
+    if len(algos) > 1:
+        eval_lib.die(f"{folder} mixes runs of --algo {', '.join(sorted(algos))}; give one folder per method")
+    algo = algos.pop()
+    if algo not in eval_lib.ROWS:
+        eval_lib.die(f"{folder}: unknown --algo '{algo}' in its config.json")
+    if any(c.get("data", "shop") != "shop" for _, c in runs):
+        eval_lib.die(f"{folder}: --compare runs on the built-in shop only (its held-out scenarios); "
+                     "evaluate a real-data run with python eval.py RUN")
+    return algo, runs
+
+
+def check_budget(methods):
+    """Every run has the same SFT settings, every trained method the same rollout budget: or exit."""
+    first = {}
+    for runs in methods.values():
+        for run, c in runs:
+            keys = SFT_SETTINGS + (ROLLOUT_BUDGET if c.get("algo", "gopo") != "sft" else ())
+            for k in keys:
+                if k in first and first[k][0] != c.get(k):
+                    eval_lib.die(f"{run} has --{k.replace('_', '-')} {c.get(k)} but {first[k][1]} has "
+                                 f"{first[k][0]}: compare runs with one SFT setting and one rollout budget")
+                first.setdefault(k, (c.get(k), run))
+    get = lambda k: first[k][0] if k in first else None
+    n_logs = get("n_logs")
+    return {"sft_dialogues": n_logs, "sft_steps": get("sft_steps"), "sft_batch": get("sft_batch"),
+            "iters": get("iters"), "dialogues_per_iter": (get("scenarios") or 0) * (get("k") or 0),
+            "rollouts_after_sft": (get("iters") or 0) * (get("scenarios") or 0) * (get("k") or 0),
+            "seeds": {name: [c["seed"] for _, c in runs] for name, runs in methods.items()}}
+
+
+def relative_tse(per_scenario, a, b, n_boot, seed=0):
+    """mean TSE of a / mean TSE of b, and a paired-bootstrap 95% CI over scenarios.
+    per_scenario[m]: (S,) TSE of each held-out scenario, averaged over m's seeds."""
+    xa, xb = per_scenario[a], per_scenario[b]
+    ratio = sum(xa) / sum(xb)
+    rng = random.Random(seed)
+    n = len(xa)
+    boots = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append(sum(xa[i] for i in idx) / max(1e-12, sum(xb[i] for i in idx)))
+    boots.sort()
+    return {"mean": ratio, "ci95": [boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]]}
+
+
+def label(folder, algo):
+    """A row's name: the folder's name where it starts with the method's (gopo-alpha1: a variant of
+    gopo, its own row), else the method (a folder named s0 is a single run of its config's algo)."""
+    name = os.path.basename(os.path.normpath(folder))
+    return name if name.startswith(algo) and algo != "sft" else algo
+
+
+def main(args):
+    methods, algo_of = {}, {}
+    for folder in args.compare:
+        algo, runs = read_method(folder)
+        name = label(folder, algo)
+        if name in methods:
+            eval_lib.die(f"two folders hold {name} runs; put a method's seeds in one folder (a variant in a "
+                         f"folder named after it, e.g. {algo}-variant)")
+        methods[name], algo_of[name] = runs, algo
+    budget = check_budget(methods)
+    out = args.out or os.path.commonpath([os.path.dirname(os.path.abspath(f.rstrip("/"))) for f in args.compare])
+    os.makedirs(out, exist_ok=True)
+    rows_of = lambda name: eval_lib.ROWS["sft"] if algo_of[name] == "sft" else [name]
+    loaded = {run: eval_lib.load_run(run, eval_lib.ROWS[algo_of[name]][:1] if algo_of[name] != "sft"
+                                     else eval_lib.ROWS["sft"])
+              for name, runs in methods.items() for run, _ in runs}   # every checkpoint loads first
+    scenarios = [shop.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
+    from tqdm import tqdm
+    pooled, per_seed, per_scenario, curves, seconds = {}, {}, {}, {}, {}
+    jobs = [(name, row, run) for name, runs in methods.items() for run, _ in runs for row in rows_of(name)]
+    for name, row, run in tqdm(jobs, desc="compare", unit="run"):
+        method = row if algo_of[name] == "sft" else algo_of[name]
+        values = eval_lib.read_values(os.path.join(run, "values.json"))
+        recs = eval_lib.method_records(loaded[run], method, scenarios, shop, args.batch, args.seed)
+        per = eval_lib.per_dialogue(recs, values, shop, flat=method in eval_lib.FLAT)
+        for k in METRICS:
+            pooled.setdefault(row, {}).setdefault(k, []).extend(per[k])
+        per_seed.setdefault(row, []).append(sum(per["tse"]) / len(per["tse"]))
+        per_scenario.setdefault(row, []).append(per["tse"])
+    for name, runs in methods.items():
+        curves[name] = [read_curve(run) for run, _ in runs]
+        seconds[name] = [read_seconds(run) for run, _ in runs]
+    values = eval_lib.read_values(os.path.join(methods[next(iter(methods))][0][0], "values.json"))
+    for name in ("behaviour", "oracle"):    # rule policies with template text: no training seed
+        recs = [shop.play(s, shop.POLICIES[name], seed=args.seed) for s in scenarios]
+        per = eval_lib.per_dialogue(recs, values, shop)
+        pooled[name] = {k: per[k] for k in METRICS}
+        per_scenario[name] = [per["tse"]]
+    results = {m: eval_lib.summary(pooled[m]) for m in pooled}
+    mean_over_seeds = {m: [sum(col) / len(col) for col in zip(*rows)] for m, rows in per_scenario.items()}
+    gopo_rows = [r for r in pooled if algo_of.get(r) == "gopo"]       # gopo, and variants like gopo-alpha1
+    rel_all = {g: {b: relative_tse(mean_over_seeds, g, b, args.bootstrap) for b in pooled if b not in gopo_rows}
+               for g in gopo_rows}
+    rel = rel_all.get("gopo", {})
+    rows = [r for r in pooled if r not in ("behaviour", "oracle")] + ["behaviour", "oracle"]
+
+    md = [f"Comparison on {args.n_scenarios} held-out scenarios (greedy; mean [95% CI] over seeds x scenarios).",
+          "",
+          f"Budget: SFT on {budget['sft_dialogues']} logged dialogues ({budget['sft_steps']} steps of "
+          f"{budget['sft_batch']} per model); then {budget['rollouts_after_sft']} simulated dialogues per method "
+          f"and seed ({budget['iters']} iterations x {budget['dialogues_per_iter']}). Seeds: "
+          + "; ".join(f"{a} {s}" for a, s in budget["seeds"].items()) + ".",
+          "", eval_lib.table(results, rows, METRICS).rstrip(), "",
+          "| method | TSE of each seed | train wall time per seed (s) |", "|---|---|---|"]
+    for r in rows:
+        name = "sft" if r in ("sft", "sft-flat") else r
+        secs = ", ".join(f"{s:.0f}" if s is not None else "?" for s in seconds.get(name, [])) or "—"
+        md.append(f"| {r} | " + ", ".join(f"{x:.3f}" for x in per_seed.get(r, [])) + f" | {secs} |")
+    if rel_all:
+        cell = lambda r: f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+        md += ["", "Relative TSE of GOPO (its mean TSE / the row's; paired bootstrap over scenarios, 95% CI):", "",
+               "| baseline | " + " | ".join(f"{g} / baseline" for g in gopo_rows) + " |",
+               "|---|" + "---|" * len(gopo_rows)]
+        md += [f"| {b} | " + " | ".join(cell(rel_all[g][b]) for g in gopo_rows) + " |" for b in rel_all[gopo_rows[0]]]
+    text = "\n".join(md) + "\n"
+    print(text)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump({**results, "budget": budget, "relative_tse": rel, "relative_tse_by_gopo_row": rel_all,
+                   "per_seed_tse": per_seed,
+                   "train_seconds": seconds, "n_scenarios": args.n_scenarios}, f, indent=2)
+    plot(results, rows, curves, os.path.join(out, "compare.png"), args.n_scenarios)
+
+
+def read_curve(run):
+    """TSE of the sampled training rollouts, per iteration ([] for --algo sft)."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["tse"] for line in f if line.strip()]
+
+
+def read_seconds(run):
+    try:
+        with open(os.path.join(run, "time.json")) as f:
+            return json.load(f)["seconds"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def plot(results, rows, curves, path, n):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    eval_lib.plot(results, rows, None, f"{n} held-out scenarios, seeds pooled", ax=ax[0])
+    for algo, runs in curves.items():
+        runs = [c for c in runs if c]
+        if runs:
+            L = min(len(c) for c in runs)
+            ax[1].plot(range(L), [sum(c[i] for c in runs) / len(runs) for i in range(L)], label=algo)
+    ax[1].set(title="TSE of the training rollouts (sampled; mean over seeds)", xlabel="iteration")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

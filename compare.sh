@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The comparison of README "Baselines": 3 training seeds x 5 methods (+ 2 variants) on one budget, then the table.
+# Every method of a seed starts from the same SFT checkpoints (--sft-from the seed's --algo sft run).
+# gopo-alpha1 and gopo-noexpert-alpha1 are variant rows: R = TSE alone (--alpha 1), as the other baselines.
+#   bash compare.sh                 # out/compare/<method>/s{0,1,2}, out/compare/compare.{md,json,png}
+#   SEEDS="0" bash compare.sh       # one seed
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-out/compare}
+SEEDS=${SEEDS:-"0 1 2"}
+for seed in $SEEDS; do
+  python train.py --algo sft --seed "$seed" --out "$OUT" --run "sft/s$seed" --overwrite
+  for algo in gopo ppo memento gopo-noexpert; do
+    python train.py --algo "$algo" --seed "$seed" --out "$OUT" --run "$algo/s$seed" --overwrite \
+      --sft-from "$OUT/sft/s$seed"
+  done
+  for algo in gopo gopo-noexpert; do
+    python train.py --algo "$algo" --alpha 1 --seed "$seed" --out "$OUT" --run "$algo-alpha1/s$seed" --overwrite \
+      --sft-from "$OUT/sft/s$seed"
+  done
+done
+python eval.py --compare "$OUT/sft" "$OUT/ppo" "$OUT/memento" "$OUT/gopo-noexpert" "$OUT/gopo" "$OUT/gopo-alpha1" \
+  "$OUT/gopo-noexpert-alpha1" --out "$OUT"
