@@ -7,15 +7,15 @@ Each folder is one train.py run or holds runs of one method (out/ppo/s0, s1, s2)
 after a method plus a suffix (out/gopo-alpha1) is a variant of it with its own row. Every run is
 rolled out greedily on the same --n-scenarios held-out scenarios; a method's row pools its seeds
 (the 95% CI is over all its dialogues, seeds x scenarios; the per-seed TSE means show the spread
-between seeds). The behaviour and oracle policies give the floor of the logs and the world's
-ceiling. Relative TSE of GOPO over a baseline is the ratio of their mean TSEs, with a 95% CI from a
+between seeds). The behaviour policy is the teacher of the logs; the oracle, which knows the hidden
+goal, gives the reference sequences z* (not a TSE ceiling: it spends turns on upsells). Relative TSE of GOPO over a baseline is the ratio of their mean TSEs, with a 95% CI from a
 paired bootstrap over scenarios (each scenario's TSE averaged over seeds first).
 
 Writes compare.md, compare.json ({method: {metric: {"mean", "ci95"}}, "budget", "relative_tse" (of
 the gopo row), "relative_tse_by_gopo_row", "per_seed_tse", "train_seconds", "n_scenarios"}) and
 compare.png (bars, and each method's training curve of TSE on its own sampled rollouts). Metrics:
-TSE, success, ESNDCG, GRE, turns and sop_ok (eval.sop_ok: every reply's recognised act allowed by
-the SOP).
+TSE, success, ESNDCG, GRE, turns, sop_ok (eval.sop_ok: every reply's recognised act allowed by
+the SOP) and order value.
 """
 import json
 import os
@@ -25,7 +25,7 @@ import data
 import eval as eval_lib
 import shop
 
-METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok"]
+METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
 SFT_SETTINGS = ("data", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer", "vocab_size",
                 "sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")
 ROLLOUT_BUDGET = ("iters", "scenarios", "k")
@@ -201,7 +201,8 @@ def plot(results, rows, curves, path, n):
         runs = [c for c in runs if c]
         if runs:
             L = min(len(c) for c in runs)
-            ax[1].plot(range(L), [sum(c[i] for c in runs) / len(runs) for i in range(L)], label=algo)
+            color = f"C{rows.index(algo) % 10}" if algo in rows else None   # the bar's colour on the left
+            ax[1].plot(range(L), [sum(c[i] for c in runs) / len(runs) for i in range(L)], label=algo, color=color)
     ax[1].set(title="TSE of the training rollouts (sampled; mean over seeds)", xlabel="iteration")
     ax[1].legend(fontsize=8)
     fig.tight_layout()
