@@ -40,7 +40,9 @@ metrics.jsonl line from that iteration's rollouts. What each one really is:
     * the bank starts with the cases of the logged training dialogues (the SFT data; --no-memento-logs
       starts it empty) and grows with every training rollout. Evaluation reads it, never writes it.
 """
+import copy
 import math
+import os
 import random
 import re
 import time
@@ -246,6 +248,36 @@ def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed
         model.eval()
     return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, loss=gopo.mean(losses) if losses else None,
                                           pairs=len(pairs), nonfinite_steps=skipped)}
+
+
+# ----------------------------------------------------------------------------- train.py's hook
+def trainer(algo, expert_model, agent_model, tok_e, tok_a, logs, values, world, args, device="cpu"):
+    """A baseline's (step(scenarios, it, seed) -> metrics line, save(run_dir)) for train.py's loop.
+    For ppo and gopo-noexpert, agent_model/tok_a are the SFT flat agent; memento uses both SFT agents."""
+    if algo == "ppo":
+        ref_model = copy.deepcopy(agent_model).eval()           # the frozen SFT flat agent (KL penalty)
+        value_head = ValueHead(agent_model.config.hidden_size).to(device)
+        opt = torch.optim.AdamW([*agent_model.parameters(), *value_head.parameters()], lr=args.flat_lr,
+                                weight_decay=0.0)
+
+        def save(run_dir):
+            lm.save(agent_model, tok_a, os.path.join(run_dir, "flat"))
+            torch.save(value_head.state_dict(), os.path.join(run_dir, "value_head.pt"))
+        return (lambda scenarios, it, seed: ppo_iteration(agent_model, value_head, ref_model, tok_a, opt, scenarios,
+                                                          values, world, args, it, seed)), save
+    if algo == "gopo-noexpert":
+        opt = torch.optim.AdamW(agent_model.parameters(), lr=args.flat_lr, weight_decay=0.0)
+        return (lambda scenarios, it, seed: flat_dpo_iteration(agent_model, tok_a, opt, scenarios, values, world,
+                                                               args, it, seed)), \
+            (lambda run_dir: lm.save(agent_model, tok_a, os.path.join(run_dir, "flat")))
+    if algo == "memento":
+        bank = CaseBank.from_logs(logs, world.STRATEGIES, args.memento_k, args.memento_decay)
+        if args.memento_logs:
+            bank.add(logs, values, world.HORIZON)
+        return (lambda scenarios, it, seed: memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios,
+                                                              values, world, args, it, seed)), \
+            (lambda run_dir: torch.save(bank.state_dict(), os.path.join(run_dir, "bank.pt")))
+    raise ValueError(f"not a baseline: {algo}")
 
 
 # ----------------------------------------------------------------------------- Memento

@@ -73,8 +73,9 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
                 uniforms = None if greedy else torch.stack([torch.rand(len(strategies), generator=gens[i])
                                                             for i in live])
                 allowed = expert_lib.sop_mask(prevs, strategies, world.SOP)             # (B, Z)
-                z, logp = expert_lib.decide(logits, strategy_ids, allowed, uniforms)
-                if choose is not None:
+                if choose is None:
+                    z, logp = expert_lib.decide(logits, strategy_ids, allowed, uniforms)
+                else:   # one masked distribution, for the chooser and for the recorded log-prob
                     logps = expert_lib.masked_logps(logits, strategy_ids, allowed)      # (B, Z)
                     z = choose([trajs[i]["turns"] for i in live], allowed, logps, uniforms)
                     logp = logps.gather(1, z[:, None]).squeeze(1)

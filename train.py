@@ -401,24 +401,9 @@ def main(argv=None):
             start, bad_in_a_row = trainer["iterations_done"], trainer["bad_in_a_row"]
         step = lambda scenarios, it, seed: gopo.iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a,
                                                           scenarios, values, world, args, it, seed)
-    elif args.algo == "ppo":
-        import copy
-        ref_model = copy.deepcopy(agent_model).eval()           # the frozen SFT flat agent (KL penalty)
-        value_head = baselines.ValueHead(agent_model.config.hidden_size).to(device)
-        opt = torch.optim.AdamW([*agent_model.parameters(), *value_head.parameters()], lr=args.flat_lr,
-                                weight_decay=0.0)
-        step = lambda scenarios, it, seed: baselines.ppo_iteration(agent_model, value_head, ref_model, tok_a, opt,
-                                                                   scenarios, values, world, args, it, seed)
-    elif args.algo == "gopo-noexpert":
-        opt = torch.optim.AdamW(agent_model.parameters(), lr=args.flat_lr, weight_decay=0.0)
-        step = lambda scenarios, it, seed: baselines.flat_dpo_iteration(agent_model, tok_a, opt, scenarios, values,
-                                                                        world, args, it, seed)
-    elif args.algo == "memento":
-        bank = baselines.CaseBank.from_logs(logs, world.STRATEGIES, args.memento_k, args.memento_decay)
-        if args.memento_logs:
-            bank.add(logs, values, world.HORIZON)
-        step = lambda scenarios, it, seed: baselines.memento_iteration(expert_model, agent_model, tok_e, tok_a, bank,
-                                                                       scenarios, values, world, args, it, seed)
+    elif args.algo != "sft":   # a baseline: its step and its checkpoint writer (baselines.py)
+        step, save_method = baselines.trainer(args.algo, expert_model, agent_model, tok_e, tok_a, logs, values,
+                                              world, args, device)
     n_iters = args.iters if args.algo != "sft" else 0
     if parallel.is_main() and n_iters:
         keep_metrics(path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
@@ -443,12 +428,8 @@ def main(argv=None):
     if args.algo == "gopo":
         lm.save(expert_model, tok_e, path("expert"))
         lm.save(agent_model, tok_a, path("agent"))
-    elif args.algo in ("ppo", "gopo-noexpert"):
-        lm.save(agent_model, tok_a, path("flat"))
-        if args.algo == "ppo":
-            torch.save(value_head.state_dict(), path("value_head.pt"))
-    elif args.algo == "memento":
-        torch.save(bank.state_dict(), path("bank.pt"))
+    elif args.algo != "sft":
+        save_method(run_dir)
     if parallel.is_main():
         plot_curves(run_dir)
         with open(path("time.json"), "w") as f:   # this process's wall time (--compare reports it)
