@@ -11,6 +11,7 @@ known exactly (no re-tokenization drift between rollout and scoring):
   - the CS Agent's reply is the span after "\nA:" up to and including <|eot|>.
 """
 import functools
+import inspect
 import os
 import shutil
 
@@ -335,6 +336,18 @@ class GrowingLayer(DynamicLayer):
         self.select(indices, torch.arange(self.n, device=self.keys.device).expand(len(indices), -1))
 
 
+def cache_argument(model):
+    """The name under which this model's forward takes and returns the KV cache: `past_key_values`
+    in transformers 5.17 (the GPU image), `cache` in 5.24, where the old name still works but is
+    deprecated (to be removed in 5.40)."""
+    return _cache_argument(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class):
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 class Context:
     """The growing token contexts of B dialogues for one model: the rollout's state.
 
@@ -394,9 +407,10 @@ class Context:
         if self.cache is None:
             self.cache = Cache(layer_class_to_replicate=GrowingLayer)
         dev = self.model.device
+        name = cache_argument(self.model)
         out = self.model(input_ids=chunk.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                         cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache, self.attn = out.cache, attn
+                         **{name: self.cache}, use_cache=True, logits_to_keep=1)
+        self.cache, self.attn = getattr(out, name), attn
         self.pos += mask.sum(1)
         return out.logits[:, -1].float().cpu()
 

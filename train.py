@@ -275,16 +275,41 @@ def resume_run(args):
         k = clash[0]
         die(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run's {saved.get(k)}; "
             "resume with the run's own settings (drop the flag) or start a new run")
-    # flags added since the run was made take their defaults
-    return run_dir, argparse.Namespace(**{**vars(p.parse_args([])), **saved, "resume": run_dir,
-                                          "overwrite": False})
+    check_saved_config(saved, path)
+    return run_dir, argparse.Namespace(**{**saved, "resume": run_dir, "overwrite": False})
+
+
+def check_saved_config(saved, path):
+    """Every flag of a run must be in its config.json, and each value must be one its flag accepts
+    (type, range, choices): a folder that is not a run, or a config edited into nonsense, is refused
+    here, before anything is written into the folder."""
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "resume", "overwrite")}
+    unknown = sorted(set(saved) - set(actions) - {"resume", "overwrite", "world_size"})
+    missing = sorted(set(actions) - set(saved))
+    if unknown or missing:
+        what = f"unknown setting '{unknown[0]}'" if unknown else f"no '{missing[0]}' setting"
+        die(f"{path}: {what}; it is not the config of a run this train.py can resume")
+    for k, a in actions.items():
+        v, flag = saved[k], "--" + k.replace("_", "-")
+        if v is None and a.default is None and k != "sft_batch":   # sft_batch is filled in when a run starts
+            continue
+        if isinstance(a.default, bool):
+            ok = isinstance(v, bool)
+        else:
+            try:
+                ok = not isinstance(v, (bool, dict, list)) and (a.type or str)(str(v)) == v \
+                    and (a.choices is None or v in a.choices)
+            except (ValueError, argparse.ArgumentTypeError):
+                ok = False
+        if not ok:
+            die(f"{path}: {flag} {json.dumps(v)} is not a value {flag} accepts; it is not a run this train.py can resume")
 
 
 def main(argv=None):
     args = p.parse_args(argv)
     device = parallel.init()       # torchrun sets WORLD_SIZE; one process otherwise
     check_flags(args)
-    if args.sft_batch is None and not args.resume:
+    if args.sft_batch is None and not args.resume:   # a resumed run's config.json has its own
         args.sft_batch = 16 if args.data == "shop" else 4
     check_model(args.model)
     if args.sft_from:

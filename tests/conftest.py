@@ -29,7 +29,7 @@ if ROOT not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))   # 1: how tests/across_machines.sh runs them too
 
 import data  # noqa: E402
 import lm  # noqa: E402

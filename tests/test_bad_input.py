@@ -247,6 +247,8 @@ def build_cases(tmp, checkpoint):
                         ("bad_config", {"config.json": '{"k": 4, '}),
                         ("config_list", {"config.json": "[1, 2]\n"}),
                         ("clash", {"config.json": '{"k": 4}\n'}),
+                        ("foreign_config", {"config.json": '{"a": 1}\n'}),
+                        ("config_bad_value", {"config.json": json.dumps({**tiny_config(), "k": 1.5})}),
                         ("no_logs", {"config.json": json.dumps(tiny_config()), "values.json": '{"purchase": 1.0}'})]:
         (resume / name).mkdir(parents=True)
         for f, text in files.items():
@@ -256,6 +258,12 @@ def build_cases(tmp, checkpoint):
                                      ["not_a_run", "config.json"], keep=str(resume / "not_a_run"), needs="--resume")
     cases["resume_flag_clash"] = Case("train.py", ["--resume", str(resume / "clash"), "--k", "3"],
                                       ["--k"], keep=str(resume / "clash"), needs="--resume")
+    cases["resume_foreign_config"] = Case(   # a config.json that is not a run's: nothing written, one line
+        "train.py", ["--resume", str(resume / "foreign_config")], ["config.json", "'a'"],
+        keep=str(resume / "foreign_config"), needs="--resume")
+    cases["resume_config_bad_value"] = Case(
+        "train.py", ["--resume", str(resume / "config_bad_value")], ["--k 1.5"],
+        keep=str(resume / "config_bad_value"), needs="--resume")
     cases["resume_config_malformed"] = Case(
         "train.py", ["--resume", str(resume / "bad_config")], ["config.json"], keep=str(resume / "bad_config"),
         needs="--resume")
@@ -372,7 +380,7 @@ def build_cases(tmp, checkpoint):
 def tiny_config():
     """train.py's config.json for a TINY_RUN (what a run killed early leaves behind)."""
     import train   # the parser only: main() is not called
-    return vars(train.p.parse_args(TINY_RUN))
+    return {**vars(train.p.parse_args(TINY_RUN)), "sft_batch": 16, "world_size": 1}
 
 
 # ----------------------------------------------------------------------------- running them
@@ -436,7 +444,7 @@ ALL_CASES = [
     "data_path_without_data",
     "run_exists", "run_exists_with_bad_logs",
     "resume_missing", "resume_not_a_run", "resume_flag_clash", "resume_config_malformed",
-    "resume_config_not_object", "resume_values_without_logs",
+    "resume_config_not_object", "resume_values_without_logs", "resume_foreign_config", "resume_config_bad_value",
     "eval_missing_folder", "eval_file_not_folder", "eval_no_checkpoints", "eval_n_scenarios0",
     "eval_n_scenarios_abc", "eval_batch_neg", "eval_no_values", "eval_values_malformed", "eval_values_not_object",
     "eval_values_not_numbers", "eval_expert_config_only", "eval_expert_empty_config",

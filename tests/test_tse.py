@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from tse import bleu, esndcg, event_values, gre, mean_ci, rouge_l, summarize, trajectory_metrics, tse
+from tse import bleu, esndcg, event_values, gre, mean_ci, rate_ci, rouge_l, summarize, trajectory_metrics, tse
 
 VALUES = {"positive": 0.6, "negative": 0.2, "leave": 0.25, "purchase": 1.0}
 
@@ -213,6 +213,18 @@ def test_mean_ci_edge_cases():
     assert all(math.isnan(x) for x in mean_ci([]))
     m, lo, hi = mean_ci([1, 1, 1])
     assert (m, lo, hi) == (1.0, 1.0, 1.0)
+
+
+def test_rate_ci_is_wilson_and_stays_in_range():
+    # 2 successes in 200: Wilson 95% is [0.00275, 0.0357] (by hand: centre (0.01 + 1.96^2/400) / (1 + 1.96^2/200));
+    # the normal interval would go below 0
+    xs = [1] * 2 + [0] * 198
+    p, lo, hi = rate_ci(xs)
+    assert p == 0.01 and lo == pytest.approx(0.002747, abs=1e-5) and hi == pytest.approx(0.035722, abs=1e-5)
+    assert mean_ci(xs)[1] < 0 <= summarize(xs)["ci95"][0]
+    assert summarize(xs)["ci95"] == pytest.approx([lo, hi])
+    assert rate_ci([1] * 50)[1:] == pytest.approx((0.9287, 1.0), abs=1e-4) and rate_ci([0] * 50)[0] == 0.0
+    assert all(math.isnan(x) for x in rate_ci([]))
 
 
 # ----------------------------------------------------------------------------- one trajectory
