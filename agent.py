@@ -21,11 +21,9 @@ def reply_mask(n_tokens, replies):
 
 
 def reply_logps(model, ids, attn, target_mask):
-    """Summed log-prob of the masked target tokens per row: ids/attn/target_mask (B, L) -> (B,)."""
-    ids, attn, target_mask = ids.to(model.device), attn.to(model.device), target_mask.to(model.device)
-    logits = model(input_ids=ids, attention_mask=attn).logits          # (B, L, V)
-    logps = lm.token_logps(logits, ids)                                 # (B, L-1)
-    return (logps * target_mask[:, 1:]).sum(-1)
+    """Summed log-prob of the masked target tokens per row: ids/attn/target_mask (B, L) -> (B,).
+    The output layer runs only on the target positions, in chunks (lm.target_logps)."""
+    return lm.target_logps(model, ids, attn, target_mask).sum(-1)
 
 
 def collate(examples, pad_id):

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import agent as agent_lib
+import engine
 import gopo
 import lm
 import rollout as rollout_lib
@@ -126,22 +127,20 @@ def flat_batch(trajs, pad_id):
     return ids, attn, mask.float()
 
 
-def token_logps_values(model, value_head, ids, attn, temperature=1.0):
-    """log pi_T(ids[:, i] | ids[:, :i]) (B, L-1) at temperature T, and, with a value head, V of the
-    state before each of those tokens (B, L-1); else None."""
-    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None)
-    logits = out.logits[:, :-1].float() / temperature                               # (B, L-1, V)
-    logps = torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(2)  # (B, L-1)
+def token_logps_values(model, value_head, ids, attn, target_mask, temperature=1.0):
+    """log pi_T(ids[:, i] | ids[:, :i]) (B, L-1) at temperature T on the target tokens (0 elsewhere),
+    and, with a value head, V of the state before each of those tokens (B, L-1); else None. The
+    output layer runs on the targets only (lm.target_logps), never on (B, L, V)."""
     if value_head is None:
-        return logps, None
-    return logps, value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)     # (B, L-1)
+        return lm.target_logps(model, ids, attn, target_mask, temperature), None
+    return lm.target_logps(model, ids, attn, target_mask, temperature, extra=value_head)
 
 
 def flat_rollout(model, tok, scenarios, world, args, seed):
     """K sampled dialogues of the flat agent per scenario (the same batch layout as GOPO's)."""
     batch = [s for s in scenarios for _ in range(args.k)]
     return rollout_lib.rollout(None, model, None, tok, batch, world, greedy=False, seed=seed,
-                               agent_temperature=args.agent_temperature)
+                               agent_temperature=args.agent_temperature, max_reply_tokens=args.max_reply_tokens)
 
 
 def rollout_metrics(trajs, values, world, args, t0, **extra):
@@ -179,13 +178,13 @@ def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, values, wor
     """Rollout -> per-token rewards, KL shaping, GAE -> a few epochs of clipped PPO. One metrics line."""
     t0 = time.time()
     trajs = flat_rollout(model, tok, scenarios, world, args, seed)
-    ids, attn, mask = flat_batch(trajs, tok.pad_token_id)
+    ids, attn, mask = (x.to(model.device) for x in flat_batch(trajs, tok.pad_token_id))
     act = mask[:, 1:].bool()                                       # (B, L-1): target index j predicts ids[:, j+1]
     T = args.agent_temperature
     with torch.no_grad():
-        old_logps, old_values = token_logps_values(model, value_head, ids, attn, T)   # (B, L-1) each
-        ref_logps, _ = token_logps_values(ref_model, None, ids, attn, T)
-    rewards = token_rewards(trajs, values, world.HORIZON, ids.shape[1])             # (B, L-1)
+        old_logps, old_values = token_logps_values(model, value_head, ids, attn, mask, T)   # (B, L-1) each
+        ref_logps, _ = token_logps_values(ref_model, None, ids, attn, mask, T)
+    rewards = token_rewards(trajs, values, world.HORIZON, ids.shape[1]).to(model.device)  # (B, L-1)
     shaped = kl_shaped_rewards(rewards, old_logps, ref_logps, args.kl_coef)
     adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
     for b in range(len(trajs)):      # GAE over this dialogue's reply tokens only; V = 0 after the end
@@ -201,9 +200,9 @@ def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, values, wor
         order = list(range(len(trajs)))
         rng.shuffle(order)
         for i in range(0, len(order), args.ppo_minibatch):
-            mb = torch.tensor(order[i:i + args.ppo_minibatch])
+            mb = torch.tensor(order[i:i + args.ppo_minibatch], device=model.device)
             m = act[mb]
-            new_logps, new_values = token_logps_values(model, value_head, ids[mb], attn[mb], T)
+            new_logps, new_values = token_logps_values(model, value_head, ids[mb], attn[mb], mask[mb], T)
             pg = ppo_clip_loss(new_logps[m], old_logps[mb][m], adv[mb][m], args.clip).mean()
             vf = 0.5 * (new_values[m] - ret[mb][m]).pow(2).mean()
             if lm.guarded_step(both, opt, pg + args.vf_coef * vf):
@@ -230,12 +229,12 @@ def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed
     if pairs:
         used = sorted({i for p in pairs for i in p})
         row = {i: r for r, i in enumerate(used)}
-        ids, attn, mask = flat_batch([trajs[i] for i in used], tok.pad_token_id)
+        ids, attn, mask = (x.to(model.device) for x in flat_batch([trajs[i] for i in used], tok.pad_token_id))
         n_tokens = mask.sum(-1)                                                  # (N,)
         with torch.no_grad():
             S_ref = agent_lib.reply_logps(model, ids, attn, mask)                # (N,)
-        w = torch.tensor([row[a] for a, _ in pairs])
-        l = torch.tensor([row[b] for _, b in pairs])
+        w = torch.tensor([row[a] for a, _ in pairs], device=model.device)
+        l = torch.tensor([row[b] for _, b in pairs], device=model.device)
         model.train()
         for _ in range(args.gopo_epochs):
             S = agent_lib.reply_logps(model, ids, attn, mask)                    # (N,) eq. (2) on reply tokens
@@ -359,7 +358,7 @@ class CaseBank:
         known = torch.isfinite(q)
         z = torch.where(known.any(1), q.masked_fill(~known, float("-inf")).argmax(1), logps.argmax(1))
         if explore > 0:
-            sample = lm.gumbel_argmax(logps, torch.rand(logps.shape, generator=gen))
+            sample = engine.gumbel_argmax(logps, torch.rand(logps.shape, generator=gen))
             z = torch.where(torch.rand(len(z), generator=gen) < explore, sample, z)
         return z
 
@@ -386,7 +385,8 @@ def memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios, 
     batch = [s for s in scenarios for _ in range(args.k)]
     choose = lambda turns, allowed, logps, uniforms: bank.choose(turns, allowed, logps, args.memento_eps, gen)
     trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, greedy=False, seed=seed,
-                                agent_temperature=args.agent_temperature, choose=choose)
+                                agent_temperature=args.agent_temperature, choose=choose,
+                                max_reply_tokens=args.max_reply_tokens)
     records = [tr["record"] for tr in trajs]
     bank.add(records, values, world.HORIZON)
     return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, gre=gopo.mean(gopo.gre(r, world.recognise) for r in records),

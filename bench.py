@@ -52,6 +52,8 @@ p.add_argument("--scenarios", type=int, default=16, help="scenarios per rollout 
 p.add_argument("--k", type=int, default=4, help="rollouts per scenario (train.py default)")
 p.add_argument("--json", default="bench.json", help="where to write the results")
 p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+               help="where the measured rollouts and steps run: auto = CUDA when there is a GPU")
 p.add_argument("--profile", action="store_true",
                help="also print a torch.profiler table of one 16-turn rollout batch (where the time goes)")
 
@@ -73,6 +75,12 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
+def sync():
+    """Wait for queued GPU work, so a timer measures it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def side_by_side(fns, repeats):
     """Interleave the candidates (a, b, a, b, ...) after one warm-up each; median seconds of each."""
     for fn in fns:
@@ -80,8 +88,10 @@ def side_by_side(fns, repeats):
     times = [[] for _ in fns]
     for _ in range(repeats):
         for k, fn in enumerate(fns):
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             times[k].append(time.perf_counter() - t)
     return [statistics.median(ts) for ts in times]
 
@@ -120,13 +130,18 @@ def main():
     if args.run is not None and not all(os.path.isfile(os.path.join(args.run, f)) for f in needed):
         p.error(f"--run {args.run}: not a finished train.py run (needs expert/, agent/ and values.json)")
     torch.set_num_threads(args.threads)
-    res = {"threads": args.threads, "repeats": args.repeats}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA GPU that torch can see")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    res = {"threads": args.threads, "repeats": args.repeats, "device": str(device)}
     if args.run is None:
         res["train_wall_s"], res["train_peak_rss_mb"], run = measure_train()
     else:
         run = args.run
     expert_model, tok_e = lm.load(os.path.join(run, "expert"))
     agent_model, tok_a = lm.load(os.path.join(run, "agent"))
+    expert_model, agent_model = expert_model.to(device), agent_model.to(device)
     res["run"] = run
     res["model_params"] = lm.n_params(agent_model)
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(args.scenarios, offset=50_000)]
@@ -151,7 +166,7 @@ def main():
     floors = {}
     for name, prompts in (("same_lengths", contexts), ("openings", openings)):
         ids, attn = lm.pad(prompts, tok_a.pad_token_id, left=True)
-        floors[name] = (ids, attn)
+        floors[name] = (ids.to(device), attn.to(device))
     gen_kwargs = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=per_row,
                       min_new_tokens=per_row, pad_token_id=tok_a.pad_token_id)
 
@@ -183,6 +198,7 @@ def main():
     strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
     used = sorted({i for pr in pairs for i in pr})
     plain = expert_lib.collate([trajs[i] for i in used], tok_e.pad_token_id, len(shop.STRATEGIES))
+    plain = {k: v.to(device) for k, v in plain.items()}
     labels = plain["ids"].masked_fill(plain["attn"] == 0, -100)
     expert_model.train()
 

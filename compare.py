@@ -22,6 +22,7 @@ import os
 import random
 
 import data
+import lm
 import eval as eval_lib
 import shop
 
@@ -112,8 +113,9 @@ def main(args):
     out = args.out or os.path.commonpath([os.path.dirname(os.path.abspath(f.rstrip("/"))) for f in args.compare])
     os.makedirs(out, exist_ok=True)
     rows_of = lambda name: eval_lib.ROWS["sft"] if algo_of[name] == "sft" else [name]
+    device = eval_lib.device_of(args)
     loaded = {run: eval_lib.load_run(run, eval_lib.ROWS[algo_of[name]][:1] if algo_of[name] != "sft"
-                                     else eval_lib.ROWS["sft"])
+                                     else eval_lib.ROWS["sft"], device)
               for name, runs in methods.items() for run, _ in runs}   # every checkpoint loads first
     scenarios = [shop.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     from tqdm import tqdm
@@ -122,7 +124,8 @@ def main(args):
     for name, row, run in tqdm(jobs, desc="compare", unit="run"):
         method = row if algo_of[name] == "sft" else algo_of[name]
         values = eval_lib.read_values(os.path.join(run, "values.json"))
-        recs = eval_lib.method_records(loaded[run], method, scenarios, shop, args.batch, args.seed)
+        with lm.autocast(device, args.bf16):
+            recs = eval_lib.method_records(loaded[run], method, scenarios, shop, args.batch, args.seed)
         per = eval_lib.per_dialogue(recs, values, shop, flat=method in eval_lib.FLAT)
         for k in METRICS:
             pooled.setdefault(row, {}).setdefault(k, []).extend(per[k])

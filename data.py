@@ -13,8 +13,6 @@ the record and the field, so the CLIs can print it and exit 2.
 import json
 import os
 
-from datasets import Dataset
-
 RECORD_FIELDS = {"id": str, "source": str, "scenario": dict, "turns": list, "success": bool,
                  "ref_strategies": list}
 TURN_FIELDS = ("role", "text", "strategy", "event")
@@ -104,6 +102,7 @@ def read_jsonl(path, strategies=None, events=None):
 
 def to_dataset(records):
     """Records -> `datasets.Dataset` (scenario dicts stored as JSON strings: their keys vary by source)."""
+    from datasets import Dataset    # here, not at the top: training never needs it (the GPU image lacks it)
     rows = [{**r, "scenario": json.dumps(r["scenario"])} for r in records]
     return Dataset.from_list(rows)
 

@@ -52,6 +52,9 @@ p.add_argument("--bootstrap", type=int, default=2000, help="--compare: resamples
 p.add_argument("--n-scenarios", type=int, default=200, help="held-out scenarios")
 p.add_argument("--batch", type=int, default=100, help="dialogues rolled out together")
 p.add_argument("--seed", type=int, default=0, help="customer template seed")
+p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+               help="where the rollouts run: auto = CUDA when there is a GPU")
+p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollouts (weights stay as saved)")
 
 
 def dialogue_metrics(rec, values, world):
@@ -118,26 +121,27 @@ def read_values(path):
     return values
 
 
-def evaluate_agents(expert, agent, scenarios, world, batch, seed, choose=None):
+def evaluate_agents(expert, agent, scenarios, world, batch, seed, choose=None, max_reply_tokens=32):
     """Greedy rollouts of a loaded (Expert, CS Agent) pair, each a (model, tokenizer), the Expert
     (None, None) for a flat agent -> list of records."""
     (expert_model, tok_e), (agent_model, tok_a) = expert, agent
     records = []
     for i in range(0, len(scenarios), batch):
         trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, scenarios[i:i + batch], world,
-                                    greedy=True, seed=seed, choose=choose)
+                                    greedy=True, seed=seed, choose=choose, max_reply_tokens=max_reply_tokens)
         records += [t["record"] for t in trajs]
     return records
 
 
-def load_run(run, rows):
+def load_run(run, rows, device="cpu"):
     """Every checkpoint (and the case bank) the rows need, loaded before any rollout, so a broken one
-    costs no time and overwrites no report: {name: (model, tokenizer)}, plus "bank"."""
+    costs no time and overwrites no report: {name: (model on `device`, tokenizer)}, plus "bank"."""
     for need in ("values.json", *needed_files(rows)):
         if not os.path.exists(os.path.join(run, need)):
             die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
     hf_logging.disable_progress_bar()
     ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in needed_files(rows) if name != "bank.pt"}
+    ckpt = {name: (model.to(device), tok) for name, (model, tok) in ckpt.items()}
     if "memento" in rows:
         import baselines
         try:
@@ -147,13 +151,22 @@ def load_run(run, rows):
     return ckpt
 
 
-def method_records(ckpt, method, scenarios, world, batch, seed):
+def method_records(ckpt, method, scenarios, world, batch, seed, max_reply_tokens=32):
     """Greedy held-out dialogues of one method of a loaded run."""
     e, a = METHODS[method]
     choose = None
     if method == "memento":   # the bank decides, greedily; it is read, never written, here
         choose = lambda turns, allowed, logps, uniforms: ckpt["bank"].choose(turns, allowed, logps)
-    return evaluate_agents(ckpt[e] if e else (None, None), ckpt[a], scenarios, world, batch, seed, choose)
+    return evaluate_agents(ckpt[e] if e else (None, None), ckpt[a], scenarios, world, batch, seed, choose,
+                           max_reply_tokens)
+
+
+def device_of(args):
+    """--device: auto = CUDA when there is one; cuda without a GPU is a one-line error."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda: this machine has no CUDA GPU that torch can see (use --device cpu)")
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
 
 
 def per_dialogue(records, values, world, flat=False):
@@ -282,16 +295,23 @@ def main(argv=None):
     if algo not in ROWS:
         die(f"{run}/config.json names an unknown --algo '{algo}' (known: {', '.join(ROWS)})")
     rows = ROWS[algo]
-    ckpt = load_run(run, rows)
+    device = device_of(args)
+    ckpt = load_run(run, rows, device)
     values = read_values(os.path.join(run, "values.json"))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if config.get("data", "shop") != "shop":
-        return evaluate_logged(run, config, values, ckpt, rows, args)
+    with lm.autocast(device, args.bf16):
+        if config.get("data", "shop") != "shop":
+            return evaluate_logged(run, config, values, ckpt, rows, args)
+        return evaluate_shop(run, config, values, ckpt, rows, algo, args)
+
+
+def evaluate_shop(run, config, values, ckpt, rows, algo, args):
+    """The built-in world: every row's greedy dialogues on the held-out scenarios, and the rule policies."""
     world = shop
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     results = {}
     for name in rows:
-        recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed)
+        recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed, config.get("max_reply_tokens", 32))
         results[name] = summarize(recs, values, world, flat=name in FLAT)
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, policy in world.POLICIES.items():

@@ -11,6 +11,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+import engine
 import lm
 import parallel
 
@@ -29,7 +30,11 @@ def sop_mask(prev_strategies, strategies, sop):
 
 def masked_logps(logits, strategy_ids, allowed):
     """log pi_E(. | h) over strategies: logits (..., V), allowed (..., Z) -> (..., Z), -inf if forbidden."""
-    z_logits = logits[..., strategy_ids].float()                      # (..., Z)
+    return mask_and_normalise(logits[..., strategy_ids].float(), allowed.to(logits.device))
+
+
+def mask_and_normalise(z_logits, allowed):
+    """Strategy logits (..., Z) -> log-probs (..., Z) over the SOP-allowed set, -inf elsewhere."""
     return F.log_softmax(z_logits.masked_fill(~allowed, float("-inf")), -1)
 
 
@@ -41,15 +46,20 @@ def decision_logps(model, batch, strategy_ids):
       pos (B, T) position of each decision's strategy token (0 where padded),
       z (B, T) index of the taken strategy, allowed (B, T, Z) SOP masks, step_mask (B, T).
     Returns step_logps (B, T), zero at padded steps.
+
+    The output layer runs only on the Z strategy rows at the T decision positions (lm.head_only):
+    (B, T, Z) logits instead of (B, L, V), the same numbers (tested).
     """
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    prev = (batch["pos"] - 1).clamp(min=0)                                           # predicting position
-    # the LM head only where a decision is predicted (K positions, not L: a 150k-vocabulary
-    # model would otherwise materialise B x L x V logits)
-    keep, where = torch.unique(prev, return_inverse=True)                           # (K,), (B, T)
-    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], logits_to_keep=keep).logits  # (B, K, V)
-    h = torch.gather(logits, 1, where[..., None].expand(-1, -1, logits.shape[-1]))  # (B, T, V)
-    logps = masked_logps(h, strategy_ids, batch["allowed"])                          # (B, T, Z)
+    prev = (batch["pos"] - 1).clamp(min=0)                                           # (B, T) predicting positions
+    rows = torch.tensor(strategy_ids, device=model.device)
+
+    def strategy_logits(hidden, head):                                               # hidden (B, L, d)
+        h = torch.gather(hidden, 1, prev[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, T, d)
+        return lm.head_rows(h, head, rows)                                           # (B, T, Z) fp32
+    with lm.head_only(model, strategy_logits):
+        z_logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], use_cache=False).logits
+    logps = mask_and_normalise(z_logits, batch["allowed"])                           # (B, T, Z)
     taken = torch.gather(logps, 2, batch["z"][..., None]).squeeze(2)                 # (B, T)
     return torch.where(batch["step_mask"], taken, torch.zeros_like(taken))
 
@@ -93,7 +103,7 @@ def decide(logits, strategy_ids, allowed, uniforms=None):
     if uniforms is None:
         z = logps.argmax(-1)
     else:   # forbidden strategies stay at -inf, so they are never sampled
-        z = lm.gumbel_argmax(logps, uniforms)
+        z = engine.gumbel_argmax(logps, uniforms)
     return z, logps.gather(1, z[:, None]).squeeze(1)
 
 

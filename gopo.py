@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import agent as agent_lib
+import engine
 import expert as expert_lib
 import lm
 import parallel
@@ -96,7 +97,13 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
     step_logps = expert_lib.decision_logps(model, batch, strategy_ids)            # (N, T)
     S = trajectory_logps(step_logps, batch["step_mask"].to(step_logps.device).float())   # (N,)
-    S_ref = torch.tensor([sum(trajs[i]["ref_logps"]) for i in used], device=S.device)   # (N,)
+    # S_ref: this same scoring forward, the first time a trajectory is scored in its iteration (no
+    # step taken yet: the policy is the one that sampled it), so the margin starts at exactly 0 in
+    # bf16 too. The rollout's recorded ref_logps are the same numbers up to rounding (cached,
+    # left-padded forwards; tested), so no reference model is kept in memory.
+    for i in used:
+        trajs[i].setdefault("S_ref", S[row[i]].detach())
+    S_ref = torch.stack([trajs[i]["S_ref"] for i in used])                       # (N,)
     n_steps = batch["step_mask"].sum(-1).to(S.device)                            # (N,)
     if args.listwise:
         idx = torch.tensor([[row[i] for i in g] for g in mine], device=S.device)  # (G, K)
@@ -119,7 +126,7 @@ def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_i
     return value if lm.guarded_step(model, opt, loss) else float("nan")
 
 
-def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instructions, temperature=1.0):
+def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, temperature=1.0, max_new_tokens=32):
     """Turn-level CS pairs: for n sampled (h_t, z_t), two sampled replies; where exactly one adheres
     to z_t (by the strategy recogniser) the adherent one is chosen. Returns a list of
     (prompt ids, chosen reply ids, rejected reply ids)."""
@@ -129,10 +136,11 @@ def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, gen, instruct
         return []
     prompts = [tr["agent_ids"][:tr["replies"][k][0]] for tr, k in picked]       # ends after "A:"
     zs = [tr["record"]["turns"][2 * k + 1]["strategy"] for tr, k in picked]
+    keys = torch.tensor([rng.getrandbits(62) for _ in picked], dtype=torch.int64)  # the dice of each prompt
     pairs = []
     with torch.no_grad():
-        ys = [lm.generate(agent_model, prompts, tok.pad_token_id, tok.eos_token_id, 32, temperature, gen)
-              for _ in range(2)]
+        ys = [engine.generate(agent_model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens,
+                              temperature, keys, counter=draw << 12, n_vocab=len(tok)) for draw in range(2)]
     for p, z, a, b in zip(prompts, zs, ys[0], ys[1]):
         ok = [recognise(tok.decode(y, skip_special_tokens=True)) == z for y in (a, b)]
         if ok[0] != ok[1]:
@@ -160,12 +168,12 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     """Rollout -> score -> pairs -> update. Returns the iteration's metrics (one metrics.jsonl line)."""
     t0 = time.time()
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
     # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded)
     batch = [s for s in scenarios for _ in range(args.k)]
     mine = parallel.share(list(range(len(batch))))          # distributed: each rank plays its share
     trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, [batch[i] for i in mine], world,
-                                greedy=False, seed=seed, agent_temperature=args.agent_temperature, index=mine)
+                                greedy=False, seed=seed, agent_temperature=args.agent_temperature, index=mine,
+                                max_reply_tokens=args.max_reply_tokens)
     trajs = parallel.gather(trajs)                          # every rank: the whole batch, in order
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     # 2. score with R and build pairs within each scenario
@@ -181,8 +189,8 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     expert_model.eval()
     # 4. CS alignment: turn-level DPO on adherence
     with parallel.gathered(agent_model):   # the same pairs on every rank (same trajectories, same seed)
-        cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng, gen,
-                                      world.INSTRUCTIONS) if args.cs_samples else []
+        cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng,
+                                      max_new_tokens=args.max_reply_tokens) if args.cs_samples else []
     cs_loss = None
     if cs_pairs:
         agent_model.train()

@@ -10,15 +10,15 @@ known exactly (no re-tokenization drift between rollout and scoring):
     logits one position earlier, restricted to the strategy tokens and masked to the SOP set;
   - the CS Agent's reply is the span after "\nA:" up to and including <|eot|>.
 """
+import contextlib
 import functools
-import inspect
 import os
 import shutil
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
-from transformers.cache_utils import Cache, DynamicLayer
+from torch.utils.checkpoint import checkpoint
 
 import parallel
 
@@ -63,6 +63,7 @@ def from_pretrained(name, strategies):
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     if tok.eos_token is None:
         raise ValueError(f"{name}: the tokenizer has no end-of-sequence token to end turns with")
+    tok.eos_token = end_of_turn(tok)      # every turn, and every sampled reply, ends with it
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token     # only ever under a zero attention mask
     if tok.bos_token is None and not chat_parts(tok)[0]:
@@ -71,8 +72,23 @@ def from_pretrained(name, strategies):
     return model, tok
 
 
+def end_of_turn(tok):
+    """The token that ends a turn in the tokenizer's chat template (the first special token after a
+    user message), or its end-of-sequence token without a template. They differ for base models:
+    Qwen2.5's eos is <|endoftext|>, its template ends turns with <|im_end|>."""
+    if not getattr(tok, "chat_template", None):
+        return tok.eos_token
+    text = tok.apply_chat_template([{"role": "user", "content": "XXX"}, {"role": "assistant", "content": "YYY"}],
+                                   tokenize=False)
+    after_user = text.split("XXX", 1)[1].split("YYY", 1)[0]
+    specials = set(tok.all_special_tokens) | set(tok.get_added_vocab())
+    found = [(after_user.find(t), t) for t in specials if t and t in after_user]
+    return min(found)[1] if found else tok.eos_token
+
+
 def add_strategy_tokens(model, tokenizer, strategies):
-    """Make sure every strategy has its own token; new rows start at the mean embedding of its name.
+    """Make sure every strategy has its own token; its new input row (and output row, for a model
+    whose output layer is not tied to its input embeddings) starts at the mean of its name's rows.
 
     For a tokenizer trained with the strategy tokens (the tiny model) only the initialisation runs.
     """
@@ -80,11 +96,15 @@ def add_strategy_tokens(model, tokenizer, strategies):
     tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    emb = model.get_input_embeddings().weight
+    tables = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(out.weight)             # untied (e.g. Qwen2.5-14B): the Expert reads these rows
     with torch.no_grad():
         for z, t in zip(strategies, tokens):
             name_ids = tokenizer.encode(" " + z.replace("_", " "), add_special_tokens=False)
-            emb[tokenizer.convert_tokens_to_ids(t)] = emb[name_ids].mean(0)
+            for w in tables:
+                w[tokenizer.convert_tokens_to_ids(t)] = w[name_ids].mean(0)
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
@@ -159,6 +179,22 @@ def guarded_step(model, opt, loss, max_norm=1.0):
     opt.step()
     opt.zero_grad(set_to_none=True)      # free the gradients now: rollouts come next, not backward
     return True
+
+
+def autocast(device, enabled):
+    """--bf16 in one process: matmuls in bf16, weights and AdamW states in fp32 (bf16 weights would
+    round small updates away). cache_enabled=False because the region spans optimizer steps, and a
+    cached bf16 copy of a weight would be stale after the first one."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
+def activation_checkpointing(model):
+    """Recompute each decoder block in backward from its input (non-reentrant). transformers 5.24
+    renamed the switch (the old name still works there, with a warning); 5.17 has only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load(path):
@@ -285,169 +321,79 @@ def forward_logits(model, ids, attn, logits_to_keep=0):
     padding is handled with explicit positions."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     ids, attn, pos = ids.to(model.device), attn.to(model.device), pos.to(model.device)
-    return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=logits_to_keep).logits
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=logits_to_keep,
+                 use_cache=False).logits
 
 
 def token_logps(logits, ids):
-    """log p(ids[:, i] | ids[:, :i]) for i >= 1: (B, L-1)."""
+    """log p(ids[:, i] | ids[:, :i]) for i >= 1: (B, L-1), from full logits (the reference the
+    memory-light `target_logps` is tested against)."""
     return torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, ids[:, 1:, None]).squeeze(2)
 
 
-def gumbel_argmax(scores, uniforms):
-    """An exact sample from softmax(scores) (Gumbel-max), cheaper than torch.multinomial on CPU:
-    scores (..., K), uniforms (..., K) in (0, 1). -inf scores are never chosen."""
-    return (scores - (-uniforms.clamp(min=1e-20).log()).log()).argmax(-1)
+# ----------------------------------------------------------------------------- the LM head, only where needed
+# A 150k-vocabulary model's logits over a training batch are tens of GB ((B, L, V) fp32, again for
+# the log-softmax, again in backward), yet the Expert needs Z strategy columns at T decision
+# positions, and a reply's log-prob needs one column per reply token. `head_only` runs the model's
+# own forward (so FSDP's hooks, autocast and checkpointing behave as usual) but swaps what its output
+# layer computes: the layer receives zero positions, and its output is replaced by fn(hidden, head).
+@contextlib.contextmanager
+def head_only(model, fn):
+    """Inside: model(...).logits == fn(hidden (B, L, d), output layer), the final hidden states
+    (after the last norm) being what the output layer would have read."""
+    head, hidden = model.get_output_embeddings(), []
+
+    def take_input(module, args):
+        hidden.append(args[0])
+        return (args[0][:, :0],)                       # the full-vocabulary matmul runs on 0 positions
+
+    def replace_output(module, args, output):
+        return fn(hidden.pop(), module)
+    handles = [head.register_forward_pre_hook(take_input), head.register_forward_hook(replace_output)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
-class GrowingLayer(DynamicLayer):
-    """A KV-cache layer whose buffers grow geometrically, so appending n tokens costs O(n) instead of
-    copying the whole cache (DynamicLayer's torch.cat per step makes a dialogue quadratic).
-    keys/values are views of the first `n` slots of the (B, H, capacity, D) buffers."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.buf_k = self.buf_v = None
-            self.n = 0
-        n, add = self.n, key_states.shape[-2]
-        if self.buf_k is None or n + add > self.buf_k.shape[-2]:
-            B, H, _, D = key_states.shape
-            cap = max(2 * (n + add), 64)
-            k, v = key_states.new_empty(B, H, cap, D), value_states.new_empty(B, H, cap, D)
-            if n:
-                k[:, :, :n], v[:, :, :n] = self.buf_k[:, :, :n], self.buf_v[:, :, :n]
-            self.buf_k, self.buf_v = k, v
-        self.buf_k[:, :, n:n + add] = key_states
-        self.buf_v[:, :, n:n + add] = value_states
-        self.n = n + add
-        self.keys, self.values = self.buf_k[:, :, :self.n], self.buf_v[:, :, :self.n]
-        return self.keys, self.values
-
-    def select(self, rows, slots):
-        """Keep batch rows `rows` (B',) and, for each kept row, its cache slots `slots` (B', S')."""
-        if self.is_initialized and self.n:
-            r, s = rows[:, None], slots                                   # (B', 1), (B', S')
-            self.buf_k = self.keys[r, :, s].transpose(1, 2)               # (B', S', H, D) -> (B', H, S', D)
-            self.buf_v = self.values[r, :, s].transpose(1, 2)
-            self.n = slots.shape[1]
-            self.keys, self.values = self.buf_k, self.buf_v
-
-    def batch_select_indices(self, indices):
-        self.select(indices, torch.arange(self.n, device=self.keys.device).expand(len(indices), -1))
+def head_rows(hidden, head, rows):
+    """fp32 logits of the output rows `rows` (R,) for hidden states (..., d): (..., R). fp32 even
+    under bf16 autocast or FSDP mixed precision: a log-softmax of bf16 logits is off by ~1e-2."""
+    bias = head.bias[rows].float() if head.bias is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.float(), head.weight[rows].float(), bias)
 
 
-def cache_argument(model):
-    """The name under which this model's forward takes and returns the KV cache: `past_key_values`
-    in transformers 5.17 (the GPU image), `cache` in 5.24, where the old name still works but is
-    deprecated (to be removed in 5.40)."""
-    return _cache_argument(type(model))
+def _chunk_logps(hidden, weight, bias, targets, temperature):
+    with torch.autocast(hidden.device.type, enabled=False):                       # fp32, as in head_rows
+        logits = F.linear(hidden.float(), weight, bias) / temperature             # (n, V)
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)   # (n,)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_argument(model_class):
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def target_logps(model, ids, attn, target_mask, temperature=1.0, extra=None, chunk=1024):
+    """log pi_T(ids[:, j+1] | ids[:, :j+1]) (B, L-1) where target_mask[:, j+1] is 1, else 0; with
+    `extra` (a module on the hidden states, e.g. a value head), also extra(hidden)[:, :-1] (B, L-1).
 
+    Never builds (B, L, V) logits: the head runs only on target positions, `chunk` positions at a
+    time, in fp32, and each chunk is recomputed in backward instead of keeping its logits. Equal to
+    `token_logps(forward_logits(...))` masked (tested)."""
+    dev = model.device
+    ids, attn, target_mask = ids.to(dev), attn.to(dev), target_mask.to(dev)
+    where = target_mask[:, 1:].bool()                                              # (B, L-1)
+    targets = ids[:, 1:][where]                                                    # (N,)
 
-class Context:
-    """The growing token contexts of B dialogues for one model: the rollout's state.
-
-    `ids` (B id lists) is the text so far; `extend(rows)` appends tokens without running the model;
-    `logits()` runs the model on every token not yet encoded and returns each row's next-token
-    logits (B, V). With cache=True the KV cache is kept across calls, and so across turns: a turn
-    encodes only its new tokens, never the history again. Each call appends one left-padded chunk
-    to the cache, so a row's cache may hold masked holes; positions count real tokens only, so the
-    model sees exactly the unpadded dialogue. With cache=False every call re-encodes the whole
-    history, left-padded: the slow reference path that the cached one is tested against.
-    `keep(rows)` drops finished dialogues from the batch and the cache.
-    """
-
-    def __init__(self, model, prompts, pad_id, cache=True):
-        self.model, self.pad_id, self.use_cache = model, pad_id, cache
-        self.ids = [list(p) for p in prompts]
-        self.pos = torch.zeros(len(prompts), dtype=torch.long)   # (B,) tokens of each row in the cache
-        self.cache, self.attn = None, None                       # attn (B, S): real (1) or hole (0)
-
-    def extend(self, rows):
-        for ids, new in zip(self.ids, rows):
-            ids += new
-
-    def keep(self, rows):
-        """Drop every row not in `rows`, then squeeze the holes out of the cache: each row's real
-        slots move to the right end, in order (keys already carry their rotary positions), so
-        attention never spans more slots than the longest dialogue. Once per turn: O(cache)."""
-        self.ids = [self.ids[i] for i in rows]
-        index = torch.tensor(rows, dtype=torch.long)
-        self.pos = self.pos[index]
-        if self.cache is None or not rows:
-            return
-        real = self.attn[index]                                                      # (B, S), CPU
-        n_slots = int(real.sum(1).max())
-        if len(rows) == len(self.attn) and n_slots > 0.75 * real.shape[1]:
-            return                                         # no row dropped, few holes: not worth a copy
-        slots = torch.sort(real, dim=1, stable=True).indices[:, real.shape[1] - n_slots:]   # (B, S')
-        dev = self.model.device
-        for layer in self.cache.layers:
-            layer.select(index.to(dev), slots.to(dev))
-        self.attn = real.gather(1, slots)
-
-    @torch.no_grad()
-    def logits(self, appended=None):
-        """Next-token logits (B, V) after each row's last token (meaningless for a row with no new
-        token). appended: (tokens (B,), live (B,) bool), the one token per live row just extended:
-        the decode fast path, which feeds the tensor instead of rebuilding a chunk from lists."""
-        if not self.use_cache:
-            ids, attn = pad(self.ids, self.pad_id, left=True)
-            return forward_logits(self.model, ids, attn, logits_to_keep=1)[:, -1].float().cpu()
-        if appended is not None:
-            chunk, mask = appended[0][:, None], appended[1].long()[:, None]          # (B, 1)
-        else:   # left-padded, so every row's last new token is the last column
-            chunk, mask = pad([ids[p:] for ids, p in zip(self.ids, self.pos.tolist())], self.pad_id, left=True)
-        pos = (self.pos[:, None] + mask.cumsum(1) - 1).clamp(min=0)                 # (B, C) real tokens only
-        attn = mask if self.attn is None else torch.cat([self.attn, mask], 1)        # (B, S + C)
-        if self.cache is None:
-            self.cache = Cache(layer_class_to_replicate=GrowingLayer)
-        dev = self.model.device
-        name = cache_argument(self.model)
-        out = self.model(input_ids=chunk.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                         **{name: self.cache}, use_cache=True, logits_to_keep=1)
-        self.cache, self.attn = getattr(out, name), attn
-        self.pos += mask.sum(1)
-        return out.logits[:, -1].float().cpu()
-
-    def sample(self, stop_id, max_new_tokens=32, temperature=1.0, generator=None, generators=None):
-        """Append one sampled continuation to every row (greedy when temperature == 0), each ending
-        at `stop_id` or cut at max_new_tokens. Returns the B lists of new ids.
-
-        Randomness: one `generator` for the batch, or `generators`, one per row, each drawing a fixed
-        (max_new_tokens, V) block per call, so a row's sample never depends on which other rows
-        share its batch (the same dialogues whether rollouts run in one process or split over ranks).
-        """
-        start = [len(ids) for ids in self.ids]
-        done = torch.zeros(len(self.ids), dtype=torch.bool)
-        logits = self.logits()
-        if temperature and generators is not None:
-            block = torch.stack([torch.rand(max_new_tokens, logits.shape[-1], generator=g) for g in generators])
-        for step in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                u = block[:, step] if generators is not None else torch.rand(logits.shape, generator=generator)
-                nxt = gumbel_argmax(logits / temperature, u)
-            live = ~done
-            for ids, t, alive in zip(self.ids, nxt.tolist(), live.tolist()):
-                if alive:
-                    ids.append(t)
-            done = done | (nxt == stop_id)
-            if done.all() or step == max_new_tokens - 1:
-                break          # the last tokens are encoded by the next call, with what follows them
-            logits = self.logits((nxt.masked_fill(~live, self.pad_id), live))
-        return [ids[s:] for ids, s in zip(self.ids, start)]
-
-
-def generate(model, prompts, pad_id, stop_id, max_new_tokens=32, temperature=1.0, generator=None):
-    """Batched sampling with a KV cache; greedy when temperature == 0.
-
-    prompts: list of B id lists. Returns B lists of new ids, each ending at `stop_id` (or cut at
-    max_new_tokens).
-    """
-    return Context(model, prompts, pad_id).sample(stop_id, max_new_tokens, temperature, generator)
+    def fn(hidden, head):
+        h = hidden[:, :-1][where]                                                  # (N, d)
+        weight = head.weight.float()
+        bias = head.bias.float() if head.bias is not None else None
+        parts = [checkpoint(_chunk_logps, h[i:i + chunk], weight, bias, targets[i:i + chunk], temperature,
+                            use_reentrant=False) for i in range(0, len(h), chunk)]
+        out = torch.zeros(where.shape, device=hidden.device, dtype=torch.float32)
+        out = out.masked_scatter(where, torch.cat(parts)) if parts else out       # (B, L-1)
+        if extra is None:
+            return out
+        return torch.stack([out, extra(hidden[:, :-1].float()).squeeze(-1)], -1)   # (B, L-1, 2)
+    with head_only(model, fn):
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    return out if extra is None else (out[..., 0], out[..., 1])

@@ -31,17 +31,34 @@ import torch
 import torch.distributed as dist
 
 FSDP = False   # set by shard(): gradients are reduced by FSDP itself
+DEVICE = torch.device("cpu")   # set by init(): where this rank computes, and where collectives run
 
 
-def init():
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns the device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cuda")
-    return torch.device("cpu")
+def init(device="auto"):
+    """Pick this rank's device ("auto": CUDA when there is one) and, under torchrun (WORLD_SIZE set),
+    join the process group: NCCL on CUDA, gloo on CPU. Returns the device.
+
+    NCCL reduces only CUDA tensors, so every collective below builds its tensors on DEVICE."""
+    global DEVICE
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if cuda:
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(DEVICE)
+        torch.backends.cuda.matmul.allow_tf32 = True    # fp32 matmuls on tensor cores (10 mantissa bits)
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        DEVICE = torch.device("cpu")
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        if cuda:
+            dist.init_process_group("nccl", device_id=DEVICE)
+        else:
+            dist.init_process_group("gloo")
+    return DEVICE
+
+
+def distributed():
+    """Launched by torchrun: a process group, possibly of one rank."""
+    return dist.is_initialized()
 
 
 def rank():
@@ -90,19 +107,28 @@ def total(x):
     """Sum of a float over ranks."""
     if world() == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=DEVICE)
     dist.all_reduce(t)
     return t.item()
 
 
-def all_reduce_grads(model):
-    """Plain data parallelism: average the gradients over ranks (FSDP does this itself)."""
+def all_reduce_grads(model, bucket_bytes=25 << 20):
+    """Plain data parallelism: average the gradients over ranks (FSDP does this itself). Gradients go
+    in flat buckets of about 25 MB, one all-reduce each (as DDP does), not one per parameter."""
     if world() == 1 or FSDP:
         return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bucket, size = [], 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= bucket_bytes or i == len(grads) - 1:
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            flat /= world()
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket, size = [], 0
 
 
 def shard(model, bf16=False, grad_ckpt=False):
@@ -111,7 +137,8 @@ def shard(model, bf16=False, grad_ckpt=False):
     global FSDP
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        import lm
+        lm.activation_checkpointing(model)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     blocks = set(model._no_split_modules or [])
@@ -127,17 +154,24 @@ def shard(model, bf16=False, grad_ckpt=False):
 
 @contextlib.contextmanager
 def gathered(*models):
-    """Full (unsharded) weights for the duration of a rollout: forwards inside need no collective."""
-    sharded = [m for m in models if FSDP and hasattr(m, "unshard")]
-    for m in sharded:
-        m.set_reshard_after_forward(False)
-        m.unshard()
+    """Full (unsharded) weights for the duration of one step of a rollout: forwards inside need no
+    collective. Every FSDP unit is gathered explicitly (the root's `unshard()` covers only the root's
+    own parameters, not the decoder blocks), in the same order on every rank, so a rank with no
+    dialogue left joins the same all-gathers; on the way out every unit is resharded again."""
+    if not FSDP:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [u for m in models for u in m.modules() if isinstance(u, FSDPModule)]
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()
     try:
         yield
     finally:
-        for m in sharded:
-            m.reshard()
-            m.set_reshard_after_forward(True)
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(True, recurse=False)
 
 
 def full_state_dict(model):

@@ -4,7 +4,7 @@ At agent turn t, for every dialogue still running: the Expert picks z_t from the
 at the end of its context (SOP-masked), the CS Agent writes y_t for (h_t, z_t), the customer reads
 y_t and answers with an utterance and an event. Finished dialogues leave the batch.
 
-Each model keeps its own `lm.Context` (the two may use different tokenizers) with its KV cache
+Each model keeps its own `engine.Context` (the two may use different tokenizers) with its KV cache
 kept across turns: the forward that encodes the last turn (reply + customer utterance) is the one
 whose final logits give the next decision, and the CS Agent encodes only the customer's utterance
 and the strategy prompt before writing. A turn costs its new tokens, not the history again.
@@ -15,6 +15,7 @@ each sampled decision is recorded here: these are the reference log-probs of GOP
 """
 import torch
 
+import engine
 import expert as expert_lib
 import lm
 import parallel
@@ -49,12 +50,13 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
     eot = tok_a.eos_token_id
     index = list(range(len(scenarios))) if index is None else index
     customers = [world.Customer(s, seed=seed * 1_000_003 + i) for i, s in zip(index, scenarios)]
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in index]
+    keys = torch.tensor([seed * 1_000_003 + i for i in index], dtype=torch.int64)   # each dialogue's dice
+    assert max_reply_tokens < 1 << 12
     opening = [c.opening() for c in customers]
-    expert_ctx = None if flat else lm.Context(
+    expert_ctx = None if flat else engine.Context(
         expert_model, [lm.start_ids(tok_e) + lm.customer_ids(tok_e, o) for o in opening], tok_e.pad_token_id, cache)
-    agent_ctx = lm.Context(agent_model, [lm.start_ids(tok_a) + lm.customer_ids(tok_a, o) for o in opening],
-                           tok_a.pad_token_id, cache)
+    agent_ctx = engine.Context(agent_model, [lm.start_ids(tok_a) + lm.customer_ids(tok_a, o) for o in opening],
+                               tok_a.pad_token_id, cache, n_vocab=len(tok_a))
     # the contexts' id lists grow in place, so each trajectory holds its own rows
     trajs = [{"turns": [{"role": "customer", "text": o, "strategy": None, "event": None}],
               "ids": e, "agent_ids": a, "decisions": [], "ref_logps": [], "replies": []}
@@ -69,22 +71,23 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
             prevs = [strategies[trajs[i]["decisions"][-1][1]] if t > 0 else None for i in live]
             with parallel.gathered(expert_model):      # FSDP: one model's full weights at a time
                 logits = expert_ctx.logits() if live else None                         # (B, V)
-            if live:
-                uniforms = None if greedy else torch.stack([torch.rand(len(strategies), generator=gens[i])
-                                                            for i in live])
+            if live:   # counter (2t) << 12: turn t's decision; (2t + 1) << 12 + s: token s of its reply
+                uniforms = None if greedy else engine.uniforms(keys[live].to(logits.device), (2 * t) << 12,
+                                                               len(strategies))        # (B, Z)
                 allowed = expert_lib.sop_mask(prevs, strategies, world.SOP)             # (B, Z)
                 if choose is None:
                     z, logp = expert_lib.decide(logits, strategy_ids, allowed, uniforms)
                 else:   # one masked distribution, for the chooser and for the recorded log-prob
                     logps = expert_lib.masked_logps(logits, strategy_ids, allowed)      # (B, Z)
-                    z = choose([trajs[i]["turns"] for i in live], allowed, logps, uniforms)
+                    z = choose([trajs[i]["turns"] for i in live], allowed, logps.cpu(),
+                               None if uniforms is None else uniforms.cpu()).to(logps.device)
                     logp = logps.gather(1, z[:, None]).squeeze(1)
                 names = [strategies[k] for k in z.tolist()]
                 agent_ctx.extend([lm.agent_prompt_ids(tok_a, name, world.INSTRUCTIONS[name]) for name in names])
         starts = [len(ids) for ids in agent_ctx.ids]
         with parallel.gathered(agent_model):
             replies = agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else agent_temperature,
-                                       generators=[gens[i] for i in live]) if live else []
+                                       keys[live], (2 * t + 1) << 12) if live else []
         keep = []
         for j, i in enumerate(live):
             tr = trajs[i]

@@ -114,11 +114,19 @@ g.add_argument("--offline", default=True, action=argparse.BooleanOptionalAction,
 g.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
 g.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
 g.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
-g = p.add_argument_group("distributed: launch with torchrun --nproc_per_node N -- train.py ... "
+g = p.add_argument_group("devices and precision; distributed: torchrun --nproc_per_node N -- train.py ... "
                          "(without --fsdp: plain data parallelism)")
-g.add_argument("--fsdp", action="store_true", help="shard both models with FSDP2 (each decoder block, then the root)")
-g.add_argument("--bf16", action="store_true", help="with --fsdp: bf16 compute, fp32 master weights and reduction")
+g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+               help="where to compute: auto = CUDA when there is a GPU (under torchrun: GPU LOCAL_RANK)")
+g.add_argument("--fsdp", action="store_true", help="shard both models with FSDP2 (each decoder block, then the root); "
+               "needs torchrun (--nproc_per_node 1 is fine)")
+g.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master weights and fp32 AdamW states: "
+               "autocast in one process, FSDP2 mixed precision (fp32 gradient reduction) with --fsdp")
 g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on each block")
+g.add_argument("--save-every", type=nonneg(int), default=1,
+               help="gopo: write the --resume state every N iterations (0: never). It holds both models and both "
+               "AdamW states, 12 bytes per parameter, and the atomic swap keeps the old one until the new one "
+               "is complete: 2 x 1.5B parameters need 37 GB, 74 GB during a swap (docs/scaling.md)")
 g = p.add_argument_group("SFT")
 g.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
 g.add_argument("--sft-batch", type=positive(int), default=None,
@@ -142,6 +150,8 @@ g.add_argument("--listwise", action="store_true", help="Plackett-Luce over the K
 g.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
 g.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
 g.add_argument("--agent-temperature", type=nonneg(float), default=0.7, help="CS sampling temperature in rollouts")
+g.add_argument("--max-reply-tokens", type=checked(int, 1, True, 4095), default=32,
+               help="a reply is cut after this many tokens (rollouts and CS alignment samples)")
 g.add_argument("--cs-samples", type=nonneg(int), default=16, help="(h_t, z_t) per iteration for CS alignment pairs")
 g.add_argument("--beta-cs", type=positive(float), default=0.1, help="DPO temperature of the CS alignment loss")
 g.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent learning rate in GOPO")
@@ -189,18 +199,19 @@ def check_flags(args):
     if args.expert_model is not None and (args.model == "tiny") != (args.expert_model == "tiny"):
         die("--expert-model and --model must both be 'tiny' or both be pretrained (the tiny models "
             "share a tokenizer trained on the logs)")
-    if args.bf16 and not args.fsdp:
-        die("--bf16 is FSDP mixed precision: add --fsdp (and launch with torchrun)")
-    if args.fsdp and parallel.world() == 1:
-        die("--fsdp shards over torchrun ranks: launch with torchrun --nproc_per_node N train.py --fsdp ...")
+    if args.fsdp and not parallel.distributed():
+        die("--fsdp shards over torchrun ranks: launch with torchrun --nproc_per_node N -- train.py --fsdp ... "
+            "(N = 1 is fine)")
+    if args.fsdp and args.algo not in ("gopo", "sft"):
+        die(f"--algo {args.algo} runs without FSDP (in one process; --bf16 gives it bf16 compute); drop --fsdp")
     if args.algo not in ("gopo", "sft") and parallel.world() > 1:
         die(f"--algo {args.algo} runs in one process (only gopo and sft are distributed); drop torchrun")
     if args.algo == "ppo" and args.agent_temperature == 0:
         die("--algo ppo needs sampled rollouts: --agent-temperature must be > 0 (it is the policy's temperature)")
     if args.sft_from and args.resume:
         die("--sft-from starts a new run; --resume continues one with its own SFT checkpoints")
-    if args.resume and parallel.world() > 1:
-        die("--resume runs in one process; resume without torchrun")
+    if args.resume and parallel.distributed():
+        die("--resume runs in one process without --fsdp; resume without torchrun")
     if args.d_model % 4:
         die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
     if args.data != "shop" and not args.data_path:
@@ -307,7 +318,9 @@ def check_saved_config(saved, path):
 
 def main(argv=None):
     args = p.parse_args(argv)
-    device = parallel.init()       # torchrun sets WORLD_SIZE; one process otherwise
+    if args.device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda: this machine has no CUDA GPU that torch can see (use --device cpu)")
+    device = parallel.init(args.device)       # torchrun sets WORLD_SIZE; one process otherwise
     check_flags(args)
     if args.sft_batch is None and not args.resume:   # a resumed run's config.json has its own
         args.sft_batch = 16 if args.data == "shop" else 4
@@ -329,6 +342,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     say = print if parallel.is_main() else (lambda *a, **k: None)
+    amp = lambda: lm.autocast(device, args.bf16 and not args.fsdp)   # --bf16 in one process (FSDP has its own)
     t_start = time.time()
 
     # ---- 1. logged dialogues (training data) and the event values fitted on them
@@ -393,13 +407,14 @@ def main(argv=None):
                 # the customer (README "Baselines"); the SFT'd CS Agent has learned to: start from it
                 model = place(lm.load(path("agent_sft"))[0], args, device)
                 models[name] = (model, tok)
-            if name == "expert":
-                losses[name] = expert_lib.sft(model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
-                                              args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
-            else:   # the CS Agent with strategy prompts, the flat agent without (instructions=None)
-                losses[name] = agent_lib.sft(model, tok, logs, world.INSTRUCTIONS if name == "agent" else None,
-                                             args.sft_steps, args.sft_batch, args.sft_lr, args.seed,
-                                             window_steps=args.sft_window_steps, desc=f"SFT {name}")
+            with amp():
+                if name == "expert":
+                    losses[name] = expert_lib.sft(model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
+                                                  args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
+                else:   # the CS Agent with strategy prompts, the flat agent without (instructions=None)
+                    losses[name] = agent_lib.sft(model, tok, logs, world.INSTRUCTIONS if name == "agent" else None,
+                                                 args.sft_steps, args.sft_batch, args.sft_lr, args.seed,
+                                                 window_steps=args.sft_window_steps, desc=f"SFT {name}")
             lm.save(model, tok, path(f"{name}_sft"))
         if parallel.is_main():
             with open(path("sft.json"), "w") as f:
@@ -436,7 +451,8 @@ def main(argv=None):
     for it in (bar := tqdm(range(start, n_iters), initial=start, total=n_iters, desc=args.algo,
                            disable=not parallel.is_main() or not n_iters)):
         seeds = data.train_seeds(args.scenarios, offset=len(logs) + it * args.scenarios)
-        m = step([world.make_scenario(s) for s in seeds], it, args.seed * 100_003 + it)
+        with amp():
+            m = step([world.make_scenario(s) for s in seeds], it, args.seed * 100_003 + it)
         if parallel.is_main():
             with open(path("metrics.jsonl"), "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -448,7 +464,8 @@ def main(argv=None):
             where = f"The last good state is in {path('state')} (lower --lr or --beta, then --resume)" \
                 if args.algo == "gopo" else "Lower the learning rate and start again"
             die(f"{bad_in_a_row} iterations in a row had non-finite losses or gradients; stopped. {where}")
-        if args.algo == "gopo" and parallel.world() == 1:   # --resume is single-process (see check_flags)
+        if args.algo == "gopo" and not parallel.distributed() and args.save_every and \
+                ((it + 1) % args.save_every == 0 or it + 1 == n_iters):
             save_state(path("state"), expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, it + 1, bad_in_a_row)
     if args.algo == "gopo":
         lm.save(expert_model, tok_e, path("expert"))
@@ -501,7 +518,7 @@ def place(model, args, device):
     if args.fsdp:
         return parallel.shard(model, bf16=args.bf16, grad_ckpt=args.grad_ckpt)
     if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.activation_checkpointing(model)
     return model
 
 

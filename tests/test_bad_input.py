@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 import lm
 import shop
@@ -206,7 +207,8 @@ def build_cases(tmp, checkpoint):
     cases["lr_inf"] = Case("train.py", ["--lr", "inf"], ["--lr", "inf"])
     cases["n_logs_past_train_range"] = Case("train.py", ["--n-logs", "1000001"], ["--n-logs"])
     cases["d_model_not_multiple_of_heads"] = Case("train.py", ["--d-model", "30"], ["--d-model", "30"])
-    cases["bf16_without_fsdp"] = Case("train.py", ["--bf16"], ["--bf16", "--fsdp"])
+    if not torch.cuda.is_available():
+        cases["cuda_without_gpu"] = Case("train.py", ["--device", "cuda"], ["--device cuda"])
     cases["data_without_path"] = Case("train.py", ["--data", "mgshop"], ["--data-path"])
     cases["data_path_missing"] = Case("train.py", ["--data", "mgshop", "--data-path", str(tmp / "nope.json")],
                                       ["nope.json"])
@@ -439,7 +441,7 @@ ALL_CASES = [
                             "missing_file", "directory", "parent_is_file"]),
     "algo", "model", "k0", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
     "alpha_nan", "lr_inf", "n_logs_past_train_range", "d_model_not_multiple_of_heads", "out_parent_is_file",
-    "bf16_without_fsdp", "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
+    *([] if torch.cuda.is_available() else ["cuda_without_gpu"]), "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
     "expert_model_missing", "data_without_path", "data_path_missing", "data_wrong_format", "data_with_logs_flag",
     "data_path_without_data",
     "run_exists", "run_exists_with_bad_logs",

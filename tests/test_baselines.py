@@ -127,17 +127,35 @@ def test_flat_rollout_records_recognised_acts_and_rewards_sit_on_eot(tok, models
                                                        abs=1e-6)
 
 
-def test_token_logps_values_match_reply_logps(tok, models):
-    """The PPO scoring pass at temperature 1, summed over reply tokens, is agent.reply_logps."""
+def test_target_logps_equal_full_logits_in_value_and_gradient(tok, models):
+    """The memory-light scoring pass (lm.target_logps: the output layer only on reply targets, in
+    chunks recomputed in backward; here 7 positions per chunk, so many chunks) gives the log-probs
+    at temperature T, the value head's V and their gradients that the plain (B, L, V) logits give."""
     _, agent_model = models
     trajs = rollout_lib.rollout(None, agent_model, None, tok, [shop.make_scenario(s) for s in range(3)], shop, seed=1)
     ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
     head = baselines.ValueHead(agent_model.config.hidden_size)
-    with torch.no_grad():
-        logps, v = baselines.token_logps_values(agent_model, head, ids, attn, 1.0)
-        expected = agent_lib.reply_logps(agent_model, ids, attn, mask)
-    torch.testing.assert_close((logps * mask[:, 1:]).sum(-1), expected, rtol=1e-5, atol=1e-4)
-    assert v.shape == logps.shape and torch.all(v == 0)          # zero-initialised head
+    torch.nn.init.normal_(head.linear.weight)
+    model = copy.deepcopy(agent_model)
+    T, where = 0.7, mask[:, 1:].bool()
+
+    logps, v = lm.target_logps(model, ids, attn, mask, T, extra=head, chunk=7)
+    (logps.sum() + v[where].sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(), head.zero_grad()
+
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    full = torch.gather(torch.log_softmax(out.logits[:, :-1] / T, -1), 2, ids[:, 1:, None]).squeeze(2)
+    full = torch.where(where, full, torch.zeros_like(full))
+    v_full = head(out.hidden_states[-1][:, :-1]).squeeze(-1)
+    (full.sum() + v_full[where].sum()).backward()
+    torch.testing.assert_close(logps, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v[where], v_full[where], rtol=1e-5, atol=1e-5)
+    for a, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():   # the summed form the CS Agent and the ablation use
+        torch.testing.assert_close(agent_lib.reply_logps(model, ids, attn, mask),
+                                   lm.target_logps(model, ids, attn, mask).sum(-1), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- Memento's case bank
@@ -211,7 +229,7 @@ def sft_models(tok, logs):
 
 ARGS = dict(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.05, max_pairs=4, gopo_epochs=2,
             agent_temperature=0.7, kl_coef=0.02, clip=0.2, gae_lambda=1.0, vf_coef=0.5, ppo_epochs=4,
-            ppo_minibatch=8, memento_eps=0.2)
+            ppo_minibatch=8, memento_eps=0.2, max_reply_tokens=32)
 
 
 def scenarios(n, offset):

@@ -1,4 +1,4 @@
-"""The KV cache kept across turns (lm.Context) changes speed, not results: the cached path gives
+"""The KV cache kept across turns (engine.Context) changes speed, not results: the cached path gives
 the same logits, the same sampled dialogues and the same recorded log-probs as re-encoding every
 history from scratch."""
 import random
@@ -6,6 +6,7 @@ import random
 import torch
 
 import data
+import engine
 import lm
 import rollout as rollout_lib
 import shop
@@ -18,8 +19,8 @@ def test_context_logits_match_full_reencoding(models, tok):
     rng = random.Random(0)
     prompts = [[tok.bos_token_id] + [rng.randrange(5, len(tok)) for _ in range(rng.randint(1, 9))]
                for _ in range(5)]
-    cached = lm.Context(model, prompts, tok.pad_token_id, cache=True)
-    full = lm.Context(model, prompts, tok.pad_token_id, cache=False)
+    cached = engine.Context(model, prompts, tok.pad_token_id, cache=True)
+    full = engine.Context(model, prompts, tok.pad_token_id, cache=False)
     for call in range(6):
         a, b = cached.logits(), full.logits()                                    # (B, V)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ import torch
 
 import agent as agent_lib
 import data
+import engine
 import expert as expert_lib
 import gopo
 import lm
@@ -239,7 +240,7 @@ def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, s
     ctx = [tok.bos_token_id] + lm.customer_ids(tok, "Hi.")
     gen = torch.Generator().manual_seed(0)
     for prev in ["greet", "recommend", "upsell"]:
-        logits = lm.Context(expert_model, [ctx] * 200, tok.pad_token_id).logits()       # (200, V)
+        logits = engine.Context(expert_model, [ctx] * 200, tok.pad_token_id).logits()       # (200, V)
         z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask([prev] * 200, shop.STRATEGIES, shop.SOP),
                                     uniforms=torch.rand(200, len(shop.STRATEGIES), generator=gen))
         assert {shop.STRATEGIES[k] for k in z.tolist()} <= set(shop.SOP[prev])
@@ -338,7 +339,7 @@ def test_save_reload_gives_identical_logits_and_tokenization(models, tok, logs, 
 # and asserts on the gap, as tests/test_baselines.py explains: a before/after difference alone is
 # no larger than what another machine's float rounding changes.
 GOPO_ARGS = dict(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False, gopo_epochs=2,
-                 agent_temperature=0.0, cs_samples=0, beta_cs=0.1)
+                 agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=32)
 
 
 def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
@@ -414,16 +415,16 @@ def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
                for t in held for k in range(len(t["replies"]))]
 
     def adherence(model):
-        ys = lm.generate(model, [p for p, _ in prompts], tok.pad_token_id, tok.eos_token_id, 32, 1.0,
-                         torch.Generator().manual_seed(123))
+        ys = engine.generate(model, [p for p, _ in prompts], tok.pad_token_id, tok.eos_token_id, 32, 1.0,
+                             keys=torch.arange(len(prompts)) + 123)
         return gopo.mean(shop.recognise(tok.decode(y, skip_special_tokens=True)) == z for y, (_, z) in zip(ys, prompts))
 
     def run():
         model = copy.deepcopy(agent_model)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
-        rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+        rng = random.Random(0)
         for _ in range(8):
-            pairs = gopo.cs_alignment_pairs(model, tok, train, shop.recognise, 64, rng, gen, shop.INSTRUCTIONS)
+            pairs = gopo.cs_alignment_pairs(model, tok, train, shop.recognise, 64, rng)
             assert pairs
             model.train()
             assert math.isfinite(gopo.agent_update(model, opt, pairs, tok.pad_token_id, beta=0.1))

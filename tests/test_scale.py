@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "ddp", *SMALL])
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "fsdp", "--fsdp", *SMALL])
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "bf16", "--fsdp", "--bf16", "--grad-ckpt", *SMALL])
+    run([sys.executable, "train.py", "--out", str(out), "--run", "single_bf16", "--bf16", *SMALL])
     return out
 
 
@@ -81,13 +82,23 @@ def test_fsdp_bf16_grad_ckpt_runs_close(runs):
     assert len(metrics(runs / "bf16")) == 2
 
 
+def test_single_process_bf16_runs_close_to_fp32(runs):
+    """--bf16 in one process (autocast over fp32 weights and AdamW states): SFT losses within bf16
+    rounding of the fp32 run's, and the GOPO iterations run with finite losses."""
+    single, bf16 = (json.load(open(runs / r / "sft.json")) for r in ("single", "single_bf16"))
+    for key in ("expert_loss", "agent_loss"):
+        torch.testing.assert_close(torch.tensor(bf16[key]), torch.tensor(single[key]), rtol=0.02, atol=0.02)
+    m = metrics(runs / "single_bf16")
+    assert len(m) == 2 and all(r["loss"] is None or r["loss"] == r["loss"] for r in m) and m[0]["pairs"] > 0
+
+
 def test_generation_under_fsdp_returns_when_ranks_stop_at_different_lengths(tmp_path):
     """Rank 0 writes 3 tokens, rank 1 writes 40: both return and meet at the next collective."""
     script = tmp_path / "gen.py"
     script.write_text(f'''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {ROOT!r})
-import lm, parallel
+import engine, lm, parallel
 parallel.init()
 torch.manual_seed(0)
 from transformers import LlamaConfig, AutoModelForCausalLM
@@ -96,13 +107,48 @@ cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidde
 model = parallel.shard(AutoModelForCausalLM.from_config(cfg))
 n = 3 if parallel.rank() == 0 else 40
 with parallel.gathered(model):
-    out = lm.Context(model, [[1, 2, 3]] * 2, 0).sample(-1, n, 1.0, torch.Generator().manual_seed(0))
+    out = engine.Context(model, [[1, 2, 3]] * 2, 0).sample(-1, n, 1.0, torch.tensor([0, 1]))
 assert [len(o) for o in out] == [n, n]
 print("rank", parallel.rank(), "total", parallel.total(float(n)))
 parallel.close()
 ''')
     p = run(TORCHRUN + [str(script)], timeout=60)
     assert "total 43.0" in p.stdout
+
+
+def test_gathered_reshards_every_block_and_an_idle_rank_joins_every_gather(tmp_path):
+    """parallel.gathered: inside, every FSDP unit's parameters (root and each decoder block) are
+    unsharded; after, all are sharded again (DTensors). A rollout in which rank 1 has no dialogue
+    at all still returns on both ranks: the idle rank enters the same gathers every turn."""
+    script = tmp_path / "gather.py"
+    script.write_text(f'''
+import sys, torch
+sys.path.insert(0, {ROOT!r})
+from torch.distributed.tensor import DTensor
+import data, lm, parallel, rollout, shop
+parallel.init("cpu")
+logs = [shop.play(shop.make_scenario(s), shop.behaviour_policy) for s in range(20)]
+tok = lm.train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(shop.INSTRUCTIONS.values()),
+                         shop.STRATEGIES, 300)
+models = []
+for seed in (0, 1):
+    m = lm.build_tiny_model(tok, 32, 2, 2, seed=seed)
+    lm.add_strategy_tokens(m, tok, shop.STRATEGIES)
+    models.append(parallel.shard(m))
+expert, agent = models
+sharded = lambda m: [isinstance(p, DTensor) for p in m.parameters()]
+assert all(sharded(expert)) and len(sharded(expert)) > 4
+with parallel.gathered(expert):
+    assert not any(sharded(expert)), "a unit stayed sharded inside gathered()"
+assert all(sharded(expert)), "a unit stayed unsharded after gathered()"
+scen = [shop.make_scenario(s) for s in data.train_seeds(3, offset=900)] if parallel.rank() == 0 else []
+trajs = rollout.rollout(expert, agent, tok, tok, scen, seed=1, max_reply_tokens=6)
+assert all(sharded(expert)) and all(sharded(agent))
+print("rank", parallel.rank(), "dialogues", len(trajs), "total", parallel.total(float(len(trajs))))
+parallel.close()
+''')
+    p = run(TORCHRUN + [str(script)], timeout=120)
+    assert "total 3.0" in p.stdout
 
 
 def test_pretrained_backbone_with_chat_template(tmp_path, tok):

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The prepared GPU check (about 8 minutes on one H100, start included). Run it from the repo root
+# whenever a GPU is at hand, and paste its output into docs/scaling.md with the card it ran on.
+#
+#   bash tools/gpu_check.sh                 # on a CUDA machine
+#   DRY_RUN=1 bash tools/gpu_check.sh       # the same stages on CPU, tiny sizes (tests/test_device.py runs this)
+#
+# (a) device checks on CUDA (tools/gpu_check.py a)
+# (c) a Qwen2.5-1.5B-shaped model as both agents: a GOPO iteration, a PPO step and an eval in
+#     single-process bf16, without and with --grad-ckpt: tokens/s, step time, peak memory vs formula
+# (d) one `torchrun --nproc_per_node 1 train.py --fsdp --bf16` iteration
+# (b) the tiny default run on CUDA: train.py, then eval.py's table, with wall times (last: the longest)
+# A machine with no network and no `datasets` (the GPU image) is fine: training never imports it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-$(mktemp -d)}
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  DEVICE=cpu
+  TINY=(--n-logs 60 --d-model 32 --sft-steps 4 --sft-window-steps 2 --iters 1 --scenarios 4 --k 2 --cs-samples 4)
+  EVAL=(--n-scenarios 8)
+else
+  DEVICE=cuda
+  TINY=()
+  EVAL=()
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+stage() { echo; echo "== $1"; }
+secs() { local t0=$1; echo "$(( $(date +%s) - t0 )) s"; }
+
+stage "(a) device checks on $DEVICE"
+python tools/gpu_check.py a
+
+stage "(c) Qwen2.5-1.5B-shaped model, single-process bf16, no activation checkpointing"
+python tools/gpu_check.py c
+stage "(c) the same with --grad-ckpt"
+python tools/gpu_check.py c --grad-ckpt
+
+stage "(d) torchrun --nproc_per_node 1 train.py --fsdp --bf16 on $DEVICE"
+t0=$(date +%s)
+python -m torch.distributed.run --nproc_per_node 1 -- train.py --device "$DEVICE" --fsdp --bf16 --out "$OUT" \
+  --run fsdp1 --overwrite --n-logs 60 --sft-steps 4 --sft-window-steps 2 --iters 1 --scenarios 4 --k 2 \
+  --cs-samples 4 2>&1 | grep -v "it/s\]" | tail -n 3
+echo "wall time: $(secs "$t0")"
+
+stage "(b) the tiny default run on $DEVICE"
+t0=$(date +%s)
+python train.py --device "$DEVICE" --out "$OUT" --run tiny --overwrite "${TINY[@]}" 2>&1 | grep -v "it/s\]" | tail -n 4
+echo "train.py wall time: $(secs "$t0")"
+t0=$(date +%s)
+python eval.py "$OUT/tiny" --device "$DEVICE" "${EVAL[@]}" | head -n 12
+echo "eval.py wall time: $(secs "$t0")"
+
+echo
+echo "GPU CHECK PASSED"
