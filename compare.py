@@ -24,10 +24,9 @@ import random
 import data
 import lm
 import eval as eval_lib
-import shop
 
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
-SFT_SETTINGS = ("data", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer", "vocab_size",
+SFT_SETTINGS = ("data", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer", "vocab_size",
                 "sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")
 ROLLOUT_BUDGET = ("iters", "scenarios", "k")
 
@@ -54,7 +53,7 @@ def read_method(folder):
     if algo not in eval_lib.ROWS:
         eval_lib.die(f"{folder}: unknown --algo '{algo}' in its config.json")
     if any(c.get("data", "shop") != "shop" for _, c in runs):
-        eval_lib.die(f"{folder}: --compare runs on the built-in shop only (its held-out scenarios); "
+        eval_lib.die(f"{folder}: --compare runs on the built-in worlds only (their held-out scenarios); "
                      "evaluate a real-data run with python eval.py RUN")
     return algo, runs
 
@@ -117,7 +116,9 @@ def main(args):
     loaded = {run: eval_lib.load_run(run, eval_lib.ROWS[algo_of[name]][:1] if algo_of[name] != "sft"
                                      else eval_lib.ROWS["sft"], device)
               for name, runs in methods.items() for run, _ in runs}   # every checkpoint loads first
-    scenarios = [shop.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
+    first_run, first_config = next(iter(methods.values()))[0]
+    world = eval_lib.world_of(first_config, first_run)       # check_budget: every run has the same world
+    scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     from tqdm import tqdm
     pooled, per_seed, per_scenario, curves, seconds = {}, {}, {}, {}, {}
     jobs = [(name, row, run) for name, runs in methods.items() for run, _ in runs for row in rows_of(name)]
@@ -125,8 +126,8 @@ def main(args):
         method = row if algo_of[name] == "sft" else algo_of[name]
         values = eval_lib.read_values(os.path.join(run, "values.json"))
         with lm.autocast(device, args.bf16):
-            recs = eval_lib.method_records(loaded[run], method, scenarios, shop, args.batch, args.seed)
-        per = eval_lib.per_dialogue(recs, values, shop, flat=method in eval_lib.FLAT)
+            recs = eval_lib.method_records(loaded[run], method, scenarios, world, args.batch, args.seed)
+        per = eval_lib.per_dialogue(recs, values, world, flat=method in eval_lib.FLAT)
         for k in METRICS:
             pooled.setdefault(row, {}).setdefault(k, []).extend(per[k])
         per_seed.setdefault(row, []).append(sum(per["tse"]) / len(per["tse"]))
@@ -136,8 +137,8 @@ def main(args):
         seconds[name] = [read_seconds(run) for run, _ in runs]
     values = eval_lib.read_values(os.path.join(methods[next(iter(methods))][0][0], "values.json"))
     for name in ("behaviour", "oracle"):    # rule policies with template text: no training seed
-        recs = [shop.play(s, shop.POLICIES[name], seed=args.seed) for s in scenarios]
-        per = eval_lib.per_dialogue(recs, values, shop)
+        recs = [world.play(s, world.POLICIES[name], seed=args.seed) for s in scenarios]
+        per = eval_lib.per_dialogue(recs, values, world)
         pooled[name] = {k: per[k] for k in METRICS}
         per_scenario[name] = [per["tse"]]
     results = {m: eval_lib.summary(pooled[m]) for m in pooled}

@@ -4,19 +4,21 @@
 # gopo-alpha1 and gopo-noexpert-alpha1 are variant rows: R = TSE alone (--alpha 1), as the other baselines.
 #   bash compare.sh                 # out/compare/<method>/s{0,1,2}, out/compare/compare.{md,json,png}
 #   SEEDS="0" bash compare.sh       # one seed
+#   WORLD=desk bash compare.sh      # on the service desk (out/compare-desk/...)
 set -euo pipefail
 cd "$(dirname "$0")"
-OUT=${OUT:-out/compare}
+WORLD=${WORLD:-shop}
+OUT=${OUT:-out/compare$([ "$WORLD" = shop ] || echo "-$WORLD")}
 SEEDS=${SEEDS:-"0 1 2"}
 for seed in $SEEDS; do
-  python train.py --algo sft --seed "$seed" --out "$OUT" --run "sft/s$seed" --overwrite
+  python train.py --world "$WORLD" --algo sft --seed "$seed" --out "$OUT" --run "sft/s$seed" --overwrite
   for algo in gopo ppo memento gopo-noexpert; do
-    python train.py --algo "$algo" --seed "$seed" --out "$OUT" --run "$algo/s$seed" --overwrite \
+    python train.py --world "$WORLD" --algo "$algo" --seed "$seed" --out "$OUT" --run "$algo/s$seed" --overwrite \
       --sft-from "$OUT/sft/s$seed"
   done
   for algo in gopo gopo-noexpert; do
-    python train.py --algo "$algo" --alpha 1 --seed "$seed" --out "$OUT" --run "$algo-alpha1/s$seed" --overwrite \
-      --sft-from "$OUT/sft/s$seed"
+    python train.py --world "$WORLD" --algo "$algo" --alpha 1 --seed "$seed" --out "$OUT" --run "$algo-alpha1/s$seed" \
+      --overwrite --sft-from "$OUT/sft/s$seed"
   done
 done
 python eval.py --compare "$OUT/sft" "$OUT/ppo" "$OUT/memento" "$OUT/gopo-noexpert" "$OUT/gopo" "$OUT/gopo-alpha1" \

@@ -26,7 +26,7 @@ import data
 import gopo
 import lm
 import rollout as rollout_lib
-import shop
+import world as world_lib
 import tse
 
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
@@ -71,13 +71,13 @@ def sop_ok(rec, world):
     reply's act (an unrecognised reply is not an SOP act), else 0.0. It reads what the customer
     heard, the same way for every method: a flat agent has no Expert to keep it inside the SOP, and
     a two-agent reply can fail to carry out its strategy."""
-    prev = "<start>"
+    acts = []
     for turn in rec["turns"]:
         if turn["role"] == "agent":
             act = world.recognise(turn["text"])
-            if act is None or act not in world.SOP[prev]:
+            if act is None or act not in world.allowed(acts):
                 return 0.0
-            prev = act
+            acts.append(act)
     return 1.0
 
 
@@ -302,12 +302,20 @@ def main(argv=None):
     with lm.autocast(device, args.bf16):
         if config.get("data", "shop") != "shop":
             return evaluate_logged(run, config, values, ckpt, rows, args)
-        return evaluate_shop(run, config, values, ckpt, rows, algo, args)
+        return evaluate_builtin(run, config, values, ckpt, rows, algo, args)
 
 
-def evaluate_shop(run, config, values, ckpt, rows, algo, args):
-    """The built-in world: every row's greedy dialogues on the held-out scenarios, and the rule policies."""
-    world = shop
+def world_of(config, run):
+    """The built-in world a run trained in (its config's --world and knobs; shop before --world existed)."""
+    try:
+        return world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+    except ValueError as e:
+        die(f"{run}/config.json: {e}")
+
+
+def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
+    """A built-in world: every row's greedy dialogues on the held-out scenarios, and the rule policies."""
+    world = world_of(config, run)
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     results = {}
     for name in rows:
@@ -317,7 +325,7 @@ def evaluate_shop(run, config, values, ckpt, rows, algo, args):
     for name, policy in world.POLICIES.items():
         recs = [world.play(s, policy, seed=args.seed) for s in scenarios]
         results[name] = summarize(recs, values, world)
-    methods = [*rows, "behaviour", "random", "oracle"]
+    methods = [*rows, *world.POLICIES]
     start = rows[1]   # the SFT model this run started from
     gap = (results[rows[0]]["tse"]["mean"] - results[start]["tse"]["mean"]) / \
         max(1e-9, results["oracle"]["tse"]["mean"] - results[start]["tse"]["mean"])

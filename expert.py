@@ -16,16 +16,22 @@ import lm
 import parallel
 
 
-def sop_mask(prev_strategies, strategies, sop):
-    """Allowed-set mask for each decision. prev_strategies: list of previous strategy (or None).
+def sop_mask(histories, strategies, allowed):
+    """Allowed-set mask for each decision: histories, one list of the strategies chosen before it
+    per decision; allowed, the world's SOP automaton (strategies so far -> allowed strategies).
 
     Returns a bool tensor (N, Z): True where allowed.
     """
     index = {z: i for i, z in enumerate(strategies)}
-    mask = torch.zeros(len(prev_strategies), len(strategies), dtype=torch.bool)
-    for n, prev in enumerate(prev_strategies):
-        mask[n, [index[z] for z in sop[prev or "<start>"]]] = True
+    mask = torch.zeros(len(histories), len(strategies), dtype=torch.bool)
+    for n, history in enumerate(histories):
+        mask[n, [index[z] for z in allowed(history)]] = True
     return mask
+
+
+def prefixes(zs):
+    """The history before each decision of a strategy sequence: [[], [z1], [z1, z2], ...]."""
+    return [zs[:t] for t in range(len(zs))]
 
 
 def masked_logps(logits, strategy_ids, allowed):
@@ -82,13 +88,13 @@ def collate(trajectories, pad_id, n_strategies):
     return {"ids": ids, "attn": attn, "pos": pos, "z": z, "allowed": allowed, "step_mask": step_mask}
 
 
-def trajectory_from_record(tok, rec, strategies, sop, instructions):
+def trajectory_from_record(tok, rec, strategies, allowed, instructions):
     """A logged record -> the Expert's view of it: token ids, decisions, SOP masks."""
     ids, decisions, _ = lm.encode_dialogue(tok, rec["turns"], instructions)
     index = {z: i for i, z in enumerate(strategies)}
     zs = [z for _, z in decisions]
     return {"ids": ids, "decisions": [(p, index[z]) for p, z in decisions],
-            "allowed": sop_mask([None] + zs[:-1], strategies, sop)}
+            "allowed": sop_mask(prefixes(zs), strategies, allowed)}
 
 
 @torch.no_grad()
@@ -107,11 +113,11 @@ def decide(logits, strategy_ids, allowed, uniforms=None):
     return z, logps.gather(1, z[:, None]).squeeze(1)
 
 
-def sft(model, tok, records, strategies, sop, instructions, steps, batch_size=16, lr=3e-3, seed=0,
+def sft(model, tok, records, strategies, allowed, instructions, steps, batch_size=16, lr=3e-3, seed=0,
         cycle=100, desc="SFT expert"):
     """Supervised fine-tuning on logged strategies: minimise -sum_t log pi_E(z_t | h_t) (masked)."""
     strategy_ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
-    trajs = [trajectory_from_record(tok, r, strategies, sop, instructions) for r in records]
+    trajs = [trajectory_from_record(tok, r, strategies, allowed, instructions) for r in records]
     rng = random.Random(seed)
 
     def step_loss(step):

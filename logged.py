@@ -156,6 +156,7 @@ def make_world(train, all_records, max_turns=None):
     return types.SimpleNamespace(
         STRATEGIES=strategies, EVENTS=model.events, SUCCESS_EVENTS=(), HORIZON=horizon,
         SOP={z: strategies for z in ["<start>", *strategies]},
+        allowed=lambda history: strategies,
         INSTRUCTIONS={z: z.replace("_", " ") for z in strategies},
         Customer=Customer, record=record, recognise=recognise, customer_model=model,
         make_scenario=lambda seed: train[seed % len(train)])

@@ -68,13 +68,13 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
         if flat:
             agent_ctx.extend([lm.flat_prompt_ids(tok_a)] * len(live))
         else:
-            prevs = [strategies[trajs[i]["decisions"][-1][1]] if t > 0 else None for i in live]
+            histories = [[strategies[k] for _, k in trajs[i]["decisions"]] for i in live]
             with parallel.gathered(expert_model):      # FSDP: one model's full weights at a time
                 logits = expert_ctx.logits() if live else None                         # (B, V)
             if live:   # counter (2t) << 12: turn t's decision; (2t + 1) << 12 + s: token s of its reply
                 uniforms = None if greedy else engine.uniforms(keys[live].to(logits.device), (2 * t) << 12,
                                                                len(strategies))        # (B, Z)
-                allowed = expert_lib.sop_mask(prevs, strategies, world.SOP)             # (B, Z)
+                allowed = expert_lib.sop_mask(histories, strategies, world.allowed)     # (B, Z)
                 if choose is None:
                     z, logp = expert_lib.decide(logits, strategy_ids, allowed, uniforms)
                 else:   # one masked distribution, for the chooser and for the recorded log-prob
@@ -108,7 +108,7 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
             tr["ref_logps"].append(logp[j].item())
             tr["ids"] += lm.agent_prompt_ids(tok_e, name, world.INSTRUCTIONS[name]) + \
                 lm.reply_ids(tok_e, text) + lm.customer_ids(tok_e, utterance)
-            if not done and world.SOP[name]:  # nothing may follow `close`: the dialogue ends
+            if not done and world.allowed(histories[j] + [name]):   # nothing may follow: the dialogue ends
                 keep.append(j)
         live = [live[j] for j in keep]
         if not flat:
@@ -117,7 +117,7 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
     out = []
     for s, c, tr in zip(scenarios, customers, trajs):
         zs = [strategies[k] for _, k in tr["decisions"]]
-        tr["allowed"] = expert_lib.sop_mask([None] + zs[:-1], strategies, world.SOP) if not flat else None
+        tr["allowed"] = expert_lib.sop_mask(expert_lib.prefixes(zs), strategies, world.allowed) if not flat else None
         tr["record"] = world.record(s, tr.pop("turns"), c, source="rollout")
         out.append(tr)
     return out

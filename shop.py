@@ -75,9 +75,11 @@ SUCCESS_EVENTS = ("purchase",)
 HORIZON = 10  # max agent turns
 
 
-def allowed(prev):
-    """A(h_t): the strategies the SOP allows after `prev` (None or START at the first turn)."""
-    return SOP[prev or START]
+def allowed(strategies):
+    """A(h_t): the strategies the SOP allows after the strategies chosen so far ([] at the first
+    turn). Here only the previous one matters (the SOP table); the desk's gates read the whole
+    history. [] (after `close`): the dialogue ends."""
+    return SOP[strategies[-1] if strategies else START]
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -320,6 +322,7 @@ class Tracker:
     def __init__(self):
         self.known = {"category": None, "feature": None}
         self.prev = None
+        self.strategies = []
         self.last_event = None
         self.last_text = ""
         self.recommended = False
@@ -327,6 +330,7 @@ class Tracker:
 
     def update(self, strategy, customer_text, event):
         self.prev, self.last_event, self.last_text = strategy, event, customer_text
+        self.strategies.append(strategy)
         for cat, items in CATALOGUE.items():
             if re.search(rf"\b{cat}\b", customer_text):
                 self.known["category"] = cat
@@ -360,10 +364,10 @@ def behaviour_policy(tr, scenario, rng, eps=0.1):
     objections, sweetens accepted deals with a discount, upsells everyone, pushes to close.
     """
     if tr.prev is not None and rng.random() < eps:
-        return rng.choice(allowed(tr.prev))
+        return rng.choice(allowed(tr.strategies))
     def pick(options):  # [(strategy, weight)] restricted to the SOP
-        options = [(z, w) for z, w in options if z in allowed(tr.prev)] or \
-            [(z, 1.0) for z in allowed(tr.prev)]
+        options = [(z, w) for z, w in options if z in allowed(tr.strategies)] or \
+            [(z, 1.0) for z in allowed(tr.strategies)]
         return rng.choices([z for z, _ in options], [w for _, w in options])[0]
     if tr.prev is None:
         return "greet"
@@ -386,7 +390,7 @@ def behaviour_policy(tr, scenario, rng, eps=0.1):
 
 def random_policy(tr, scenario, rng):
     """Uniform over the SOP-allowed strategies."""
-    return rng.choice(allowed(tr.prev))
+    return rng.choice(allowed(tr.strategies))
 
 
 POLICIES = {"oracle": oracle_policy, "behaviour": behaviour_policy, "random": random_policy}
@@ -406,7 +410,7 @@ def dialogue(scenario, policy, seed=0, horizon=HORIZON):
     turns = [{"role": "customer", "text": cust.opening(), "strategy": None, "event": None}]
     for t in range(horizon):
         z = policy(tr, scenario, rng)
-        assert z in allowed(tr.prev), (z, tr.prev)
+        assert z in allowed(tr.strategies), (z, tr.strategies)
         known = dict(tr.known, target=scenario["target"]) if policy is oracle_policy else tr.known
         text = render_agent(z, known, rng)
         turns.append({"role": "agent", "text": text, "strategy": z, "event": None})

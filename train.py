@@ -35,8 +35,8 @@ import expert as expert_lib
 import gopo
 import lm
 import parallel
-import shop
 import tse
+import world as world_lib
 
 
 class Parser(argparse.ArgumentParser):
@@ -78,7 +78,7 @@ ALGOS = ["gopo", "sft", "ppo", "memento", "gopo-noexpert"]
 SFT_MODELS = {  # the SFT checkpoints each method starts from (flat: the single-agent model of PPO and the ablation)
     "gopo": ("expert", "agent"), "memento": ("expert", "agent"), "sft": ("expert", "agent", "flat"),
     "ppo": ("flat",), "gopo-noexpert": ("flat",)}
-SFT_KEYS = ("seed", "data", "data_path", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
+SFT_KEYS = ("seed", "data", "data_path", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
             "vocab_size", "sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
 
 p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -99,7 +99,14 @@ g.add_argument("--max-nonfinite", type=positive(int), default=3,
                help="stop after this many iterations in a row with non-finite losses or gradients")
 g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy, or a real dataset")
 g.add_argument("--data", default="shop", choices=["shop", "mgshop", "multiwoz"],
-               help="the built-in shop simulator, or real logs with a logged-context world (logged.py)")
+               help="shop: a built-in simulated world (--world); mgshop, multiwoz: real logs with a logged-context "
+               "world (logged.py)")
+g.add_argument("--world", default="shop", choices=list(world_lib.WORLDS),
+               help="the built-in world (world.py has the contract): shop, small and quick; desk, a service desk "
+               "with 1-3 requests per customer, hidden facts used turns later and SOP gates on the whole history")
+g.add_argument("--horizon", type=positive(int), default=None, help="desk: maximum agent turns (default: the world's)")
+g.add_argument("--paraphrases", type=positive(int), default=None,
+               help="desk: paraphrases per strategy in the rule policies' text (default: the world's)")
 g.add_argument("--data-path", default=None, help="MG-ShopDial JSON file, or the MultiWOZ 2.2 folder")
 g.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
 g.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL (common schema) "
@@ -216,6 +223,10 @@ def check_flags(args):
         die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
     if args.data != "shop" and not args.data_path:
         die(f"--data {args.data} needs --data-path (see README \"Real data\" for where to get it)")
+    if args.data != "shop" and (args.world != "shop" or args.horizon or args.paraphrases):
+        die(f"--world, --horizon and --paraphrases pick a built-in world; --data {args.data} brings its own")
+    if args.world == "shop" and (args.horizon or args.paraphrases):
+        die("--horizon and --paraphrases are knobs of the desk world: add --world desk")
     if args.data == "shop" and args.data_path:
         die("--data-path is for --data mgshop or multiwoz; the built-in shop needs no file")
     if args.data != "shop" and (args.logs or args.n_logs != p.get_default("n_logs")):
@@ -227,8 +238,9 @@ def load_world(args):
     a real dataset's training split is the logs, and its world is a logged-context one (logged.py)."""
     try:
         if args.data == "shop":   # on --resume the run's own logs.jsonl is read later instead
+            world = world_lib.load(args.world, args.horizon, args.paraphrases)
             read = args.logs and not args.resume
-            return shop, data.read_jsonl(args.logs, shop.STRATEGIES, shop.EVENTS) if read else None, None
+            return world, data.read_jsonl(args.logs, world.STRATEGIES, world.EVENTS) if read else None, None
         import logged
         splits = logged.load_splits(args.data, args.data_path)
         if not splits["train"] or not splits["test"]:
@@ -386,7 +398,7 @@ def main(argv=None):
         if args.model == "tiny":
             texts = [t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values())
             tok = lm.train_tokenizer(texts, world.STRATEGIES, args.vocab_size)
-            max_len = 1024 if args.data == "shop" else 4096      # real dialogues run to ~2k tokens
+            max_len = 1024 if args.world == "shop" and args.data == "shop" else 4096   # desk, real dialogues: ~2k tokens
             for name in need:   # each model its own init seed, the same whichever others are built
                 m = lm.build_tiny_model(tok, args.d_model, args.n_layer, max_len=max_len,
                                         seed=args.seed + {"expert": 0, "agent": 1, "flat": 2}[name])
@@ -409,7 +421,7 @@ def main(argv=None):
                 models[name] = (model, tok)
             with amp():
                 if name == "expert":
-                    losses[name] = expert_lib.sft(model, tok, logs, world.STRATEGIES, world.SOP, world.INSTRUCTIONS,
+                    losses[name] = expert_lib.sft(model, tok, logs, world.STRATEGIES, world.allowed, world.INSTRUCTIONS,
                                                   args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
                 else:   # the CS Agent with strategy prompts, the flat agent without (instructions=None)
                     losses[name] = agent_lib.sft(model, tok, logs, world.INSTRUCTIONS if name == "agent" else None,

@@ -220,6 +220,10 @@ def build_cases(tmp, checkpoint):
                                         ["--n-logs", "multiwoz"])
     cases["data_path_without_data"] = Case("train.py", ["--data-path", str(wrong)], ["--data-path"])
     cases["fsdp_without_torchrun"] = Case("train.py", ["--fsdp"], ["--fsdp", "torchrun"])
+    cases["world_nonsense"] = Case("train.py", ["--world", "nonsense"], ["--world", "nonsense"])
+    cases["paraphrases_0"] = Case("train.py", ["--world", "desk", "--paraphrases", "0"], ["--paraphrases", "0"])
+    cases["horizon_0"] = Case("train.py", ["--world", "desk", "--horizon", "0"], ["--horizon", "0"])
+    cases["horizon_without_desk"] = Case("train.py", ["--horizon", "8"], ["--horizon", "--world desk"])
     cases["tiny_flag_with_pretrained"] = Case("train.py", ["--model", "gpt2", "--n-layer", "3"], ["only shapes the tiny model", "gpt2"])
     not_a_model = tmp / "not_a_model"
     not_a_model.mkdir()
@@ -260,6 +264,8 @@ def build_cases(tmp, checkpoint):
                                      ["not_a_run", "config.json"], keep=str(resume / "not_a_run"), needs="--resume")
     cases["resume_flag_clash"] = Case("train.py", ["--resume", str(resume / "clash"), "--k", "3"],
                                       ["--k"], keep=str(resume / "clash"), needs="--resume")
+    cases["resume_other_world"] = Case("train.py", ["--resume", str(resume / "no_logs"), "--world", "desk"],
+                                       ["--world", "desk"], keep=str(resume / "no_logs"), needs="--resume")
     cases["resume_foreign_config"] = Case(   # a config.json that is not a run's: nothing written, one line
         "train.py", ["--resume", str(resume / "foreign_config")], ["config.json", "'a'"],
         keep=str(resume / "foreign_config"), needs="--resume")
@@ -447,6 +453,7 @@ ALL_CASES = [
     "run_exists", "run_exists_with_bad_logs",
     "resume_missing", "resume_not_a_run", "resume_flag_clash", "resume_config_malformed",
     "resume_config_not_object", "resume_values_without_logs", "resume_foreign_config", "resume_config_bad_value",
+    "world_nonsense", "paraphrases_0", "horizon_0", "horizon_without_desk", "resume_other_world",
     "eval_missing_folder", "eval_file_not_folder", "eval_no_checkpoints", "eval_n_scenarios0",
     "eval_n_scenarios_abc", "eval_batch_neg", "eval_no_values", "eval_values_malformed", "eval_values_not_object",
     "eval_values_not_numbers", "eval_expert_config_only", "eval_expert_empty_config",

@@ -174,7 +174,7 @@ def test_case_bank_q_values_by_hand():
     similarity-weighted mean return per strategy; `close` (not allowed) is never retrieved."""
     bank, Z = small_bank()
     turns = [{"role": "customer", "text": "a", "strategy": None, "event": None}]
-    allowed = expert_lib.sop_mask(["greet"], shop.STRATEGIES, shop.SOP)    # elicit_need, recommend
+    allowed = expert_lib.sop_mask([["greet"]], shop.STRATEGIES, shop.allowed)    # elicit_need, recommend
     q = bank.q_values([turns], allowed)[0]
     sims = bank.keys @ torch.tensor([1.0, 0, 0])
     rec = (sims[0] * 0.9 + sims[3] * 0.5) / (sims[0] + sims[3])
@@ -190,7 +190,7 @@ def test_case_bank_choices_always_obey_the_sop():
     g = torch.Generator().manual_seed(0)
     texts = ["a", "b", "c", "a b", "zzz", ""]
     for prev in [None, *shop.STRATEGIES[:-1]]:
-        allowed = expert_lib.sop_mask([prev] * len(texts), shop.STRATEGIES, shop.SOP)
+        allowed = expert_lib.sop_mask([[] if prev is None else [prev]] * len(texts), shop.STRATEGIES, shop.allowed)
         logps = expert_lib.masked_logps(torch.randn(len(texts), len(shop.STRATEGIES), generator=g),
                                         list(range(len(shop.STRATEGIES))), allowed)
         turns = [[{"role": "customer", "text": t, "strategy": None, "event": None}] for t in texts]
@@ -222,7 +222,7 @@ def sft_models(tok, logs):
     agent_lib.sft(agent_model, tok, logs, shop.INSTRUCTIONS, steps=200, batch_size=8, lr=1e-2, seed=0, window_steps=100)
     agent_lib.sft(flat_model, tok, logs, None, steps=200, batch_size=8, lr=1e-2, seed=0, window_steps=100)
     expert_model = copy.deepcopy(agent_model)
-    expert_lib.sft(expert_model, tok, logs, shop.STRATEGIES, shop.SOP, shop.INSTRUCTIONS, steps=60, batch_size=8,
+    expert_lib.sft(expert_model, tok, logs, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS, steps=60, batch_size=8,
                    lr=3e-3, seed=0)
     return expert_model, agent_model, flat_model
 

@@ -28,7 +28,7 @@ def test_strategy_row_scoring_equals_full_logits_in_value_and_gradient(models, t
     """decision_logps (output layer on the Z strategy rows at the decision positions only) against
     the same quantity from the full (B, L, V) logits, and the gradients of their sums."""
     model = copy.deepcopy(models[0])
-    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.SOP, shop.INSTRUCTIONS) for r in logs[:5]]
+    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS) for r in logs[:5]]
     batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
     step = expert_lib.decision_logps(model, batch, strategy_ids)                   # (B, T)
     step.sum().backward()

@@ -127,7 +127,7 @@ def per_decision_logps(model, traj, strategy_ids):
 
 
 def score(model, tok, recs, strategy_ids):
-    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.SOP, shop.INSTRUCTIONS)
+    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS)
              for r in recs]
     batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
     with torch.no_grad():
@@ -224,8 +224,8 @@ def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, s
     g = torch.Generator().manual_seed(0)
     logits = 10 * torch.randn(len(shop.SOP), 5, len(tok), generator=g)           # (prev, 5, V)
     prevs = list(shop.SOP)
-    allowed = expert_lib.sop_mask([None if p == "<start>" else p for p in prevs], shop.STRATEGIES,
-                                  shop.SOP)
+    allowed = expert_lib.sop_mask([[] if p == "<start>" else [p] for p in prevs], shop.STRATEGIES,
+                                  shop.allowed)
     for n, prev in enumerate(prevs):
         assert [z for z, a in zip(shop.STRATEGIES, allowed[n]) if a] == \
             [z for z in shop.STRATEGIES if z in shop.SOP[prev]]
@@ -241,7 +241,7 @@ def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, s
     gen = torch.Generator().manual_seed(0)
     for prev in ["greet", "recommend", "upsell"]:
         logits = engine.Context(expert_model, [ctx] * 200, tok.pad_token_id).logits()       # (200, V)
-        z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask([prev] * 200, shop.STRATEGIES, shop.SOP),
+        z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask([[prev]] * 200, shop.STRATEGIES, shop.allowed),
                                     uniforms=torch.rand(200, len(shop.STRATEGIES), generator=gen))
         assert {shop.STRATEGIES[k] for k in z.tolist()} <= set(shop.SOP[prev])
         assert torch.all(torch.isfinite(logp))
@@ -358,7 +358,7 @@ def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
     agent_model = lm.build_tiny_model(tok, d_model=64, n_layer=2, n_head=2, seed=1)
     for m in (expert_model, agent_model):
         lm.add_strategy_tokens(m, tok, shop.STRATEGIES)
-    expert_lib.sft(expert_model, tok, logs, shop.STRATEGIES, shop.SOP, shop.INSTRUCTIONS, steps=40,
+    expert_lib.sft(expert_model, tok, logs, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS, steps=40,
                    batch_size=8, lr=1e-2, seed=0)
     agent_lib.sft(agent_model, tok, logs, shop.INSTRUCTIONS, steps=100, batch_size=4, lr=1e-2, seed=0)
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(8, offset=1000)]

@@ -64,7 +64,7 @@ def stage_a():
     cpu_e, cpu_a = tiny_pair(tok)
     dev_e, dev_a = copy.deepcopy(cpu_e).to(DEV), copy.deepcopy(cpu_a).to(DEV)
     ids_z = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
-    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.SOP, shop.INSTRUCTIONS) for r in logs[:8]]
+    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS) for r in logs[:8]]
     batch = expert_lib.collate(trajs, tok.pad_token_id, len(shop.STRATEGIES))
     with torch.no_grad():
         fast = expert_lib.decision_logps(dev_e, batch, ids_z).cpu()
