@@ -1,6 +1,6 @@
 """One record schema for every dialogue source, held as a `datasets.Dataset`, written as JSONL.
 
-A record (DESIGN §5):
+A record (docs/design.md):
     {"id": str, "source": str, "scenario": dict,
      "turns": [{"role": "customer"|"agent", "text": str, "strategy": str|None, "event": str|None}],
      "success": bool, "ref_strategies": [str, ...]}

@@ -55,10 +55,13 @@ p.add_argument("--seed", type=int, default=0, help="customer template seed")
 p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                help="where the rollouts run: auto = CUDA when there is a GPU")
 p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollouts (weights stay as saved)")
+p.add_argument("--show", type=int, default=0, metavar="N",
+               help="print the first N held-out customers' dialogues, the starting model's and the trained one's, "
+               "turn by turn")
 
 
 def dialogue_metrics(rec, values, world):
-    """Per-dialogue metrics of one record (DESIGN §3), plus sop_ok."""
+    """Per-dialogue metrics of one record (docs/design.md), plus sop_ok."""
     m = tse.trajectory_metrics(rec, values, world.HORIZON)
     m["gre"] = gopo.gre(rec, world.recognise)
     m["order_value"] = rec.get("order_value", 0.0)
@@ -317,10 +320,10 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
     """A built-in world: every row's greedy dialogues on the held-out scenarios, and the rule policies."""
     world = world_of(config, run)
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
-    results = {}
+    results, records = {}, {}
     for name in rows:
         recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed, config.get("max_reply_tokens", 32))
-        results[name] = summarize(recs, values, world, flat=name in FLAT)
+        results[name], records[name] = summarize(recs, values, world, flat=name in FLAT), recs
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, policy in world.POLICIES.items():
         recs = [world.play(s, policy, seed=args.seed) for s in scenarios]
@@ -340,6 +343,53 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         json.dump({**results, "n_scenarios": args.n_scenarios, **({"gap_closed_tse": gap} if algo != "sft" else {})},
                   f, indent=2)
     plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {args.n_scenarios} held-out scenarios")
+    plot_strategies({name: records[name] for name in rows[::-1]}, world, os.path.join(run, "strategies.png"))
+    for i in range(min(args.show, len(scenarios))):
+        show(i, {name: records[name][i] for name in rows[::-1]}, values, world)
+
+
+def situations(rec):
+    """(the customer's last event, the strategy chosen after it) for every agent turn of a record."""
+    turns = rec["turns"]
+    return [(turns[i - 1]["event"] or "opening", turns[i]["strategy"])
+            for i in range(1, len(turns)) if turns[i]["role"] == "agent"]
+
+
+def plot_strategies(records_by_method, world, path):
+    """strategies.png: for each method, the share of each strategy chosen after each customer event
+    (a row per event, summing to 1): which habits the training dropped or picked up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    events = ["opening", *world.EVENTS]
+    fig, axes = plt.subplots(1, len(records_by_method), figsize=(6 * len(records_by_method), 4.5), squeeze=False)
+    for ax, (name, recs) in zip(axes[0], records_by_method.items()):
+        counts = [[0] * len(world.STRATEGIES) for _ in events]
+        for rec in recs:
+            for event, z in situations(rec):
+                if event in events and z in world.STRATEGIES:
+                    counts[events.index(event)][world.STRATEGIES.index(z)] += 1
+        share = [[c / max(1, sum(row)) for c in row] for row in counts]
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(world.STRATEGIES)), world.STRATEGIES, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(events)), [f"{e} ({sum(row)})" for e, row in zip(events, counts)], fontsize=8)
+        ax.set_title(f"{name}: strategy chosen after each customer event")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def show(i, recs_by_method, values, world):
+    """One held-out customer, each method's dialogue: strategy, reply and the customer's event."""
+    print(f"\n==== held-out customer {i} ({json.dumps(next(iter(recs_by_method.values()))['scenario'])[:150]})")
+    for name, rec in recs_by_method.items():
+        m = dialogue_metrics(rec, values, world)
+        print(f"--- {name}: TSE {m['tse']:.3f}, {'success' if rec['success'] else 'failure'}, {m['turns']} agent turns")
+        for turn in rec["turns"]:
+            if turn["role"] == "agent":
+                print(f"  agent    [{turn['strategy']:<17}] {turn['text']}")
+            else:
+                print(f"  customer [{turn['event'] or '':<17}] {turn['text']}")
 
 
 def check_folder(run):

@@ -2,7 +2,7 @@
 
 The decision distribution is the LM's next-token distribution restricted to the strategy tokens,
 with every strategy the SOP forbids after the previous one set to -inf before the softmax
-(DESIGN §2). One forward over the serialized dialogue gives every decision of a trajectory, so
+(docs/design.md). One forward over the serialized dialogue gives every decision of a trajectory, so
 scoring a whole dialogue is one pass, not one per turn. The SOP mask is applied in sampling, in
 greedy decoding, in SFT and in scoring alike: a forbidden strategy has probability exactly 0.
 """

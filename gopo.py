@@ -1,4 +1,4 @@
-"""GOPO: DPO over whole dialogues, counting only the Expert's decisions (DESIGN §4).
+"""GOPO: DPO over whole dialogues, counting only the Expert's decisions (docs/design.md).
 
 What it really is: for each scenario, roll out K dialogues with the current Expert, score each
 with a sequence-level business reward R, and prefer the better dialogue of each pair with the DPO
@@ -85,11 +85,12 @@ def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
 
 
 # ----------------------------------------------------------------------------- updates
-def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
+def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args, stats=None):
     """The GOPO loss of the Expert on one batch: one forward over every trajectory in a pair (or a
     group, with --listwise), the preference loss on their summed decision log-probs plus the NLL
     of the winners, averaged over pairs (groups). Distributed: this rank's share of the pairs,
-    normalised so that the ranks' gradients average to the whole batch's. Returns a scalar tensor."""
+    normalised so that the ranks' gradients average to the whole batch's. Returns a scalar tensor.
+    stats: a dict to fill with the quantities DPO trainers log (TRL's names), means over the pairs."""
     units = groups if args.listwise else pairs
     mine, weight = parallel.share_or_dummy(units)
     used = sorted({i for u in mine for i in u})
@@ -113,8 +114,14 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     else:
         w = torch.tensor([row[a] for a, _ in mine], device=S.device)
         l = torch.tensor([row[b] for _, b in mine], device=S.device)
-        pref, _, _ = preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)   # (P,)
+        pref, chosen, rejected = preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)   # (P,) each
         winners = w
+        if stats is not None:
+            n = parallel.total(float(weight * len(mine)))
+            mean = lambda x: parallel.total(weight * float(x.sum())) / max(n, 1)
+            stats.update({"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
+                          "rewards/margins": mean(chosen - rejected), "rewards/accuracies": mean((chosen > rejected).float()),
+                          "logps/chosen": mean(S[w].detach()), "logps/rejected": mean(S[l].detach())})
     nll = -S[winners] / n_steps[winners]                                         # (P,) eq. (4)
     return weight * (pref + args.nll_coef * nll).sum() / parallel.denominator(len(units))
 
@@ -186,6 +193,11 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     losses = [expert_update(expert_model, opt_e, trajs, pairs, groups, rewards, strategy_ids,
                             tok_e.pad_token_id, len(world.STRATEGIES), args)
               for _ in range(args.gopo_epochs)] if (pairs or args.listwise) else []
+    stats = {}
+    if pairs and not args.listwise:   # what the update did: implicit rewards of the pairs after the last step
+        with torch.no_grad():
+            expert_loss(expert_model, trajs, pairs, groups, rewards, strategy_ids, tok_e.pad_token_id,
+                        len(world.STRATEGIES), args, stats)
     expert_model.eval()
     # 4. CS alignment: turn-level DPO on adherence
     with parallel.gathered(agent_model):   # the same pairs on every rank (same trajectories, same seed)
@@ -202,7 +214,7 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
             "esndcg": mean(m["esndcg"] for m in scores), "success": mean(m["success"] for m in scores),
             "gre": mean(gre(r, world.recognise) for r in recs),
             "loss": mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
-            "pairs": len(pairs), "cs_pairs": len(cs_pairs),
+            "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats,
             "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None, "seconds": round(time.time() - t0, 2)}
 
 

@@ -1,4 +1,4 @@
-"""Loaders of two real dialogue corpora into the common record schema of data.py (DESIGN §5).
+"""Loaders of two real dialogue corpora into the common record schema of data.py (docs/design.md).
 
 MG-ShopDial (SIGIR 2023): one JSON list of e-commerce conversations between a "Wizard" (the shop
 assistant) and a "Client", every utterance annotated with scored intents.

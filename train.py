@@ -563,7 +563,9 @@ def plot_curves(run_dir):
         sft = json.load(f)
     path = os.path.join(run_dir, "metrics.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    fig, ax = plt.subplots(1, 3 if rows else 1, figsize=(15 if rows else 5, 4), squeeze=False)
+    dpo = bool(rows) and "rewards/margins" in rows[-1]
+    fig, ax = plt.subplots(1, (4 if dpo else 3) if rows else 1, figsize=((20 if dpo else 15) if rows else 5, 4),
+                           squeeze=False)
     ax = ax[0]
     labels = {"expert_loss": "Expert (decision NLL)", "agent_loss": "CS Agent (reply-token NLL)",
               "flat_loss": "flat agent (reply-token NLL)"}
@@ -584,6 +586,12 @@ def plot_curves(run_dir):
                 ax[2].plot(its, [r[key] if r[key] is not None else float("nan") for r in rows], label=label)
         ax[2].set(title="update", xlabel="iteration", yscale="log")
         ax[2].legend()
+        if dpo:   # what the Expert's update did to the pairs, in the terms DPO trainers log
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                ax[3].plot(its, [r.get(key, float("nan")) for r in rows], label=key)
+            ax[3].axhline(0, color="grey", lw=0.5)
+            ax[3].set(title="Expert update: implicit rewards beta (S - S_ref) after the step", xlabel="iteration")
+            ax[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "curves.png"), dpi=100)
     plt.close(fig)

@@ -179,7 +179,7 @@ def rate_ci(xs, level=0.95):
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (p, max(0.0, centre - half), min(1.0, centre + half))
+    return (p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))   # p inside despite rounding
 
 
 def summarize(xs):

@@ -374,7 +374,8 @@ def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
             m = gopo.iteration(model, agent_model, tok, tok, opt_e, None, scenarios, values, shop,
                                SimpleNamespace(**GOPO_ARGS), it, seed=it)
             assert m["pairs"] > 0 and m["loss"] is not None and math.isfinite(m["loss"])
-            assert {"R", "tse", "esndcg", "gre", "loss", "pairs", "seconds"} <= set(m)
+            assert {"R", "tse", "esndcg", "gre", "loss", "pairs", "seconds", "rewards/margins", "rewards/accuracies",
+                    "logps/chosen"} <= set(m) and 0 <= m["rewards/accuracies"] <= 1
         changed = sum(not torch.equal(a, b) for a, b in zip(expert_model.parameters(), model.parameters()))
         assert changed > 0, "the Expert's parameters did not change"
         return mean_R(model)
