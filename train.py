@@ -590,7 +590,7 @@ def plot_curves(run_dir):
             for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
                 ax[3].plot(its, [r.get(key, float("nan")) for r in rows], label=key)
             ax[3].axhline(0, color="grey", lw=0.5)
-            ax[3].set(title="Expert update: implicit rewards beta (S - S_ref) after the step", xlabel="iteration")
+            ax[3].set(title="Expert update: beta (S - S_ref) after it", xlabel="iteration")
             ax[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "curves.png"), dpi=100)
