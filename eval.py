@@ -2,15 +2,13 @@
 
     python eval.py out/gopo                  # one run: 200 held-out scenarios, greedy decoding
     python eval.py out/gopo --n-scenarios 500
-    python eval.py --compare out/sft out/ppo out/memento out/gopo-noexpert out/gopo   # the comparison
+    python -m experiments.compare out/sft out/ppo ...   # the comparison (experiments/compare.py)
 
 One run: the run's method (gopo, ppo, memento, gopo-noexpert; sft gives both SFT rows), the SFT
 model(s) it started from, and the world's behaviour, random-valid and oracle policies (template
 text) -> eval.md, eval.json, eval.png, eval_<method>.jsonl in the run folder.
---compare: each folder is a run, or holds runs of one method (e.g. out/ppo/s0, s1, s2: training
-seeds, pooled) -> compare.md, compare.json, compare.png (in --out). Held-out scenarios come from the
-test seed range, which no training stage ever samples (data.py), and are the same for every method
-and seed. Each metric is a mean with a 95% CI over dialogues (scenarios x seeds).
+Held-out scenarios come from the test seed range, which no training stage ever samples (data.py).
+Each metric is a mean with a 95% CI over dialogues (Wilson for rates).
 """
 import argparse
 import json
@@ -22,6 +20,7 @@ import sys
 import torch
 from transformers.utils import logging as hf_logging
 
+import cli
 import data
 import gopo
 import lm
@@ -32,23 +31,10 @@ import tse
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+die = cli.die
 
-
-def die(message):
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.add_argument("run", nargs="?", help="run folder written by train.py (holds values.json and its checkpoints)")
-p.add_argument("--compare", nargs="+", metavar="RUNS", default=None,
-               help="compare methods: run folders, or folders of runs of one method (training seeds, pooled)")
-p.add_argument("--out", default=None, help="--compare: where compare.md/json/png go (default: the runs' parent folder)")
-p.add_argument("--bootstrap", type=int, default=2000, help="--compare: resamples for the CI of relative TSE")
+p = cli.Parser(__doc__)
+p.add_argument("run", help="run folder written by train.py (holds values.json and its checkpoints)")
 p.add_argument("--n-scenarios", type=int, default=200, help="held-out scenarios")
 p.add_argument("--batch", type=int, default=100, help="dialogues rolled out together")
 p.add_argument("--seed", type=int, default=0, help="customer template seed")
@@ -146,7 +132,7 @@ def load_run(run, rows, device="cpu"):
     ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in needed_files(rows) if name != "bank.pt"}
     ckpt = {name: (model.to(device), tok) for name, (model, tok) in ckpt.items()}
     if "memento" in rows:
-        import baselines
+        from experiments import baselines   # Memento's case bank
         try:
             ckpt["bank"] = baselines.CaseBank.load(os.path.join(run, "bank.pt"))
         except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
@@ -240,7 +226,7 @@ def evaluate_logged(run, config, values, ckpt, rows, args):
     """A real-data run: greedy logged-context rollouts on the test split (the world is rebuilt from
     the training split exactly as train.py built it), scored with the fitted event values, ESNDCG
     against the human strategies, GRE, and BLEU / ROUGE-L of the replies against the human ones."""
-    import logged
+    from realdata import logged
     try:
         splits = logged.load_splits(config["data"], config["data_path"])
     except (data.DataError, KeyError) as e:
@@ -287,11 +273,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n_scenarios <= 0 or args.batch <= 0:
         die("--n-scenarios and --batch must be > 0")
-    if (args.run is None) == (args.compare is None):
-        die("give one run folder, or --compare RUNS... (not both)")
-    if args.compare is not None:
-        import compare
-        return compare.main(args)
     run = check_folder(args.run)
     config = read_config(os.path.join(run, "config.json"))
     algo = config.get("algo", "gopo")

@@ -35,7 +35,7 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
     index: each dialogue's number in the whole batch (default 0..n-1). Its customer and its random
     stream are seeded by (seed, index) alone, so a dialogue comes out the same whatever batch it is
     played in: one process, or a share of the batch on each of several ranks.
-    Baselines (baselines.py):
+    Baselines (experiments/baselines.py):
       expert_model=None: a flat agent, the CS Agent model writing each reply straight from the
         history (lm.flat_prompt_ids, no strategy); a turn's strategy in the record is the act the
         world recognises in the reply, and there are no decisions, ids or SOP masks;

@@ -4,7 +4,7 @@
     python train.py --iters 40 --k 8      # longer run
     python train.py --model models/smollm2 --sft-lr 5e-5 --lr 1e-5   # a pretrained backbone (README "Scaling")
     torchrun --nproc_per_node 8 -- train.py --model <14B> --fsdp --bf16 --grad-ckpt   # the same file, distributed
-    python train.py --algo ppo --sft-from out/sft   # a baseline (sft, ppo, memento, gopo-noexpert; baselines.py)
+    python train.py --algo ppo --sft-from out/sft   # a baseline (sft, ppo, memento, gopo-noexpert; experiments/baselines.py)
     python train.py --help                # every flag
 
 Writes out/<run>/: config.json, logs.jsonl (the behaviour-policy training data), values.json
@@ -14,7 +14,6 @@ flat/ (the flat agent; ppo adds value_head.pt) or bank.pt (memento) instead of e
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -29,7 +28,7 @@ import time
 import torch
 
 import agent as agent_lib
-import baselines
+import cli
 import data
 import expert as expert_lib
 import gopo
@@ -39,39 +38,7 @@ import tse
 import world as world_lib
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def die(message):
-    print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def checked(kind, lo, lo_ok, hi=None):
-    """argparse type: a number in [lo, hi] (lo excluded unless lo_ok)."""
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
-        if v < lo or (v == lo and not lo_ok) or (hi is not None and v > hi):
-            bound = f"{'>=' if lo_ok else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
-        return v
-    return parse
-
-
-def positive(kind):
-    return checked(kind, 0, False)
-
-
-def nonneg(kind):
-    return checked(kind, 0, True)
+die, checked, positive, nonneg = cli.die, cli.checked, cli.positive, cli.nonneg
 
 
 ALGOS = ["gopo", "sft", "ppo", "memento", "gopo-noexpert"]
@@ -81,10 +48,10 @@ SFT_MODELS = {  # the SFT checkpoints each method starts from (flat: the single-
 SFT_KEYS = ("seed", "data", "data_path", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
             "vocab_size", "sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
 
-p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = cli.Parser(__doc__)
 g = p.add_argument_group("run")
 g.add_argument("--algo", default="gopo", choices=ALGOS,
-               help="gopo; sft (the SFT stages only); the baselines (baselines.py): ppo (flat agent, token-level "
+               help="gopo; sft (the SFT stages only); the baselines (experiments/baselines.py): ppo (flat agent, token-level "
                "PPO), memento (case bank over the frozen SFT agents), gopo-noexpert (GOPO's loss on a flat agent)")
 g.add_argument("--out", default="out", help="parent folder of run folders")
 g.add_argument("--run", default=None, help="run folder name under --out (default: the --algo name)")
@@ -100,7 +67,7 @@ g.add_argument("--max-nonfinite", type=positive(int), default=3,
 g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy, or a real dataset")
 g.add_argument("--data", default="shop", choices=["shop", "mgshop", "multiwoz"],
                help="shop: a built-in simulated world (--world); mgshop, multiwoz: real logs with a logged-context "
-               "world (logged.py)")
+               "world (realdata/logged.py)")
 g.add_argument("--world", default="shop", choices=list(world_lib.WORLDS),
                help="the built-in world (world.py has the contract): shop, small and quick; desk, a service desk "
                "with 1-3 requests per customer, hidden facts used turns later and SOP gates on the whole history")
@@ -162,7 +129,7 @@ g.add_argument("--max-reply-tokens", type=checked(int, 1, True, 4095), default=3
 g.add_argument("--cs-samples", type=nonneg(int), default=16, help="(h_t, z_t) per iteration for CS alignment pairs")
 g.add_argument("--beta-cs", type=positive(float), default=0.1, help="DPO temperature of the CS alignment loss")
 g.add_argument("--lr-cs", type=positive(float), default=1e-4, help="CS Agent learning rate in GOPO")
-g = p.add_argument_group("baselines (baselines.py; same budget as GOPO: --iters x --scenarios x --k dialogues)")
+g = p.add_argument_group("baselines (experiments/baselines.py; same budget as GOPO: --iters x --scenarios x --k dialogues)")
 g.add_argument("--flat-lr", type=positive(float), default=3e-4, help="flat agent learning rate (ppo, gopo-noexpert)")
 g.add_argument("--kl-coef", type=nonneg(float), default=0.02, help="ppo: per-token KL penalty to the SFT flat agent")
 g.add_argument("--clip", type=positive(float), default=0.2, help="ppo: ratio clip range epsilon")
@@ -235,13 +202,13 @@ def check_flags(args):
 
 def load_world(args):
     """(world, training logs or None, splits or None). The built-in shop simulates its logs later;
-    a real dataset's training split is the logs, and its world is a logged-context one (logged.py)."""
+    a real dataset's training split is the logs, and its world is a logged-context one (realdata/logged.py)."""
     try:
         if args.data == "shop":   # on --resume the run's own logs.jsonl is read later instead
             world = world_lib.load(args.world, args.horizon, args.paraphrases)
             read = args.logs and not args.resume
             return world, data.read_jsonl(args.logs, world.STRATEGIES, world.EVENTS) if read else None, None
-        import logged
+        from realdata import logged
         splits = logged.load_splits(args.data, args.data_path)
         if not splits["train"] or not splits["test"]:
             die(f"--data-path {args.data_path}: the {args.data} data has an empty train or test split")
@@ -271,7 +238,7 @@ def load_backbone(name, strategies):
     except (OSError, ValueError) as e:
         if os.path.isdir(name):
             die(f"cannot load a model from the folder {name}: {str(e).splitlines()[0]}")
-        hint = " (offline: pass a local folder, e.g. python convert.py models/smollm2 then " \
+        hint = " (offline: pass a local folder, e.g. python tools/convert.py models/smollm2 then " \
                "--model models/smollm2, or add --no-offline to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         die(f"cannot load --model '{name}': not a local folder and not in the Hugging Face cache{hint}")
 
@@ -453,7 +420,8 @@ def main(argv=None):
             start, bad_in_a_row = trainer["iterations_done"], trainer["bad_in_a_row"]
         step = lambda scenarios, it, seed: gopo.iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a,
                                                           scenarios, values, world, args, it, seed)
-    elif args.algo != "sft":   # a baseline: its step and its checkpoint writer (baselines.py)
+    elif args.algo != "sft":   # a baseline: its step and its checkpoint writer (experiments/baselines.py)
+        from experiments import baselines
         step, save_method = baselines.trainer(args.algo, expert_model, agent_model, tok_e, tok_a, logs, values,
                                               world, args, device)
     n_iters = args.iters if args.algo != "sft" else 0

@@ -1,5 +1,5 @@
 """The world contract: what GOPO trains against. To take GOPO to your own domain, write a module
-that provides these names (shop.py is the small example, desk.py the long-horizon one, logged.py
+that provides these names (shop.py is the small example, desk.py the long-horizon one, realdata/logged.py
 builds one from real logs), and pass it where `shop` or `desk` is passed.
 
   STRATEGIES             strategy names: the Expert's action space (one new token each)

@@ -375,8 +375,8 @@ def build_cases(tmp, checkpoint):
     (ev / "memento" / "config.json").write_text('{"algo": "memento"}\n')
     (ev / "memento" / "bank.pt").write_bytes(b"not a case bank" * 10)
     eval_cases.update({
-        "eval_run_and_compare": ([eval_run("both"), "--compare", str(ev / "both")], ["not both"], str(ev / "both")),
-        "eval_nothing_to_evaluate": ([], ["one run folder"], None),
+        "eval_run_and_compare": ([eval_run("both"), "--compare", str(ev / "both")], ["--compare"], str(ev / "both")),
+        "eval_nothing_to_evaluate": ([], ["run"], None),
         "eval_unknown_algo": ([unknown], ["dqn"], unknown),
         "eval_memento_bad_bank": ([memento], ["bank.pt"], memento),
     })

@@ -1,8 +1,8 @@
-"""The PPO pieces of baselines.py against independent formulas."""
+"""The baselines (experiments/baselines.py): PPO's pieces against independent formulas, Memento's case bank, and each baseline learning against a control."""
 import pytest
 import torch
 
-import baselines
+from experiments import baselines
 
 
 def test_gae_equals_discounted_sum_of_td_errors():
@@ -135,7 +135,7 @@ def test_target_logps_equal_full_logits_in_value_and_gradient(tok, models):
     trajs = rollout_lib.rollout(None, agent_model, None, tok, [shop.make_scenario(s) for s in range(3)], shop, seed=1)
     ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
     head = baselines.ValueHead(agent_model.config.hidden_size)
-    torch.nn.init.normal_(head.linear.weight)
+    torch.nn.init.normal_(head.linear.weight, generator=torch.Generator().manual_seed(0))
     model = copy.deepcopy(agent_model)
     T, where = 0.7, mask[:, 1:].bool()
 
@@ -151,8 +151,8 @@ def test_target_logps_equal_full_logits_in_value_and_gradient(tok, models):
     (full.sum() + v_full[where].sum()).backward()
     torch.testing.assert_close(logps, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v[where], v_full[where], rtol=1e-5, atol=1e-5)
-    for a, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+    for a, p in zip(grads, model.parameters()):    # fp32 sums in another order: relative to the largest entry
+        torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-4 * float(p.grad.abs().max()))
     with torch.no_grad():   # the summed form the CS Agent and the ablation use
         torch.testing.assert_close(agent_lib.reply_logps(model, ids, attn, mask),
                                    lm.target_logps(model, ids, attn, mask).sum(-1), rtol=1e-6, atol=1e-6)

@@ -66,8 +66,8 @@ def test_cached_rollout_equals_uncached(models, tok):
 
 
 def test_bench_endless_world_runs_every_dialogue_to_the_horizon(models, tok):
-    """bench.py's turn-scaling measurement is only meaningful if no dialogue ends early."""
-    import bench
+    """experiments/bench.py's turn-scaling measurement is only meaningful if no dialogue ends early."""
+    from experiments import bench
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=9200)]
     trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, bench.endless_world(),

@@ -1,5 +1,5 @@
 """The baselines through the command lines: `train.py --algo sft|ppo|memento|gopo-noexpert|gopo`
-with --sft-from, `eval.py RUN` on each, and `eval.py --compare` pooling seeds (tiny runs)."""
+with --sft-from, `eval.py RUN` on each, and `python -m experiments.compare` pooling seeds (tiny runs)."""
 import json
 import os
 import shutil
@@ -24,7 +24,7 @@ def run_cli(args, env, timeout=300):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cli_env):
     """out/sft/s{0,1} (--algo sft, seeds 0 and 1), then every method of seed 0 and gopo and ppo of
-    seed 1, each from its seed's SFT run; then eval.py --compare on the five method folders."""
+    seed 1, each from its seed's SFT run; then experiments.compare on the five method folders."""
     out = tmp_path_factory.mktemp("compare")
     sft = lambda s: ["train.py", "--algo", "sft", "--seed", str(s), "--out", str(out), "--run", f"sft/s{s}", *TINY]
     method = lambda a, s: ["train.py", "--algo", a, "--seed", str(s), "--out", str(out), "--run", f"{a}/s{s}",
@@ -37,7 +37,7 @@ def runs(tmp_path_factory, cli_env):
         results.update(zip(jobs, pool.map(lambda a: run_cli(a, cli_env), jobs.values())))
     for name, (rc, _, err) in results.items():
         assert rc == 0, (name, err[-3000:])
-    compare = run_cli(["eval.py", "--compare", *(str(out / m) for m in ["sft", "ppo", "memento", "gopo-noexpert", "gopo",
+    compare = run_cli(["-m", "experiments.compare", *(str(out / m) for m in ["sft", "ppo", "memento", "gopo-noexpert", "gopo",
                                                                       "gopo-alpha1"]),
                        "--n-scenarios", "4", "--bootstrap", "200"], cli_env)
     assert compare[0] == 0, compare[2][-3000:]
@@ -140,13 +140,13 @@ def test_compare_refuses_unequal_budgets_and_mixed_folders(runs, cli_env, tmp_pa
         "twice": ([str(out / "gopo"), str(out / "gopo" / "s0")], ["two folders"]),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(cases, pool.map(lambda c: run_cli(["eval.py", "--compare", *c[0], "--n-scenarios", "2",
+        results = dict(zip(cases, pool.map(lambda c: run_cli(["-m", "experiments.compare", *c[0], "--n-scenarios", "2",
                                                                "--out", str(tmp_path / "report")], cli_env),
                                            cases.values())))
     for name, (args, needles) in cases.items():
         rc, stdout, stderr = results[name]
         lines = [line for line in stderr.splitlines() if line.strip()]
-        assert rc == 2 and len(lines) == 1 and lines[0].startswith("eval.py: error:"), (name, stderr[-2000:])
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("compare.py: error:"), (name, stderr[-2000:])
         assert all(n in lines[0] for n in needles), (name, lines[0])
     assert not (tmp_path / "report").exists()
 

@@ -41,8 +41,8 @@ def test_strategy_row_scoring_equals_full_logits_in_value_and_gradient(models, t
     full = torch.where(batch["step_mask"], full, torch.zeros_like(full))
     full.sum().backward()
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
-    for a, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    for a, p in zip(grads, model.parameters()):    # fp32 sums in another order: relative to the largest entry
+        torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-4 * float(p.grad.abs().max()))
 
 
 def test_counter_noise_is_a_pure_function_of_key_counter_and_column():

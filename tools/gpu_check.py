@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-import baselines  # noqa: E402
+from experiments import baselines  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 import expert as expert_lib  # noqa: E402

@@ -163,8 +163,8 @@ def make_world(train, all_records, max_turns=None):
 
 
 def load_splits(name, path, split_seed=0):
-    """{"train", "dev", "test"} record lists of a dataset (see realdata.py for the rules)."""
-    import realdata
+    """{"train", "dev", "test"} record lists of a dataset (see realdata/corpora.py for the rules)."""
+    from realdata import corpora as realdata
     if name == "mgshop":
         return realdata.mgshop_split(realdata.load_mgshop(path), seed=split_seed)
     if name == "multiwoz":

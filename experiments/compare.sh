@@ -2,11 +2,11 @@
 # The comparison of README "Baselines": 3 training seeds x 5 methods (+ 2 variants) on one budget, then the table.
 # Every method of a seed starts from the same SFT checkpoints (--sft-from the seed's --algo sft run).
 # gopo-alpha1 and gopo-noexpert-alpha1 are variant rows: R = TSE alone (--alpha 1), as the other baselines.
-#   bash compare.sh                 # out/compare/<method>/s{0,1,2}, out/compare/compare.{md,json,png}
-#   SEEDS="0" bash compare.sh       # one seed
-#   WORLD=desk bash compare.sh      # on the service desk (out/compare-desk/...)
+#   bash experiments/compare.sh                 # out/compare/<method>/s{0,1,2}, out/compare/compare.{md,json,png}
+#   SEEDS="0" bash experiments/compare.sh       # one seed
+#   WORLD=desk bash experiments/compare.sh      # on the service desk (out/compare-desk/...)
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."   # the repo root
 WORLD=${WORLD:-shop}
 OUT=${OUT:-out/compare$([ "$WORLD" = shop ] || echo "-$WORLD")}
 SEEDS=${SEEDS:-"0 1 2"}
@@ -21,5 +21,5 @@ for seed in $SEEDS; do
       --overwrite --sft-from "$OUT/sft/s$seed"
   done
 done
-python eval.py --compare "$OUT/sft" "$OUT/ppo" "$OUT/memento" "$OUT/gopo-noexpert" "$OUT/gopo" "$OUT/gopo-alpha1" \
+python -m experiments.compare "$OUT/sft" "$OUT/ppo" "$OUT/memento" "$OUT/gopo-noexpert" "$OUT/gopo" "$OUT/gopo-alpha1" \
   "$OUT/gopo-noexpert-alpha1" --out "$OUT"

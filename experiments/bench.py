@@ -1,7 +1,7 @@
 """Benchmark: how close GOPO's rollouts and updates come to the model's own floor.
 
-    python bench.py                    # trains the default run first (measured), then benchmarks it
-    python bench.py --run out/gopo     # benchmark an existing run's models, skip the train.py timing
+    python -m experiments.bench                    # trains the default run first (measured), then benchmarks it
+    python -m experiments.bench --run out/gopo     # benchmark an existing run's models, skip the train.py timing
 
 Every figure is a ratio of two timings taken side by side in this process, on the same models and
 shapes, each the median of --repeats interleaved repeats after a warm-up (this machine is shared

@@ -1,7 +1,6 @@
-"""`python eval.py --compare RUNS...`: the paper's comparison, every method on the same held-out
-scenarios, pooled over training seeds.
+"""The paper's comparison, every method on the same held-out scenarios, pooled over training seeds.
 
-    python eval.py --compare out/sft out/ppo out/memento out/gopo-noexpert out/gopo
+    python -m experiments.compare out/sft out/ppo out/memento out/gopo-noexpert out/gopo
 
 Each folder is one train.py run or holds runs of one method (out/ppo/s0, s1, s2); a folder named
 after a method plus a suffix (out/gopo-alpha1) is a variant of it with its own row. Every run is
@@ -21,9 +20,22 @@ import json
 import os
 import random
 
+import cli
 import data
-import lm
 import eval as eval_lib
+import lm
+
+p = cli.Parser(__doc__)
+p.add_argument("compare", nargs="+", metavar="RUNS",
+               help="run folders, or folders of runs of one method (training seeds, pooled)")
+p.add_argument("--out", default=None, help="where compare.md/json/png go (default: the runs' parent folder)")
+p.add_argument("--bootstrap", type=cli.positive(int), default=2000, help="resamples for the CI of relative TSE")
+p.add_argument("--n-scenarios", type=cli.positive(int), default=200, help="held-out scenarios")
+p.add_argument("--batch", type=cli.positive(int), default=100, help="dialogues rolled out together")
+p.add_argument("--seed", type=int, default=0, help="customer template seed")
+p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+               help="where the rollouts run: auto = CUDA when there is a GPU")
+p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollouts (weights stay as saved)")
 
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
 SFT_SETTINGS = ("data", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer", "vocab_size",
@@ -99,7 +111,8 @@ def label(folder, algo):
     return name if name.startswith(algo) and algo != "sft" else algo
 
 
-def main(args):
+def main(argv=None):
+    args = p.parse_args(argv)
     methods, algo_of = {}, {}
     for folder in args.compare:
         algo, runs = read_method(folder)
@@ -212,3 +225,7 @@ def plot(results, rows, curves, path, n):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""What every command line here shares: one-line errors (exit 2, nothing written) and checked numbers."""
+import argparse
+import math
+import os
+import sys
+
+
+def die(message):
+    """One line on stderr, named after the running script, and exit 2."""
+    print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (argparse prints the whole usage otherwise)."""
+
+    def __init__(self, doc, **kwargs):
+        super().__init__(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def checked(kind, lo, lo_ok, hi=None):
+    """argparse type: a finite number in [lo, hi] (lo excluded unless lo_ok)."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+        if v < lo or (v == lo and not lo_ok) or (hi is not None and v > hi):
+            bound = f"{'>=' if lo_ok else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
+        return v
+    return parse
+
+
+def positive(kind):
+    return checked(kind, 0, False)
+
+
+def nonneg(kind):
+    return checked(kind, 0, True)
