@@ -10,12 +10,10 @@ text) -> eval.md, eval.json, eval.png, eval_<method>.jsonl in the run folder.
 Held-out scenarios come from the test seed range, which no training stage ever samples (data.py).
 Each metric is a mean with a 95% CI over dialogues (Wilson for rates).
 """
-import argparse
 import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
-import sys
 
 import torch
 from transformers.utils import logging as hf_logging

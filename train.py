@@ -22,12 +22,12 @@ if "--no-offline" not in sys.argv:  # before transformers: a missing model fails
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import random
-import shutil
 import time
 
 import torch
 
 import agent as agent_lib
+import checkpoint
 import cli
 import data
 import expert as expert_lib
@@ -42,11 +42,6 @@ die, checked, positive, nonneg = cli.die, cli.checked, cli.positive, cli.nonneg
 
 
 ALGOS = ["gopo", "sft", "ppo", "memento", "gopo-noexpert"]
-SFT_MODELS = {  # the SFT checkpoints each method starts from (flat: the single-agent model of PPO and the ablation)
-    "gopo": ("expert", "agent"), "memento": ("expert", "agent"), "sft": ("expert", "agent", "flat"),
-    "ppo": ("flat",), "gopo-noexpert": ("flat",)}
-SFT_KEYS = ("seed", "data", "data_path", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
-            "vocab_size", "sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
 
 p = cli.Parser(__doc__)
 g = p.add_argument_group("run")
@@ -146,25 +141,6 @@ g.add_argument("--memento-logs", default=True, action=argparse.BooleanOptionalAc
                help="memento: start the case bank with the cases of the logged training dialogues")
 
 
-def start_run(args):
-    """New run: refuse an existing folder (unless --overwrite), write config.json (rank 0)."""
-    run_dir = os.path.join(args.out, args.run or args.algo)
-    if os.path.exists(run_dir) and not args.overwrite:
-        die(f"{run_dir} already exists (holds another run); pass --overwrite, --resume {run_dir} "
-            "or choose --run NAME")
-    parallel.barrier()   # every rank has looked before rank 0 touches anything
-    if parallel.is_main():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        try:
-            os.makedirs(run_dir)
-        except OSError as e:
-            die(f"cannot create {run_dir}: {e.strerror}")
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**vars(args), "world_size": parallel.world()}, f, indent=2)
-    parallel.barrier()
-    return run_dir
-
-
 def check_flags(args):
     """Conflicting flags: one line, exit 2, before anything is written."""
     tiny_flags = [f for f in ("d_model", "n_layer", "vocab_size") if getattr(args, f) != p.get_default(f)]
@@ -243,58 +219,6 @@ def load_backbone(name, strategies):
         die(f"cannot load --model '{name}': not a local folder and not in the Hugging Face cache{hint}")
 
 
-def resume_run(args):
-    """--resume RUN: the run's own config.json wins; flags given with it must agree with it."""
-    run_dir = args.resume
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        die(f"{run_dir} is not a train.py run (no config.json); check the path or start a new run")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        die(f"{path} is unreadable or not JSON ({e}); it is not a run train.py can resume")
-    if not isinstance(saved, dict):
-        die(f"{path} is not a JSON object; it is not a run train.py can resume")
-    if saved.get("algo", "gopo") not in ("gopo", "sft"):
-        die(f"{run_dir} is an --algo {saved['algo']} run: --resume continues gopo and sft runs only; "
-            "start it again (baselines take a few minutes)")
-    given = {k for k in vars(args) if k not in ("resume", "overwrite") and getattr(args, k) != p.get_default(k)}
-    clash = [k for k in sorted(given) if saved.get(k) != getattr(args, k)]
-    if clash:
-        k = clash[0]
-        die(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run's {saved.get(k)}; "
-            "resume with the run's own settings (drop the flag) or start a new run")
-    check_saved_config(saved, path)
-    return run_dir, argparse.Namespace(**{**saved, "resume": run_dir, "overwrite": False})
-
-
-def check_saved_config(saved, path):
-    """Every flag of a run must be in its config.json, and each value must be one its flag accepts
-    (type, range, choices): a folder that is not a run, or a config edited into nonsense, is refused
-    here, before anything is written into the folder."""
-    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "resume", "overwrite")}
-    unknown = sorted(set(saved) - set(actions) - {"resume", "overwrite", "world_size"})
-    missing = sorted(set(actions) - set(saved))
-    if unknown or missing:
-        what = f"unknown setting '{unknown[0]}'" if unknown else f"no '{missing[0]}' setting"
-        die(f"{path}: {what}; it is not the config of a run this train.py can resume")
-    for k, a in actions.items():
-        v, flag = saved[k], "--" + k.replace("_", "-")
-        if v is None and a.default is None and k != "sft_batch":   # sft_batch is filled in when a run starts
-            continue
-        if isinstance(a.default, bool):
-            ok = isinstance(v, bool)
-        else:
-            try:
-                ok = not isinstance(v, (bool, dict, list)) and (a.type or str)(str(v)) == v \
-                    and (a.choices is None or v in a.choices)
-            except (ValueError, argparse.ArgumentTypeError):
-                ok = False
-        if not ok:
-            die(f"{path}: {flag} {json.dumps(v)} is not a value {flag} accepts; it is not a run this train.py can resume")
-
-
 def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -305,7 +229,7 @@ def main(argv=None):
         args.sft_batch = 16 if args.data == "shop" else 4
     check_model(args.model)
     if args.sft_from:
-        check_sft_from(args)
+        checkpoint.check_sft_from(args)
     check_model(args.expert_model)
     # read user data before touching the output folder, so a bad file loses nothing
     world, logs, splits = load_world(args) if not args.resume else (None, None, None)
@@ -313,7 +237,7 @@ def main(argv=None):
     if n_logs + args.iters * args.scenarios > data.TEST_SEED_BASE:
         die(f"--n-logs + --iters x --scenarios needs more than the {data.TEST_SEED_BASE} training "
             "scenario seeds; use fewer")
-    run_dir, args = resume_run(args) if args.resume else (start_run(args), args)
+    run_dir, args = checkpoint.resume_run(args, p) if args.resume else (checkpoint.start_run(args), args)
     if args.resume:
         world, logs, splits = load_world(args)
     path = lambda name: os.path.join(run_dir, name)
@@ -349,11 +273,11 @@ def main(argv=None):
 
     # ---- 2. tokenizer and models; 3. SFT: Expert on logged strategies, CS Agent (and the flat agent
     #         of the baselines) on logged replies; or the SFT checkpoints of another run (--sft-from)
-    need = SFT_MODELS[args.algo]
+    need = checkpoint.SFT_MODELS[args.algo]
     for name in ("expert_sft", "agent_sft", "flat_sft", "state"):
         lm.recover(path(name))
     if args.sft_from and not os.path.exists(path("sft.json")) and parallel.is_main():
-        copy_sft(args.sft_from, run_dir, need, values)
+        checkpoint.copy_sft(args.sft_from, run_dir, need, values)
     parallel.barrier()
     models = {}      # name -> (model, tokenizer)
     if os.path.exists(path("sft.json")):   # sft.json is written last: SFT finished (--resume, --sft-from)
@@ -426,7 +350,7 @@ def main(argv=None):
                                               world, args, device)
     n_iters = args.iters if args.algo != "sft" else 0
     if parallel.is_main() and n_iters:
-        keep_metrics(path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
+        checkpoint.keep_metrics(path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
     from tqdm import tqdm
     for it in (bar := tqdm(range(start, n_iters), initial=start, total=n_iters, desc=args.algo,
                            disable=not parallel.is_main() or not n_iters)):
@@ -446,7 +370,7 @@ def main(argv=None):
             die(f"{bad_in_a_row} iterations in a row had non-finite losses or gradients; stopped. {where}")
         if args.algo == "gopo" and not parallel.distributed() and args.save_every and \
                 ((it + 1) % args.save_every == 0 or it + 1 == n_iters):
-            save_state(path("state"), expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, it + 1, bad_in_a_row)
+            checkpoint.save_state(path("state"), expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, it + 1, bad_in_a_row)
     if args.algo == "gopo":
         lm.save(expert_model, tok_e, path("expert"))
         lm.save(agent_model, tok_a, path("agent"))
@@ -460,38 +384,6 @@ def main(argv=None):
     parallel.close()
 
 
-def check_sft_from(args):
-    """--sft-from RUN: a finished run whose SFT settings are this run's, holding the checkpoints needed."""
-    src = args.sft_from
-    try:
-        with open(os.path.join(src, "config.json")) as f:
-            theirs = json.load(f)
-    except (OSError, ValueError):
-        die(f"--sft-from {src}: not a train.py run (no readable config.json)")
-    clash = [k for k in SFT_KEYS if theirs.get(k) != getattr(args, k)]
-    if clash:
-        k = clash[0]
-        die(f"--sft-from {src}: its --{k.replace('_', '-')} is {theirs.get(k)}, this run's is "
-            f"{getattr(args, k)}; the SFT checkpoints must come from the same seed, data and SFT settings")
-    missing = [f"{n}_sft" for n in SFT_MODELS[args.algo] if not os.path.isdir(os.path.join(src, f"{n}_sft"))]
-    if missing or not os.path.isfile(os.path.join(src, "sft.json")):
-        die(f"--sft-from {src}: no {(missing or ['sft.json'])[0]} (an unfinished run, or one whose --algo "
-            f"trained other models: --algo sft trains all three)")
-
-
-def copy_sft(src, run_dir, need, values):
-    """The SFT checkpoints and loss curves of another run, after checking its logs gave the same values."""
-    with open(os.path.join(src, "values.json")) as f:
-        if json.load(f) != values:
-            die(f"--sft-from {src}: its event values differ from this run's (different training logs)")
-    for name in need:
-        shutil.copytree(os.path.join(src, f"{name}_sft"), os.path.join(run_dir, f"{name}_sft"))
-    with open(os.path.join(src, "sft.json")) as f:
-        losses = json.load(f)
-    with open(os.path.join(run_dir, "sft.json"), "w") as f:
-        json.dump({f"{n}_loss": losses[f"{n}_loss"] for n in need}, f)
-
-
 def place(model, args, device):
     """Move to the device; under torchrun --fsdp, shard (FSDP2); --grad-ckpt either way."""
     model.to(device)
@@ -500,26 +392,6 @@ def place(model, args, device):
     if args.grad_ckpt:
         lm.activation_checkpointing(model)
     return model
-
-
-def save_state(folder, expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, iterations_done, bad_in_a_row):
-    """Everything --resume needs after an iteration, swapped in atomically as one folder."""
-    def write(tmp):
-        expert_model.save_pretrained(os.path.join(tmp, "expert"))
-        agent_model.save_pretrained(os.path.join(tmp, "agent"))
-        tok_e.save_pretrained(os.path.join(tmp, "expert"))
-        tok_a.save_pretrained(os.path.join(tmp, "agent"))
-        torch.save({"opt_e": opt_e.state_dict(), "opt_a": opt_a.state_dict(),
-                    "iterations_done": iterations_done, "bad_in_a_row": bad_in_a_row},
-                   os.path.join(tmp, "trainer.pt"))
-    lm.atomic_dir(folder, write)
-
-
-def keep_metrics(path, n):
-    """Keep the first n lines of metrics.jsonl (those of checkpointed iterations)."""
-    lines = open(path).read().splitlines()[:n] if os.path.exists(path) else []
-    with open(path, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
 
 
 def plot_curves(run_dir):

@@ -7,7 +7,6 @@ import torch
 
 import data
 import engine
-import lm
 import rollout as rollout_lib
 import shop
 

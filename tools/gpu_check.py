@@ -24,7 +24,6 @@ import torch  # noqa: E402
 
 from experiments import baselines  # noqa: E402
 import data  # noqa: E402
-import engine  # noqa: E402
 import expert as expert_lib  # noqa: E402
 import gopo  # noqa: E402
 import lm  # noqa: E402
