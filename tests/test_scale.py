@@ -109,7 +109,7 @@ n = 3 if parallel.rank() == 0 else 40
 with parallel.gathered(model):
     out = engine.Context(model, [[1, 2, 3]] * 2, 0).sample(-1, n, 1.0, torch.tensor([0, 1]))
 assert [len(o) for o in out] == [n, n]
-print(f"rank {parallel.rank()} total {parallel.total(float(n))}")   # one write: the ranks share stdout
+print(f"rank {{parallel.rank()}} total {{parallel.total(float(n))}}")   # one write: the ranks share stdout
 parallel.close()
 ''')
     p = run(TORCHRUN + [str(script)], timeout=60)
@@ -144,7 +144,7 @@ assert all(sharded(expert)), "a unit stayed unsharded after gathered()"
 scen = [shop.make_scenario(s) for s in data.train_seeds(3, offset=900)] if parallel.rank() == 0 else []
 trajs = rollout.rollout(expert, agent, tok, tok, scen, seed=1, max_reply_tokens=6)
 assert all(sharded(expert)) and all(sharded(agent))
-print(f"rank {parallel.rank()} dialogues {len(trajs)} total {parallel.total(float(len(trajs)))}")   # one write
+print(f"rank {{parallel.rank()}} dialogues {{len(trajs)}} total {{parallel.total(float(len(trajs)))}}")   # one write
 parallel.close()
 ''')
     p = run(TORCHRUN + [str(script)], timeout=120)
