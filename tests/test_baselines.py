@@ -261,10 +261,21 @@ def params_changed(before, model):
 # clearly above the control. The margins were measured over rollout seeds (a stronger perturbation
 # than float noise) and on every float variant (tests/across_machines.sh); the bars sit below the
 # worst of them.
-def reversed_signal(monkeypatch, module, name, flip):
-    """Replace module.name by flip(original's result): the control run of a learning test."""
-    original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: flip(original(*a, **k)))
+def gaps_to_control(name, run, monkeypatch, module, attr, flip):
+    """run(scenarios, offset) -> score on each of two sets of 16 training scenarios, and again with
+    module.attr's result passed through flip (the control: the learning signal reversed). Returns the
+    real - control gap of each set."""
+    gaps = []
+    for offset in (1000, 1100):
+        scen = scenarios(16, offset)
+        real = run(scen, offset)
+        with monkeypatch.context() as mp:
+            original = getattr(module, attr)
+            mp.setattr(module, attr, lambda *a, **k: flip(original(*a, **k)))
+            control = run(scen, offset)
+        gaps.append(real - control)
+        print(f"LEARNS {name} offset {offset}: real {real:.3f} control {control:.3f}")
+    return gaps
 
 
 def ppo_run(sft_models, tok, values, scen, offset):
@@ -290,15 +301,8 @@ def test_ppo_follows_its_reward(sft_models, tok, values, monkeypatch):
     varied 3x at offset 1000): real 0.516-0.554, negated 0.325-0.359, a gap of 0.157-0.229 per set.
     The gain over the start alone is 0.013-0.051, smaller than what another machine changes, so it
     is not what is asserted. Fails when the update is disabled or its sign is wrong."""
-    gaps = []
-    for offset in (1000, 1100):
-        scen = scenarios(16, offset)
-        real = ppo_run(sft_models, tok, values, scen, offset)
-        with monkeypatch.context() as mp:
-            reversed_signal(mp, baselines, "turn_rewards", lambda rs: [-r for r in rs])
-            negated = ppo_run(sft_models, tok, values, scen, offset)
-        gaps.append(real - negated)
-        print(f"LEARNS ppo offset {offset}: real {real:.3f} negated {negated:.3f}")
+    gaps = gaps_to_control("ppo", lambda scen, offset: ppo_run(sft_models, tok, values, scen, offset), monkeypatch,
+                           baselines, "turn_rewards", lambda rs: [-r for r in rs])
     assert sum(gaps) / 2 > 0.08, f"PPO did not follow its reward: real - negated TSE {gaps}"
 
 
@@ -325,15 +329,8 @@ def test_memento_bank_follows_its_returns_without_touching_the_models(sft_models
     argmax) scores 0.532 and 0.417. No LM parameter moves."""
     expert_model, agent_model, _ = sft_models
     params = [p.detach().clone() for m in (expert_model, agent_model) for p in m.parameters()]
-    gaps = []
-    for offset in (1000, 1100):
-        scen = scenarios(16, offset)
-        real = memento_run(sft_models, tok, logs, values, scen)
-        with monkeypatch.context() as mp:
-            reversed_signal(mp, baselines, "returns_to_go", lambda gs: [-g for g in gs])
-            negated = memento_run(sft_models, tok, logs, values, scen)
-        gaps.append(real - negated)
-        print(f"LEARNS memento offset {offset}: real {real:.3f} negated {negated:.3f}")
+    gaps = gaps_to_control("memento", lambda scen, offset: memento_run(sft_models, tok, logs, values, scen), monkeypatch,
+                           baselines, "returns_to_go", lambda gs: [-g for g in gs])
     now = [p for m in (expert_model, agent_model) for p in m.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(params, now)), "Memento changed an LM"
     assert sum(gaps) / 2 > 0.12, f"the bank did not follow its returns: real - negated TSE {gaps}"
@@ -358,13 +355,6 @@ def test_noexpert_ablation_follows_its_preferences(sft_models, tok, values, monk
     control). Measured (rollout seeds varied 3x per set): real 0.437-0.581, swapped 0.158-0.336, a
     mean gap over the two sets of 0.206-0.256; the real run's mean gain over the start is
     0.045-0.077."""
-    gaps = []
-    for offset in (1000, 1100):
-        scen = scenarios(16, offset)
-        real = ablation_run(sft_models, tok, values, scen, offset)
-        with monkeypatch.context() as mp:
-            reversed_signal(mp, gopo, "build_pairs", lambda pairs: [(l, w) for w, l in pairs])
-            swapped = ablation_run(sft_models, tok, values, scen, offset)
-        gaps.append(real - swapped)
-        print(f"LEARNS ablation offset {offset}: real {real:.3f} swapped {swapped:.3f}")
+    gaps = gaps_to_control("ablation", lambda scen, offset: ablation_run(sft_models, tok, values, scen, offset),
+                           monkeypatch, gopo, "build_pairs", lambda pairs: [(l, w) for w, l in pairs])
     assert sum(gaps) / 2 > 0.08, f"the ablation did not follow its preferences: real - swapped TSE {gaps}"
