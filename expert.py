@@ -44,14 +44,14 @@ def mask_and_normalise(z_logits, allowed):
     return F.log_softmax(z_logits.masked_fill(~allowed, float("-inf")), -1)
 
 
-def decision_logps(model, batch, strategy_ids):
-    """Log-probs of the taken decisions of a batch of trajectories, from one forward.
+def decision_dists(model, batch, strategy_ids):
+    """log pi(. | h_t) over the strategies at every decision of a batch of trajectories, from one forward.
 
     batch: dict with
       ids (B, L) right-padded token ids, attn (B, L),
       pos (B, T) position of each decision's strategy token (0 where padded),
       z (B, T) index of the taken strategy, allowed (B, T, Z) SOP masks, step_mask (B, T).
-    Returns step_logps (B, T), zero at padded steps.
+    Returns (B, T, Z) log-probs, -inf where the SOP forbids a strategy (padded steps: all allowed).
 
     The output layer runs only on the Z strategy rows at the T decision positions (lm.head_only):
     (B, T, Z) logits instead of (B, L, V), the same numbers (tested).
@@ -65,9 +65,23 @@ def decision_logps(model, batch, strategy_ids):
         return lm.head_rows(h, head, rows)                                           # (B, T, Z) fp32
     with lm.head_only(model, strategy_logits):
         z_logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], use_cache=False).logits
-    logps = mask_and_normalise(z_logits, batch["allowed"])                           # (B, T, Z)
-    taken = torch.gather(logps, 2, batch["z"][..., None]).squeeze(2)                 # (B, T)
-    return torch.where(batch["step_mask"], taken, torch.zeros_like(taken))
+    return mask_and_normalise(z_logits, batch["allowed"])                            # (B, T, Z)
+
+
+def decision_logps(model, batch, strategy_ids):
+    """Log-probs of the taken decisions (batch as in decision_dists): step_logps (B, T), zero at padded steps."""
+    logps = decision_dists(model, batch, strategy_ids)                               # (B, T, Z)
+    z, step_mask = batch["z"].to(logps.device), batch["step_mask"].to(logps.device)
+    taken = torch.gather(logps, 2, z[..., None]).squeeze(2)                          # (B, T)
+    return torch.where(step_mask, taken, torch.zeros_like(taken))
+
+
+def decision_kl(logps, ref_logps, allowed, step_mask):
+    """sum_t KL(pi(. | h_t) || pi_ref(. | h_t)) per trajectory, exact over the Z strategies (Z is
+    small, so no sampled estimate is needed): logps, ref_logps (B, T, Z), allowed (B, T, Z),
+    step_mask (B, T) -> (B,). Forbidden strategies have probability 0 under both and add nothing."""
+    terms = torch.where(allowed, logps.exp() * (logps - ref_logps), torch.zeros_like(logps))   # (B, T, Z)
+    return (terms.sum(-1) * step_mask).sum(-1)                                       # (B,)
 
 
 def collate(trajectories, pad_id, n_strategies):

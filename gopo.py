@@ -85,12 +85,15 @@ def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
 
 
 # ----------------------------------------------------------------------------- updates
-def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args, stats=None):
+def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args, stats=None,
+                ref_model=None):
     """The GOPO loss of the Expert on one batch: one forward over every trajectory in a pair (or a
     group, with --listwise), the preference loss on their summed decision log-probs plus the NLL
     of the winners, averaged over pairs (groups). Distributed: this rank's share of the pairs,
     normalised so that the ranks' gradients average to the whole batch's. Returns a scalar tensor.
-    stats: a dict to fill with the quantities DPO trainers log (TRL's names), means over the pairs."""
+    stats: a dict to fill with the quantities DPO trainers log (TRL's names), means over the pairs.
+    ref_model: pi_ref for S_ref (--ref sft: the frozen SFT Expert); None: the policy that sampled
+    the rollouts (--ref rollout)."""
     units = groups if args.listwise else pairs
     mine, weight = parallel.share_or_dummy(units)
     used = sorted({i for u in mine for i in u})
@@ -98,12 +101,16 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
     step_logps = expert_lib.decision_logps(model, batch, strategy_ids)            # (N, T)
     S = trajectory_logps(step_logps, batch["step_mask"].to(step_logps.device).float())   # (N,)
-    # S_ref: this same scoring forward, the first time a trajectory is scored in its iteration (no
-    # step taken yet: the policy is the one that sampled it), so the margin starts at exactly 0 in
-    # bf16 too. The rollout's recorded ref_logps are the same numbers up to rounding (cached,
-    # left-padded forwards; tested), so no reference model is kept in memory.
+    # S_ref, --ref rollout: this same scoring forward, the first time a trajectory is scored in its
+    # iteration (no step taken yet: the policy is the one that sampled it), so the margin starts at
+    # exactly 0 in bf16 too; the rollout's recorded ref_logps are the same numbers up to rounding
+    # (cached, left-padded forwards; tested). --ref sft: one forward of the frozen SFT Expert.
+    if ref_model is not None and any("S_ref" not in trajs[i] for i in used):
+        with torch.no_grad():
+            S_sft = trajectory_logps(expert_lib.decision_logps(ref_model, batch, strategy_ids),
+                                     batch["step_mask"].to(S.device).float())                 # (N,)
     for i in used:
-        trajs[i].setdefault("S_ref", S[row[i]].detach())
+        trajs[i].setdefault("S_ref", (S if ref_model is None else S_sft)[row[i]].detach())
     S_ref = torch.stack([trajs[i]["S_ref"] for i in used])                       # (N,)
     n_steps = batch["step_mask"].sum(-1).to(S.device)                            # (N,)
     if args.listwise:
@@ -126,11 +133,27 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     return weight * (pref + args.nll_coef * nll).sum() / parallel.denominator(len(units))
 
 
-def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args):
+def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args,
+                  ref_model=None):
     """One gradient step of the Expert on the GOPO loss. Returns the loss (nan: step skipped)."""
-    loss = expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args)
+    loss = expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args,
+                       ref_model=ref_model)
     value = parallel.total(loss.item()) / parallel.world()                      # the whole batch's loss
     return value if lm.guarded_step(model, opt, loss) else float("nan")
+
+
+@torch.no_grad()
+def kl_to(model, ref_model, trajs, strategy_ids, pad_id, n_strategies):
+    """Mean over the rollouts of sum_t KL(pi_E(. | h_t) || pi_SFT(. | h_t)): how far the Expert has
+    moved from the SFT Expert where it now plays (RLHF trainers log the same sequence-level KL).
+    Distributed: each rank scores its share, the mean is over the whole batch."""
+    mine, weight = parallel.share_or_dummy(list(range(len(trajs))))
+    batch = expert_lib.collate([trajs[i] for i in mine], pad_id, n_strategies)
+    logps = expert_lib.decision_dists(model, batch, strategy_ids)                 # (N, T, Z)
+    ref_logps = expert_lib.decision_dists(ref_model, batch, strategy_ids)         # (N, T, Z)
+    kl = expert_lib.decision_kl(logps, ref_logps, batch["allowed"].to(logps.device),
+                                batch["step_mask"].to(logps.device).float())     # (N,)
+    return parallel.total(weight * float(kl.sum())) / len(trajs)
 
 
 def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, temperature=1.0, max_new_tokens=32):
@@ -171,8 +194,9 @@ def agent_update(model, opt, pairs, pad_id, beta):
 
 # ----------------------------------------------------------------------------- one iteration
 def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, values, world, args,
-              it, seed):
-    """Rollout -> score -> pairs -> update. Returns the iteration's metrics (one metrics.jsonl line)."""
+              it, seed, sft_expert=None):
+    """Rollout -> score -> pairs -> update. Returns the iteration's metrics (one metrics.jsonl line).
+    sft_expert: the frozen SFT Expert: pi_ref when args.ref == "sft", and the KL metric's reference."""
     t0 = time.time()
     rng = random.Random(seed)
     # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded)
@@ -190,15 +214,19 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     # 3. Expert update on the trajectory-level preference loss
     strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
     expert_model.train()
+    ref_model = sft_expert if getattr(args, "ref", "rollout") == "sft" else None
     losses = [expert_update(expert_model, opt_e, trajs, pairs, groups, rewards, strategy_ids,
-                            tok_e.pad_token_id, len(world.STRATEGIES), args)
+                            tok_e.pad_token_id, len(world.STRATEGIES), args, ref_model)
               for _ in range(args.gopo_epochs)] if (pairs or args.listwise) else []
     stats = {}
     if pairs and not args.listwise:   # what the update did: implicit rewards of the pairs after the last step
         with torch.no_grad():
             expert_loss(expert_model, trajs, pairs, groups, rewards, strategy_ids, tok_e.pad_token_id,
-                        len(world.STRATEGIES), args, stats)
+                        len(world.STRATEGIES), args, stats, ref_model)
     expert_model.eval()
+    if sft_expert is not None:
+        stats["kl_to_sft"] = kl_to(expert_model, sft_expert, trajs, strategy_ids, tok_e.pad_token_id,
+                                   len(world.STRATEGIES))
     # 4. CS alignment: turn-level DPO on adherence
     with parallel.gathered(agent_model):   # the same pairs on every rank (same trajectories, same seed)
         cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng,

@@ -15,6 +15,7 @@ import gopo
 import lm
 import rollout as rollout_lib
 import shop
+from conftest import build_models
 
 Z = len(shop.STRATEGIES)
 ZI = {z: i for i, z in enumerate(shop.STRATEGIES)}
@@ -155,6 +156,35 @@ def test_one_forward_scoring_equals_per_turn_forwards(models, tok, logs, strateg
         assert torch.all(step[b, n:] == 0)
         assert float(S[b]) == pytest.approx(sum(ref), abs=1e-4)
         assert all(math.isfinite(x) and x <= 0 for x in ref)
+
+
+def test_kl_to_sft_is_exact_and_ref_sft_scores_with_the_frozen_expert(models, tok, logs, strategy_ids):
+    """gopo.kl_to: the mean over trajectories of sum_t KL(pi || pi_ref) over the SOP-allowed
+    strategies, checked against the per-decision reference scorer; 0 against itself. --ref sft:
+    S_ref is the frozen model's S, so the first margin is S_theta - S_sft, not 0."""
+    expert_model, _ = models
+    other = build_models(tok, seed=7)[0]
+    recs = logs[:4]
+    trajs, batch, _, S = score(expert_model, tok, recs, strategy_ids)
+    kl = gopo.kl_to(expert_model, other, trajs, strategy_ids, tok.pad_token_id, Z)
+    by_hand = 0.0
+    for traj in trajs:
+        for (pos, _), allowed in zip(traj["decisions"], traj["allowed"]):
+            with torch.no_grad():
+                p, q = (torch.log_softmax(m(input_ids=torch.tensor([traj["ids"][:pos]])).logits[0, -1, strategy_ids]
+                                          .double().masked_fill(~allowed, float("-inf")), -1)
+                        for m in (expert_model, other))
+            by_hand += float((p.exp() * (p - q))[allowed].sum()) / len(trajs)
+    assert kl > 0.01 and kl == pytest.approx(by_hand, rel=1e-3)
+    assert gopo.kl_to(expert_model, expert_model, trajs, strategy_ids, tok.pad_token_id, Z) == pytest.approx(0, abs=1e-6)
+    _, _, _, S_other = score(other, tok, recs, strategy_ids)
+    args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0)
+    for ref_model, S_ref in ((None, S), (other, S_other)):
+        fresh = [dict(t) for t in trajs]
+        with torch.no_grad():
+            gopo.expert_loss(expert_model, fresh, [(0, 1), (2, 3)], None, [1, 0, 1, 0], strategy_ids,
+                             tok.pad_token_id, Z, args, ref_model=ref_model)
+        torch.testing.assert_close(torch.stack([t["S_ref"] for t in fresh]), S_ref, atol=1e-4, rtol=0)
 
 
 def edit_turn(rec, index, text):
@@ -339,7 +369,7 @@ def test_save_reload_gives_identical_logits_and_tokenization(models, tok, logs, 
 # and asserts on the gap, as tests/test_baselines.py explains: a before/after difference alone is
 # no larger than what another machine's float rounding changes.
 GOPO_ARGS = dict(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False, gopo_epochs=2,
-                 agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=32)
+                 agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=32, ref="rollout")
 
 
 def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
