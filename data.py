@@ -1,4 +1,9 @@
-"""One record schema for every dialogue source, held as a `datasets.Dataset`, written as JSONL.
+"""One record schema for every dialogue source, held as a list of dicts, written as JSONL.
+
+Why not `datasets`: a record is a nested, variable-length dialogue whose scenario keys differ by
+source, the training loops sample whole dialogues by index, and the largest corpus here (MultiWOZ,
+~10k dialogues) fits in memory many times over; Arrow tables would add a conversion in both
+directions and an install (pyarrow, pandas) the GPU image lacks, and speed up nothing.
 
 A record (docs/design.md):
     {"id": str, "source": str, "scenario": dict,
@@ -98,18 +103,6 @@ def read_jsonl(path, strategies=None, events=None):
     if not records:
         raise DataError(f"{path}: no records in file")
     return records
-
-
-def to_dataset(records):
-    """Records -> `datasets.Dataset` (scenario dicts stored as JSON strings: their keys vary by source)."""
-    from datasets import Dataset    # here, not at the top: training never needs it (the GPU image lacks it)
-    rows = [{**r, "scenario": json.dumps(r["scenario"])} for r in records]
-    return Dataset.from_list(rows)
-
-
-def from_dataset(ds):
-    """`datasets.Dataset` -> records (inverse of `to_dataset`)."""
-    return [{**r, "scenario": json.loads(r["scenario"])} for r in ds]
 
 
 # ----------------------------------------------------------------------------- built-in world splits

@@ -10,7 +10,7 @@
 #     single-process bf16, without and with --grad-ckpt: tokens/s, step time, peak memory vs formula
 # (d) one `torchrun --nproc_per_node 1 train.py --fsdp --bf16` iteration
 # (b) the tiny default run on CUDA: train.py, then eval.py's table, with wall times (last: the longest)
-# A machine with no network and no `datasets` (the GPU image) is fine: training never imports it.
+# A machine with no network (the GPU image) is fine: nothing is downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
