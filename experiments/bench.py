@@ -109,9 +109,10 @@ def measure_train(out="out"):
     return wall, peak_kb / 1024, os.path.join(out, "bench")
 
 
-def endless_world():
+def endless_world(horizon=None):
     """The shop with customers that never end the dialogue and a SOP where `close` can be followed
-    (by what may follow <start>), so every dialogue runs the whole horizon: only for timing."""
+    (by what may follow <start>), so every dialogue runs the whole horizon (default: the shop's;
+    rollouts play world.HORIZON turns): only for timing."""
     class Customer(shop.Customer):
         def reply(self, text, turn):
             utterance, event, _ = super().reply(text, turn)
@@ -120,6 +121,7 @@ def endless_world():
     world.Customer = Customer
     world.SOP = dict(shop.SOP, close=shop.SOP["<start>"])
     world.allowed = lambda zs: world.SOP[zs[-1] if zs else "<start>"]
+    world.HORIZON = horizon or shop.HORIZON
     return world
 
 
@@ -219,19 +221,20 @@ def main():
                update_tokens=list(plain["ids"].shape), update_efficiency=t_gopo / t_plain)
 
     # ---- 3. turn scaling: seconds per dialogue at horizons 4, 8, 16
-    world = endless_world()
     horizons = [4, 8, 16]
     per_dialogue = []
     for h in horizons:
+        world = endless_world(h)
+
         def run_h():
-            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1, horizon=h)
+            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1)
         run_h()
         per_dialogue.append(median_time(run_h, args.repeats) / B)
         print(f"horizon {h}: {per_dialogue[-1] * 1e3:.1f} ms per dialogue", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1, horizon=16)
+            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, endless_world(16), seed=1)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     xs, ys = [math.log(h) for h in horizons], [math.log(t) for t in per_dialogue]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

@@ -69,6 +69,6 @@ def test_bench_endless_world_runs_every_dialogue_to_the_horizon(models, tok):
     from experiments import bench
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=9200)]
-    trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, bench.endless_world(),
-                                seed=0, horizon=5, max_reply_tokens=6)
+    trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, bench.endless_world(horizon=5),
+                                seed=0, max_reply_tokens=6)
     assert [len(t["decisions"]) for t in trajs] == [5] * 6
