@@ -323,3 +323,24 @@ def test_knobs_take_effect():
                     assert any(rx.match(text) for key, rx in firsts.items() if key.split("/")[0] == t["strategy"]), text
                 used[k].add(re.sub(r"#\d{4}|\$\d+|" + desk._PRODUCT_RE.pattern, "", text))
     assert len(used[20]) > 5 * len(used[1])
+
+
+def test_cs_ceiling_probe_puts_the_oracle_in_the_experts_seat(runs):
+    """experiments/cs_ceiling.py: whatever the (here untrained) models write, every decision is the
+    oracle's for the dialogue as the world's tracker reads it."""
+    import lm
+    from experiments.cs_ceiling import OracleDialogues
+    texts = [t["text"] for r in runs["oracle"][:40] for t in r["turns"]] + list(desk.INSTRUCTIONS.values())
+    tok = lm.train_tokenizer(texts, desk.STRATEGIES, vocab_size=512)
+    models = [lm.build_tiny_model(tok, d_model=32, n_layer=1, n_head=2, max_len=4096, seed=s) for s in (0, 1)]
+    for m in models:
+        lm.add_strategy_tokens(m, tok, desk.STRATEGIES)
+    trajs = OracleDialogues(models[0], models[1], tok, tok, SCENARIOS[:4], desk).play(greedy=True, max_reply_tokens=8)
+    for t, scenario in zip(trajs, SCENARIOS[:4]):
+        turns = t["record"]["turns"]
+        tr = desk.Tracker()
+        tr.update(None, turns[0]["text"], "disclose")
+        for a, c in zip(turns[1::2], turns[2::2]):
+            assert a["strategy"] == desk.oracle_policy(tr, scenario, random.Random(0))
+            tr.update(a["strategy"], c["text"], c["event"])
+        assert turns[1]["strategy"] == "greet"
