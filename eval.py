@@ -108,14 +108,21 @@ def read_values(path):
     return values
 
 
-def evaluate_agents(expert, agent, scenarios, world, batch, seed, choose=None, max_reply_tokens=32):
+def evaluate_agents(expert, agent, scenarios, world, batch, seed, bank=None, max_reply_tokens=32):
     """Greedy rollouts of a loaded (Expert, CS Agent) pair, each a (model, tokenizer), the Expert
-    (None, None) for a flat agent -> list of records."""
+    (None, None) for a flat agent, a case bank for Memento -> list of records."""
     (expert_model, tok_e), (agent_model, tok_a) = expert, agent
     records = []
     for i in range(0, len(scenarios), batch):
-        trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, scenarios[i:i + batch], world,
-                                    greedy=True, seed=seed, choose=choose, max_reply_tokens=max_reply_tokens)
+        part = scenarios[i:i + batch]
+        if expert_model is None or bank is not None:   # the baselines' dialogues
+            from experiments import baselines
+            dialogues = baselines.FlatDialogues(agent_model, tok_a, part, world, seed) if expert_model is None else \
+                baselines.MementoDialogues(bank, 0.0, None, expert_model, agent_model, tok_e, tok_a, part, world, seed)
+            trajs = dialogues.play(True, 0.7, max_reply_tokens)
+        else:
+            trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, part, world, greedy=True, seed=seed,
+                                        max_reply_tokens=max_reply_tokens)
         records += [t["record"] for t in trajs]
     return records
 
@@ -141,10 +148,8 @@ def load_run(run, rows, device="cpu"):
 def method_records(ckpt, method, scenarios, world, batch, seed, max_reply_tokens=32):
     """Greedy held-out dialogues of one method of a loaded run."""
     e, a = METHODS[method]
-    choose = None
-    if method == "memento":   # the bank decides, greedily; it is read, never written, here
-        choose = lambda turns, allowed, logps, uniforms: ckpt["bank"].choose(turns, allowed, logps)
-    return evaluate_agents(ckpt[e] if e else (None, None), ckpt[a], scenarios, world, batch, seed, choose,
+    bank = ckpt["bank"] if method == "memento" else None   # the bank decides, greedily; read, never written
+    return evaluate_agents(ckpt[e] if e else (None, None), ckpt[a], scenarios, world, batch, seed, bank,
                            max_reply_tokens)
 
 

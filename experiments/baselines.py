@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 import agent as agent_lib
 import engine
+import expert as expert_lib
 import gopo
 import lm
 import rollout as rollout_lib
@@ -136,11 +137,21 @@ def token_logps_values(model, value_head, ids, attn, target_mask, temperature=1.
     return lm.target_logps(model, ids, attn, target_mask, temperature, extra=value_head)
 
 
+class FlatDialogues(rollout_lib.Dialogues):
+    """The flat agent's dialogues (rollout.py's loop): one LM writes each reply straight from the
+    history (lm.flat_prompt_ids: no strategy token, no instruction, no Expert). A turn's strategy in
+    the record is the act the world recognises in the reply; there are no decisions, Expert ids or
+    SOP masks. FlatDialogues(model, tok, scenarios, world, seed).play(greedy, temperature, max_reply_tokens)."""
+
+    def prompt(self, t, live, greedy):
+        self.agent_ctx.extend([lm.flat_prompt_ids(self.tok_a)] * len(live))
+        return [None] * len(live)
+
+
 def flat_rollout(model, tok, scenarios, world, args, seed):
     """K sampled dialogues of the flat agent per scenario (the same batch layout as GOPO's)."""
     batch = [s for s in scenarios for _ in range(args.k)]
-    return rollout_lib.rollout(None, model, None, tok, batch, world, greedy=False, seed=seed,
-                               agent_temperature=args.agent_temperature, max_reply_tokens=args.max_reply_tokens)
+    return FlatDialogues(model, tok, batch, world, seed).play(False, args.agent_temperature, args.max_reply_tokens)
 
 
 def rollout_metrics(trajs, values, world, args, t0, **extra):
@@ -378,15 +389,31 @@ def turn_words(turn):
     return words(turn["text"]) + ([f"z:{turn['strategy']}"] if turn["role"] == "agent" and turn["strategy"] else [])
 
 
+class MementoDialogues(rollout_lib.ExpertDialogues):
+    """Memento's dialogues (rollout.py's loop): the case bank decides among the strategies the SOP
+    allows, from the frozen SFT Expert's masked distribution (its argmax where the bank retrieves
+    nothing; a sample of it with probability `explore`, drawn from `gen`); the frozen SFT CS Agent
+    writes. ref_logps records the Expert's log-prob of each choice. MementoDialogues(bank, explore,
+    gen, then ExpertDialogues' arguments)."""
+
+    def __init__(self, bank, explore, gen, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bank, self.explore, self.gen = bank, explore, gen
+
+    def decide(self, logits, allowed, uniforms, live):
+        logps = expert_lib.masked_logps(logits, self.strategy_ids, allowed)      # (B, Z): one distribution
+        z = self.bank.choose([self.trajs[i]["turns"] for i in live], allowed, logps.cpu(), self.explore,
+                             self.gen).to(logps.device)
+        return z, logps.gather(1, z[:, None]).squeeze(1)
+
+
 def memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios, values, world, args, it, seed):
     """Rollouts whose decisions the bank makes (with exploration), then every turn into the bank."""
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
     batch = [s for s in scenarios for _ in range(args.k)]
-    choose = lambda turns, allowed, logps, uniforms: bank.choose(turns, allowed, logps, args.memento_eps, gen)
-    trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, greedy=False, seed=seed,
-                                agent_temperature=args.agent_temperature, choose=choose,
-                                max_reply_tokens=args.max_reply_tokens)
+    trajs = MementoDialogues(bank, args.memento_eps, gen, expert_model, agent_model, tok_e, tok_a, batch, world,
+                             seed).play(False, args.agent_temperature, args.max_reply_tokens)
     records = [tr["record"] for tr in trajs]
     bank.add(records, values, world.HORIZON)
     return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, gre=gopo.mean(gopo.gre(r, world.recognise) for r in records),

@@ -64,7 +64,6 @@ import data  # noqa: E402
 import expert as expert_lib  # noqa: E402
 import gopo  # noqa: E402
 import lm  # noqa: E402
-import rollout as rollout_lib  # noqa: E402
 import shop  # noqa: E402
 import tse  # noqa: E402
 
@@ -106,7 +105,7 @@ def test_returns_to_go_by_hand():
 def test_flat_rollout_records_recognised_acts_and_rewards_sit_on_eot(tok, models, values):
     _, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6)]
-    trajs = rollout_lib.rollout(None, agent_model, None, tok, scenarios, shop, greedy=False, seed=3)
+    trajs = baselines.FlatDialogues(agent_model, tok, scenarios, shop, seed=3).play(greedy=False)
     eot = tok.eos_token_id
     ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
     rewards = baselines.token_rewards(trajs, values, shop.HORIZON, ids.shape[1])
@@ -132,7 +131,7 @@ def test_target_logps_equal_full_logits_in_value_and_gradient(tok, models):
     chunks recomputed in backward; here 7 positions per chunk, so many chunks) gives the log-probs
     at temperature T, the value head's V and their gradients that the plain (B, L, V) logits give."""
     _, agent_model = models
-    trajs = rollout_lib.rollout(None, agent_model, None, tok, [shop.make_scenario(s) for s in range(3)], shop, seed=1)
+    trajs = baselines.FlatDialogues(agent_model, tok, [shop.make_scenario(s) for s in range(3)], shop, seed=1).play()
     ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
     head = baselines.ValueHead(agent_model.config.hidden_size)
     torch.nn.init.normal_(head.linear.weight, generator=torch.Generator().manual_seed(0))
@@ -243,8 +242,8 @@ def mean_tse(trajs, values):
 def sampled_tse(model, tok, scen, values):
     """Mean TSE of 4 sampled flat-agent dialogues per scenario, always with the same random streams
     (common random numbers: a change in the score is a change of the policy, not of the dice)."""
-    return mean_tse(rollout_lib.rollout(None, model, None, tok, [s for s in scen for _ in range(4)], shop,
-                                        greedy=False, seed=999), values)
+    return mean_tse(baselines.FlatDialogues(model, tok, [s for s in scen for _ in range(4)], shop, seed=999).play(),
+                    values)
 
 
 def params_changed(before, model):
@@ -315,9 +314,8 @@ def memento_run(sft_models, tok, logs, values, scen):
         baselines.memento_iteration(expert_model, agent_model, tok, tok, bank, scen, values, shop,
                                     SimpleNamespace(**ARGS), it, seed=it)
         assert len(bank.z) > n
-    choose = lambda turns, allowed, logps, uniforms: bank.choose(turns, allowed, logps)
-    return mean_tse(rollout_lib.rollout(expert_model, agent_model, tok, tok, scen, shop, greedy=True,
-                                        choose=choose), values)
+    return mean_tse(baselines.MementoDialogues(bank, 0.0, None, expert_model, agent_model, tok, tok, scen,
+                                               shop).play(greedy=True), values)
 
 
 def test_memento_bank_follows_its_returns_without_touching_the_models(sft_models, tok, logs, values,

@@ -52,8 +52,8 @@ def test_cached_rollout_equals_uncached(models, tok):
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(12, offset=9100)]
     for greedy in (False, True):
-        runs = [rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, greedy=greedy, seed=5,
-                                    max_reply_tokens=10, cache=cache) for cache in (True, False)]
+        runs = [rollout_lib.ExpertDialogues(expert_model, agent_model, tok, tok, scenarios, seed=5, cache=cache).play(
+                    greedy, max_reply_tokens=10) for cache in (True, False)]
         for a, b in zip(*runs):
             assert a["record"]["turns"] == b["record"]["turns"]
             assert (a["ids"], a["agent_ids"], a["decisions"], a["replies"]) == \
