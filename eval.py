@@ -2,11 +2,13 @@
 
     python eval.py out/gopo                  # one run: 200 held-out scenarios, greedy decoding
     python eval.py out/gopo --n-scenarios 500
+    python -m experiments.baselines eval out/ppo       # a baseline's run: the same, its methods known
     python -m experiments.compare out/sft out/ppo ...   # the comparison (experiments/compare.py)
 
-One run: the run's method (gopo, ppo, memento, gopo-noexpert; sft gives both SFT rows), the SFT
-model(s) it started from, and the world's behaviour, random-valid and oracle policies (template
-text) -> eval.md, eval.json, eval.png, eval_<method>.jsonl in the run folder.
+One run: the run's method (the methods of checkpoint.METHODS: gopo, sft; experiments/baselines.py
+adds ppo, memento, gopo-noexpert and sft's flat row), the SFT model(s) it started from, and the
+world's behaviour, random-valid and oracle policies (template text) -> eval.md, eval.json, eval.png,
+eval_<method>.jsonl in the run folder.
 Held-out scenarios come from the test seed range, which no training stage ever samples (data.py).
 Each metric is a mean with a 95% CI over dialogues (Wilson for rates).
 """
@@ -18,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning th
 import torch
 from transformers.utils import logging as hf_logging
 
+import checkpoint
 import cli
 import data
 import gopo
@@ -68,18 +71,17 @@ def sop_ok(rec, world):
     return 1.0
 
 
-# method -> (Expert checkpoint, or None for a flat agent; the agent's checkpoint); memento adds bank.pt
-METHODS = {"gopo": ("expert", "agent"), "sft": ("expert_sft", "agent_sft"), "sft-flat": (None, "flat_sft"),
-           "ppo": (None, "flat"), "gopo-noexpert": (None, "flat"), "memento": ("expert_sft", "agent_sft")}
-ROWS = {  # a run's rows: its method, then the SFT model(s) it started from
-    "gopo": ["gopo", "sft"], "sft": ["sft", "sft-flat"], "ppo": ["ppo", "sft-flat"],
-    "gopo-noexpert": ["gopo-noexpert", "sft-flat"], "memento": ["memento", "sft"]}
-FLAT = {"sft-flat", "ppo", "gopo-noexpert"}   # no strategy asked for: GRE does not apply
+METHODS = checkpoint.METHODS   # the registry (checkpoint.py): a method's checkpoints and rows
+
+
+def is_flat(method):
+    """A flat agent is asked for no strategy: GRE does not apply."""
+    return METHODS[method].expert is None
 
 
 def needed_files(rows):
-    files = [c for m in rows for c in METHODS[m] if c]
-    return sorted(set(files), key=files.index) + (["bank.pt"] if "memento" in rows else [])
+    files = [c for m in rows for c in (METHODS[m].expert, METHODS[m].agent) if c]
+    return sorted(set(files), key=files.index)
 
 
 def load_checkpoint(folder):
@@ -108,49 +110,37 @@ def read_values(path):
     return values
 
 
-def evaluate_agents(expert, agent, scenarios, world, batch, seed, bank=None, max_reply_tokens=32):
-    """Greedy rollouts of a loaded (Expert, CS Agent) pair, each a (model, tokenizer), the Expert
-    (None, None) for a flat agent, a case bank for Memento -> list of records."""
-    (expert_model, tok_e), (agent_model, tok_a) = expert, agent
-    records = []
-    for i in range(0, len(scenarios), batch):
-        part = scenarios[i:i + batch]
-        if expert_model is None or bank is not None:   # the baselines' dialogues
-            from experiments import baselines
-            dialogues = baselines.FlatDialogues(agent_model, tok_a, part, world, seed) if expert_model is None else \
-                baselines.MementoDialogues(bank, 0.0, None, expert_model, agent_model, tok_e, tok_a, part, world, seed)
-            trajs = dialogues.play(True, 0.7, max_reply_tokens)
-        else:
-            trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, part, world, greedy=True, seed=seed,
-                                        max_reply_tokens=max_reply_tokens)
-        records += [t["record"] for t in trajs]
-    return records
+def two_agents(ckpt, method, scenarios, world, seed, max_reply_tokens=32):
+    """Greedy rollouts of a method's loaded (Expert, CS Agent), each a (model, tokenizer) -> records."""
+    (expert_model, tok_e), (agent_model, tok_a) = ckpt[METHODS[method].expert], ckpt[METHODS[method].agent]
+    return [t["record"] for t in rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world,
+                                                     greedy=True, seed=seed, max_reply_tokens=max_reply_tokens)]
 
 
 def load_run(run, rows, device="cpu"):
-    """Every checkpoint (and the case bank) the rows need, loaded before any rollout, so a broken one
-    costs no time and overwrites no report: {name: (model on `device`, tokenizer)}, plus "bank"."""
-    for need in ("values.json", *needed_files(rows)):
+    """Every checkpoint (and other file, e.g. Memento's case bank) the rows need, loaded before any
+    rollout, so a broken one costs no time and overwrites no report: {name: (model on `device`,
+    tokenizer)}, plus {file: what its method's loader returned}."""
+    extra = {f: load for m in rows for f, load in METHODS[m].files}
+    for need in ("values.json", *needed_files(rows), *extra):
         if not os.path.exists(os.path.join(run, need)):
             die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
     hf_logging.disable_progress_bar()
-    ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in needed_files(rows) if name != "bank.pt"}
+    ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in needed_files(rows)}
     ckpt = {name: (model.to(device), tok) for name, (model, tok) in ckpt.items()}
-    if "memento" in rows:
-        from experiments import baselines   # Memento's case bank
+    for f, load in extra.items():
         try:
-            ckpt["bank"] = baselines.CaseBank.load(os.path.join(run, "bank.pt"))
+            ckpt[f] = load(os.path.join(run, f))
         except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
-            die(f"{run}/bank.pt is not a readable case bank ({type(e).__name__}); re-run train.py --algo memento")
+            die(f"{run}/{f} does not load ({type(e).__name__}); train the run again")
     return ckpt
 
 
 def method_records(ckpt, method, scenarios, world, batch, seed, max_reply_tokens=32):
-    """Greedy held-out dialogues of one method of a loaded run."""
-    e, a = METHODS[method]
-    bank = ckpt["bank"] if method == "memento" else None   # the bank decides, greedily; read, never written
-    return evaluate_agents(ckpt[e] if e else (None, None), ckpt[a], scenarios, world, batch, seed, bank,
-                           max_reply_tokens)
+    """Greedy held-out dialogues of one method of a loaded run, `batch` dialogues at a time."""
+    play = METHODS[method].play or two_agents
+    return [rec for i in range(0, len(scenarios), batch)
+            for rec in play(ckpt, method, scenarios[i:i + batch], world, seed, max_reply_tokens)]
 
 
 def device_of(args):
@@ -213,6 +203,50 @@ def plot(results, methods, path, title, ax=None):
         plt.close(fig)
 
 
+def plot_curves(run_dir):
+    """curves.png of a run (train.py writes it): SFT losses and the per-iteration metrics of the
+    method (none for --algo sft)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(run_dir, "sft.json")) as f:
+        sft = json.load(f)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    dpo = bool(rows) and "rewards/margins" in rows[-1]
+    fig, ax = plt.subplots(1, (4 if dpo else 3) if rows else 1, figsize=((20 if dpo else 15) if rows else 5, 4),
+                           squeeze=False)
+    ax = ax[0]
+    labels = {"expert_loss": "Expert (decision NLL)", "agent_loss": "CS Agent (reply-token NLL)",
+              "flat_loss": "flat agent (reply-token NLL)"}
+    for key, curve in sft.items():
+        ax[0].plot(curve, label=labels.get(key, key))
+    ax[0].set(title="SFT", xlabel="step", ylabel="loss", yscale="log")
+    ax[0].legend()
+    if rows:
+        its = [r["iter"] for r in rows]
+        for key in ("R", "tse", "esndcg", "gre", "success"):
+            if key in rows[0]:
+                ax[1].plot(its, [r[key] for r in rows], label=key)
+        ax[1].set(title="rollouts (training scenarios, sampled)", xlabel="iteration")
+        ax[1].legend()
+        for key, label in (("loss", "loss"), ("value_loss", "value loss"), ("pairs", "pairs"),
+                           ("cases", "cases in the bank")):
+            if key in rows[0]:
+                ax[2].plot(its, [r[key] if r[key] is not None else float("nan") for r in rows], label=label)
+        ax[2].set(title="update", xlabel="iteration", yscale="log")
+        ax[2].legend()
+        if dpo:   # what the Expert's update did to the pairs, in the terms DPO trainers log
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                ax[3].plot(its, [r.get(key, float("nan")) for r in rows], label=key)
+            ax[3].axhline(0, color="grey", lw=0.5)
+            ax[3].set(title="Expert update: beta (S - S_ref) after it", xlabel="iteration")
+            ax[3].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "curves.png"), dpi=100)
+    plt.close(fig)
+
+
 REAL_METRICS = ["tse", "success", "esndcg", "gre", "turns", "bleu", "rouge_l"]
 
 
@@ -253,7 +287,7 @@ def evaluate_logged(run, config, values, ckpt, rows, args):
     for name in rows:
         recs = method_records(ckpt, name, test, world, args.batch, args.seed)
         per = [metrics(r, s) for r, s in zip(recs, test)]
-        results[name] = summary({k: [None if (name in FLAT and k == "gre") else m[k] for m in per]
+        results[name] = summary({k: [None if (is_flat(name) and k == "gre") else m[k] for m in per]
                                  for k in REAL_METRICS})
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     # the human agents of the test logs, scored the same way (BLEU and ROUGE-L are 1 by definition)
@@ -279,9 +313,11 @@ def main(argv=None):
     run = check_folder(args.run)
     config = read_config(os.path.join(run, "config.json"))
     algo = config.get("algo", "gopo")
-    if algo not in ROWS:
-        die(f"{run}/config.json names an unknown --algo '{algo}' (known: {', '.join(ROWS)})")
-    rows = ROWS[algo]
+    if algo not in METHODS or not METHODS[algo].rows:
+        known = ", ".join(m for m in METHODS if METHODS[m].sft)
+        die(f"{run}/config.json names an --algo '{algo}' that eval.py does not know (known: {known}); "
+            f"a baseline's run: python -m experiments.baselines eval {run}")
+    rows = METHODS[algo].rows
     device = device_of(args)
     ckpt = load_run(run, rows, device)
     values = read_values(os.path.join(run, "values.json"))
@@ -307,19 +343,19 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
     results, records = {}, {}
     for name in rows:
         recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed, config.get("max_reply_tokens", 32))
-        results[name], records[name] = summarize(recs, values, world, flat=name in FLAT), recs
+        results[name], records[name] = summarize(recs, values, world, flat=is_flat(name)), recs
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, policy in world.POLICIES.items():
         recs = [world.play(s, policy, seed=args.seed) for s in scenarios]
         results[name] = summarize(recs, values, world)
     methods = [*rows, *world.POLICIES]
-    start = rows[1]   # the SFT model this run started from
-    gap = (results[rows[0]]["tse"]["mean"] - results[start]["tse"]["mean"]) / \
-        max(1e-9, results["oracle"]["tse"]["mean"] - results[start]["tse"]["mean"])
+    if algo != "sft":   # rows[1]: the SFT model this run started from
+        gap = (results[rows[0]]["tse"]["mean"] - results[rows[1]]["tse"]["mean"]) / \
+            max(1e-9, results["oracle"]["tse"]["mean"] - results[rows[1]]["tse"]["mean"])
     md = f"Held-out evaluation of `{run}` on {args.n_scenarios} scenarios (greedy; mean [95% CI]).\n\n" + \
         table(results, methods)
     if algo != "sft":
-        md += f"\nShare of the {start}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n"
+        md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n"
     print(md)
     with open(os.path.join(run, "eval.md"), "w") as f:
         f.write(md)

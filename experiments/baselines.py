@@ -1,9 +1,13 @@
-"""The baselines of the paper's comparison: flat PPO, Memento and the no-Expert ablation (GOPO
-itself is gopo.py; `--algo sft` is train.py's SFT stage alone).
+"""The baselines of the paper's comparison: flat PPO, Memento and the no-Expert ablation.
 
-Every method gets the same budget after the same SFT data: `iters x scenarios x k` simulated
-dialogues on the same training scenarios (train.py), and each `*_iteration` below returns one
-metrics.jsonl line from that iteration's rollouts. What each one really is:
+    python -m experiments.baselines --algo ppo --sft-from out/sft   # train.py's flags and stages, plus these
+    python -m experiments.baselines eval out/ppo                    # eval.py, with these methods known
+
+GOPO itself is gopo.py and `train.py --algo sft` the SFT stages alone. Every method gets the same
+budget after the same SFT data: `iters x scenarios x k` simulated dialogues on the same training
+scenarios (train.train_loop), and each `*_iteration` below returns one metrics.jsonl line from that
+iteration's rollouts. This module adds its methods to checkpoint.METHODS (their SFT models, eval
+rows and how eval.py plays them); nothing at the top level imports it. What each one really is:
 
 - ppo: the flat single-agent baseline. One causal LM (the *flat agent*: SFT on the same logged
   replies, but its prompt has no strategy token and no instruction, lm.flat_prompt_ids) writes each
@@ -40,21 +44,29 @@ metrics.jsonl line from that iteration's rollouts. What each one really is:
     * the bank starts with the cases of the logged training dialogues (the SFT data; --no-memento-logs
       starts it empty) and grows with every training rollout. Evaluation reads it, never writes it.
 """
+import argparse
 import copy
 import math
 import os
 import random
 import re
+import sys
 import time
+
+import train   # first: its top sets OMP_WAIT_POLICY and HF_HUB_OFFLINE, which torch and transformers read on import
 
 import torch
 import torch.nn.functional as F
 
 import agent as agent_lib
+import checkpoint
+import cli
 import engine
+import eval as eval_lib
 import expert as expert_lib
 import gopo
 import lm
+import parallel
 import rollout as rollout_lib
 
 
@@ -260,13 +272,68 @@ def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed
                                           pairs=len(pairs), nonfinite_steps=skipped)}
 
 
-# ----------------------------------------------------------------------------- train.py's hook
-def trainer(algo, expert_model, agent_model, tok_e, tok_a, logs, values, world, args, device="cpu"):
-    """A baseline's (step(scenarios, it, seed) -> metrics line, save(run_dir)) for train.py's loop.
-    For ppo and gopo-noexpert, agent_model/tok_a are the SFT flat agent; memento uses both SFT agents."""
+# ----------------------------------------------------------------------------- the command line
+ALGOS = {"ppo": "flat agent, token-level PPO", "memento": "case bank over the frozen SFT agents",
+         "gopo-noexpert": "GOPO's loss on a flat agent"}
+
+
+def add_flags(p):
+    """train.py's parser (train.p) becomes this command's: the baselines as its --algo, their own flags."""
+    p.description = __doc__.split("\n")[0]
+    train.ALGO.choices, train.ALGO.default, train.ALGO.required = list(ALGOS), None, True
+    train.ALGO.help = "the baseline: " + "; ".join(f"{a} ({what})" for a, what in ALGOS.items())
+    positive, nonneg, checked = cli.positive, cli.nonneg, cli.checked
+    g = p.add_argument_group("baselines (same budget as GOPO: --iters x --scenarios x --k dialogues)")
+    g.add_argument("--flat-lr", type=positive(float), default=3e-4, help="flat agent learning rate (ppo, gopo-noexpert)")
+    g.add_argument("--kl-coef", type=nonneg(float), default=0.02, help="ppo: per-token KL penalty to the SFT flat agent")
+    g.add_argument("--clip", type=positive(float), default=0.2, help="ppo: ratio clip range epsilon")
+    g.add_argument("--gae-lambda", type=checked(float, 0, True, 1), default=1.0, help="ppo: GAE lambda (gamma is 1)")
+    g.add_argument("--vf-coef", type=nonneg(float), default=0.5, help="ppo: weight of the value loss")
+    g.add_argument("--ppo-epochs", type=positive(int), default=4, help="ppo: passes over each iteration's rollouts")
+    g.add_argument("--ppo-minibatch", type=positive(int), default=16, help="ppo: dialogues per gradient step")
+    g.add_argument("--memento-k", type=positive(int), default=16, help="memento: cases retrieved per decision")
+    g.add_argument("--memento-eps", type=checked(float, 0, True, 1), default=0.2,
+                   help="memento: share of training decisions sampled from the SFT Expert (exploration)")
+    g.add_argument("--memento-decay", type=checked(float, 0, False, 1), default=0.5,
+                   help="memento: weight of a turn in the state embedding per turn of age")
+    g.add_argument("--memento-logs", default=True, action=argparse.BooleanOptionalAction,
+                   help="memento: start the case bank with the cases of the logged training dialogues")
+
+
+def check_flags(args):
+    """The baselines' own conflicts (train.check_flags has run): one line, exit 2."""
+    if args.fsdp:
+        cli.die(f"--algo {args.algo} runs without FSDP (in one process; --bf16 gives it bf16 compute); drop --fsdp")
+    if parallel.world() > 1:
+        cli.die(f"--algo {args.algo} runs in one process (only train.py's gopo and sft are distributed); drop torchrun")
+    if args.resume:
+        cli.die(f"--resume continues train.py's gopo and sft runs only; start the {args.algo} run again "
+                "(baselines take a few minutes)")
+    if args.algo == "ppo" and args.agent_temperature == 0:
+        cli.die("--algo ppo needs sampled rollouts: --agent-temperature must be > 0 (it is the policy's temperature)")
+
+
+def main(argv=None):
+    """train.py's stages, with the baseline's step and checkpoint writer."""
+    if "--flat-lr" not in train.p._option_string_actions:   # once per process
+        add_flags(train.p)
+    run = train.open_run(*train.parse(argv, check_flags))
+    train.load_logs(run)
+    models = train.run_sft(run, train.build_models(run))
+    step, save = trainer(run, models)
+    train.train_loop(run, step)
+    save(run.dir)
+    train.save_outputs(run)
+
+
+def trainer(run, models):
+    """A baseline's (step(scenarios, it, seed) -> metrics line, save(run_dir)) for train.train_loop.
+    models: the placed SFT models, the flat agent for ppo and gopo-noexpert, both agents for memento."""
+    algo, args, values, world = run.args.algo, run.args, run.values, run.world
     if algo == "ppo":
+        agent_model, tok_a = models["flat"]
         ref_model = copy.deepcopy(agent_model).eval()           # the frozen SFT flat agent (KL penalty)
-        value_head = ValueHead(agent_model.config.hidden_size).to(device)
+        value_head = ValueHead(agent_model.config.hidden_size).to(run.device)
         opt = torch.optim.AdamW([*agent_model.parameters(), *value_head.parameters()], lr=args.flat_lr,
                                 weight_decay=0.0)
 
@@ -276,14 +343,16 @@ def trainer(algo, expert_model, agent_model, tok_e, tok_a, logs, values, world, 
         return (lambda scenarios, it, seed: ppo_iteration(agent_model, value_head, ref_model, tok_a, opt, scenarios,
                                                           values, world, args, it, seed)), save
     if algo == "gopo-noexpert":
+        agent_model, tok_a = models["flat"]
         opt = torch.optim.AdamW(agent_model.parameters(), lr=args.flat_lr, weight_decay=0.0)
         return (lambda scenarios, it, seed: flat_dpo_iteration(agent_model, tok_a, opt, scenarios, values, world,
                                                                args, it, seed)), \
             (lambda run_dir: lm.save(agent_model, tok_a, os.path.join(run_dir, "flat")))
     if algo == "memento":
-        bank = CaseBank.from_logs(logs, world.STRATEGIES, args.memento_k, args.memento_decay)
+        (expert_model, tok_e), (agent_model, tok_a) = models["expert"], models["agent"]
+        bank = CaseBank.from_logs(run.logs, world.STRATEGIES, args.memento_k, args.memento_decay)
         if args.memento_logs:
-            bank.add(logs, values, world.HORIZON)
+            bank.add(run.logs, values, world.HORIZON)
         return (lambda scenarios, it, seed: memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios,
                                                               values, world, args, it, seed)), \
             (lambda run_dir: torch.save(bank.state_dict(), os.path.join(run_dir, "bank.pt")))
@@ -418,3 +487,36 @@ def memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios, 
     bank.add(records, values, world.HORIZON)
     return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, gre=gopo.mean(gopo.gre(r, world.recognise) for r in records),
                                           cases=len(bank.z))}
+
+
+# ----------------------------------------------------------------------------- eval.py's hooks, the registry
+def play_flat(ckpt, method, scenarios, world, seed, max_reply_tokens=32):
+    """eval.py: greedy dialogues of a run's flat agent (checkpoint.METHODS[method].agent)."""
+    model, tok = ckpt[checkpoint.METHODS[method].agent]
+    return [t["record"] for t in FlatDialogues(model, tok, scenarios, world, seed).play(True, 0.7, max_reply_tokens)]
+
+
+def play_memento(ckpt, method, scenarios, world, seed, max_reply_tokens=32):
+    """eval.py: greedy dialogues of Memento, its bank read, never written (no exploration)."""
+    m = checkpoint.METHODS[method]
+    (expert_model, tok_e), (agent_model, tok_a) = ckpt[m.expert], ckpt[m.agent]
+    return [t["record"] for t in MementoDialogues(ckpt["bank.pt"], 0.0, None, expert_model, agent_model, tok_e, tok_a,
+                                                  scenarios, world, seed).play(True, 0.7, max_reply_tokens)]
+
+
+Method = checkpoint.Method
+checkpoint.METHODS.update({
+    "ppo": Method(sft=("flat",), rows=("ppo", "sft-flat"), agent="flat", play=play_flat),
+    "memento": Method(sft=("expert", "agent"), rows=("memento", "sft"), expert="expert_sft", agent="agent_sft",
+                      files=(("bank.pt", CaseBank.load),), play=play_memento),
+    "gopo-noexpert": Method(sft=("flat",), rows=("gopo-noexpert", "sft-flat"), agent="flat", play=play_flat),
+    "sft-flat": Method(agent="flat_sft", play=play_flat),        # a row of sft runs: the SFT flat agent
+    "sft": checkpoint.METHODS["sft"]._replace(rows=("sft", "sft-flat")),
+})
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["eval"]:   # eval.py's command line, the baselines' methods known
+        eval_lib.main(sys.argv[2:])
+    else:
+        main()

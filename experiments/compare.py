@@ -2,13 +2,14 @@
 
     python -m experiments.compare out/sft out/ppo out/memento out/gopo-noexpert out/gopo
 
-Each folder is one train.py run or holds runs of one method (out/ppo/s0, s1, s2); a folder named
-after a method plus a suffix (out/gopo-alpha1) is a variant of it with its own row. Every run is
-rolled out greedily on the same --n-scenarios held-out scenarios; a method's row pools its seeds
-(the 95% CI is over all its dialogues, seeds x scenarios; the per-seed TSE means show the spread
-between seeds). The behaviour policy is the teacher of the logs; the oracle, which knows the hidden
-goal, gives the reference sequences z* (not a TSE ceiling: it spends turns on upsells). Relative TSE of GOPO over a baseline is the ratio of their mean TSEs, with a 95% CI from a
-paired bootstrap over scenarios (each scenario's TSE averaged over seeds first).
+Each folder is one run (train.py, experiments.baselines) or holds runs of one method (out/ppo/s0,
+s1, s2); a folder named after a method plus a suffix (out/gopo-alpha1) is a variant of it with its
+own row. Every run is rolled out greedily on the same --n-scenarios held-out scenarios; a method's
+row pools its seeds (the 95% CI is over all its dialogues, seeds x scenarios; the per-seed TSE
+means show the spread between seeds). The behaviour policy is the teacher of the logs; the oracle,
+which knows the hidden goal, gives the reference sequences z* (not a TSE ceiling: it spends turns
+on upsells). Relative TSE of GOPO over a baseline is the ratio of their mean TSEs, with a 95% CI
+from a paired bootstrap over scenarios (each scenario's TSE averaged over seeds first).
 
 Writes compare.md, compare.json ({method: {metric: {"mean", "ci95"}}, "budget", "relative_tse" (of
 the gopo row), "relative_tse_by_gopo_row", "per_seed_tse", "train_seconds", "n_scenarios"}) and
@@ -24,6 +25,7 @@ import cli
 import data
 import eval as eval_lib
 import lm
+from experiments import baselines  # noqa: F401  adds the baselines' methods to eval.py's (checkpoint.METHODS)
 
 p = cli.Parser(__doc__)
 p.add_argument("compare", nargs="+", metavar="RUNS",
@@ -62,7 +64,7 @@ def read_method(folder):
     if len(algos) > 1:
         eval_lib.die(f"{folder} mixes runs of --algo {', '.join(sorted(algos))}; give one folder per method")
     algo = algos.pop()
-    if algo not in eval_lib.ROWS:
+    if algo not in eval_lib.METHODS or not eval_lib.METHODS[algo].rows:
         eval_lib.die(f"{folder}: unknown --algo '{algo}' in its config.json")
     if any(c.get("data", "shop") != "shop" for _, c in runs):
         eval_lib.die(f"{folder}: --compare runs on the built-in worlds only (their held-out scenarios); "
@@ -124,10 +126,10 @@ def main(argv=None):
     budget = check_budget(methods)
     out = args.out or os.path.commonpath([os.path.dirname(os.path.abspath(f.rstrip("/"))) for f in args.compare])
     os.makedirs(out, exist_ok=True)
-    rows_of = lambda name: eval_lib.ROWS["sft"] if algo_of[name] == "sft" else [name]
+    rows_of = lambda name: eval_lib.METHODS["sft"].rows if algo_of[name] == "sft" else [name]
     device = eval_lib.device_of(args)
-    loaded = {run: eval_lib.load_run(run, eval_lib.ROWS[algo_of[name]][:1] if algo_of[name] != "sft"
-                                     else eval_lib.ROWS["sft"], device)
+    loaded = {run: eval_lib.load_run(run, eval_lib.METHODS[algo_of[name]].rows[:1] if algo_of[name] != "sft"
+                                     else eval_lib.METHODS["sft"].rows, device)
               for name, runs in methods.items() for run, _ in runs}   # every checkpoint loads first
     first_run, first_config = next(iter(methods.values()))[0]
     world = eval_lib.world_of(first_config, first_run)       # check_budget: every run has the same world
@@ -140,7 +142,7 @@ def main(argv=None):
         values = eval_lib.read_values(os.path.join(run, "values.json"))
         with lm.autocast(device, args.bf16):
             recs = eval_lib.method_records(loaded[run], method, scenarios, world, args.batch, args.seed)
-        per = eval_lib.per_dialogue(recs, values, world, flat=method in eval_lib.FLAT)
+        per = eval_lib.per_dialogue(recs, values, world, flat=eval_lib.is_flat(method))
         for k in METRICS:
             pooled.setdefault(row, {}).setdefault(k, []).extend(per[k])
         per_seed.setdefault(row, []).append(sum(per["tse"]) / len(per["tse"]))

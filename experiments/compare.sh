@@ -10,15 +10,18 @@ cd "$(dirname "$0")/.."   # the repo root
 WORLD=${WORLD:-shop}
 OUT=${OUT:-out/compare$([ "$WORLD" = shop ] || echo "-$WORLD")}
 SEEDS=${SEEDS:-"0 1 2"}
+entry() {   # gopo and sft: train.py; the baselines: their own entry point (train.py's stages and flags, plus theirs)
+  case "$1" in gopo|sft) echo train.py ;; *) echo "-m experiments.baselines" ;; esac
+}
 for seed in $SEEDS; do
   python train.py --world "$WORLD" --algo sft --seed "$seed" --out "$OUT" --run "sft/s$seed" --overwrite
   for algo in gopo ppo memento gopo-noexpert; do
-    python train.py --world "$WORLD" --algo "$algo" --seed "$seed" --out "$OUT" --run "$algo/s$seed" --overwrite \
-      --sft-from "$OUT/sft/s$seed"
+    python $(entry "$algo") --world "$WORLD" --algo "$algo" --seed "$seed" --out "$OUT" --run "$algo/s$seed" \
+      --overwrite --sft-from "$OUT/sft/s$seed"
   done
   for algo in gopo gopo-noexpert; do
-    python train.py --world "$WORLD" --algo "$algo" --alpha 1 --seed "$seed" --out "$OUT" --run "$algo-alpha1/s$seed" \
-      --overwrite --sft-from "$OUT/sft/s$seed"
+    python $(entry "$algo") --world "$WORLD" --algo "$algo" --alpha 1 --seed "$seed" --out "$OUT" \
+      --run "$algo-alpha1/s$seed" --overwrite --sft-from "$OUT/sft/s$seed"
   done
 done
 python -m experiments.compare "$OUT/sft" "$OUT/ppo" "$OUT/memento" "$OUT/gopo-noexpert" "$OUT/gopo" "$OUT/gopo-alpha1" \

@@ -1,5 +1,6 @@
 """A catalogue of bad input to the CLIs. Each case must end with exit status 2 and exactly one line on
-stderr, "train.py: error: ..." or "eval.py: error: ...", that names the problem; never a traceback;
+stderr, "train.py: error: ...", "eval.py: error: ..." or "baselines.py: error: ..." (python -m
+experiments.baselines, training or eval), that names the problem; never a traceback;
 and it must leave existing output alone (a run folder keeps its files, bytes and mtimes; a fresh
 --out folder stays empty).
 
@@ -28,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CASE_TIMEOUT = 120   # a case that is wrongly accepted starts a (tiny) training run; it must end
 COLD = os.environ.get("GOPO_COLD_CLI") == "1"
-COLD_CHECKS = ("logs_malformed", "eval_values_malformed")   # also run cold, compared with the fork
+COLD_CHECKS = ("logs_malformed", "eval_values_malformed", "ppo_greedy_rollouts")   # also run cold, compared with the fork
+BASELINES = "experiments/baselines.py"   # python -m experiments.baselines; the fork runs the file
 
 # the smallest run, added to train.py cases so that a wrongly accepted one finishes in seconds
 TINY_RUN = ["--n-logs", "5", "--sft-steps", "1", "--sft-window-steps", "0", "--iters", "1", "--scenarios", "1",
@@ -81,8 +83,8 @@ json.dump(results, open(results_path, "w"))
 
 
 def run_cold(script, args, env):
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=CASE_TIMEOUT)
+    cmd = [sys.executable, "-m", "experiments.baselines"] if script == BASELINES else [sys.executable, script]
+    p = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -103,7 +105,7 @@ def run_forked(jobs, env, work):
 # ----------------------------------------------------------------------------- the catalogue
 @dataclass
 class Case:
-    script: str                 # "train.py" | "eval.py"
+    script: str                 # "train.py" | "eval.py" | BASELINES
     args: list
     needles: list               # substrings the error line must contain
     keep: str = None            # a folder that must be left exactly as it was
@@ -282,22 +284,25 @@ def build_cases(tmp, checkpoint):
         "train.py", ["--resume", str(resume / "no_logs")], ["logs.jsonl"], keep=str(resume / "no_logs"),
         needs="--resume")
 
-    # ---- baselines: --sft-from, --algo ppo, --resume of a baseline run
+    # ---- baselines (their own entry point): --sft-from, --algo ppo, --resume of a baseline run
     sft_from = tmp / "sft_from"
     for name, config in [("seed_clash", {**tiny_config(), "sft_batch": 16, "seed": 7}),
                          ("no_checkpoint", {**tiny_config(), "sft_batch": 16})]:
         (sft_from / name).mkdir(parents=True)
         (sft_from / name / "config.json").write_text(json.dumps(config))
         (sft_from / name / "sft.json").write_text("{}")
-    cases["sft_from_missing"] = Case("train.py", ["--algo", "ppo", "--sft-from", str(sft_from / "nope")],
+    cases["sft_from_missing"] = Case(BASELINES, ["--algo", "ppo", "--sft-from", str(sft_from / "nope")],
                                      ["nope", "config.json"])
-    cases["sft_from_seed_clash"] = Case("train.py", ["--algo", "ppo", "--sft-from", str(sft_from / "seed_clash")],
+    cases["sft_from_seed_clash"] = Case(BASELINES, ["--algo", "ppo", "--sft-from", str(sft_from / "seed_clash")],
                                         ["--seed", "7"], keep=str(sft_from / "seed_clash"))
     cases["sft_from_without_checkpoint"] = Case(
-        "train.py", ["--algo", "ppo", "--sft-from", str(sft_from / "no_checkpoint")], ["flat_sft", "--algo sft"],
+        BASELINES, ["--algo", "ppo", "--sft-from", str(sft_from / "no_checkpoint")], ["flat_sft", "--algo sft"],
         keep=str(sft_from / "no_checkpoint"))
-    cases["ppo_greedy_rollouts"] = Case("train.py", ["--algo", "ppo", "--agent-temperature", "0"],
+    cases["ppo_greedy_rollouts"] = Case(BASELINES, ["--algo", "ppo", "--agent-temperature", "0"],
                                         ["--agent-temperature"])
+    cases["baseline_algo_in_train"] = Case("train.py", ["--algo", "ppo"], ["--algo", "ppo"])
+    cases["baseline_resume"] = Case(BASELINES, ["--algo", "ppo", "--resume", str(resume / "ppo_run")], ["--resume"],
+                                    keep=str(resume / "ppo_run"), needs="--resume")
     (resume / "ppo_run").mkdir(parents=True)
     (resume / "ppo_run" / "config.json").write_text(json.dumps({**tiny_config(), "algo": "ppo"}))
     cases["resume_baseline_run"] = Case("train.py", ["--resume", str(resume / "ppo_run")], ["--resume", "ppo"],
@@ -306,7 +311,7 @@ def build_cases(tmp, checkpoint):
                                                       str(sft_from / "no_checkpoint")], ["--sft-from"],
                                          keep=str(resume / "ppo_run"), needs="--resume")
 
-    # every train.py case writes into its own fresh --out (which must stay empty) unless it names one
+    # every training case writes into its own fresh --out (which must stay empty) unless it names one
     for name, case in cases.items():
         if "--out" not in case.args and "--resume" not in case.args:
             out = tmp / "fresh" / name
@@ -378,10 +383,12 @@ def build_cases(tmp, checkpoint):
         "eval_run_and_compare": ([eval_run("both"), "--compare", str(ev / "both")], ["--compare"], str(ev / "both")),
         "eval_nothing_to_evaluate": ([], ["run"], None),
         "eval_unknown_algo": ([unknown], ["dqn"], unknown),
-        "eval_memento_bad_bank": ([memento], ["bank.pt"], memento),
     })
     for name, (args, needles, keep) in eval_cases.items():
         cases[name] = Case("eval.py", args, needles, keep=keep)
+    cases["eval_memento_bad_bank"] = Case(BASELINES, ["eval", memento], ["bank.pt"], keep=memento)   # a baseline
+    cases["eval_baseline_run_in_eval_py"] = Case("eval.py", [memento], ["memento", "experiments.baselines eval"],
+                                                 keep=memento)
     return cases
 
 
@@ -459,8 +466,9 @@ ALL_CASES = [
     "eval_values_not_numbers", "eval_expert_config_only", "eval_expert_empty_config",
     "eval_agent_sft_garbage_weights",
     "sft_from_missing", "sft_from_seed_clash", "sft_from_without_checkpoint", "ppo_greedy_rollouts",
-    "resume_baseline_run", "resume_with_sft_from",
+    "resume_baseline_run", "resume_with_sft_from", "baseline_algo_in_train", "baseline_resume",
     "eval_run_and_compare", "eval_nothing_to_evaluate", "eval_unknown_algo", "eval_memento_bad_bank",
+    "eval_baseline_run_in_eval_py",
 ]
 
 
@@ -475,7 +483,7 @@ def test_bad_input(catalogue, name):
     case = cases[name]
     if case.needs and case.needs not in results["help"][1]:
         pytest.skip(f"train.py has no {case.needs} flag yet")
-    assert_one_line_error(results[name], case.script, case.needles)
+    assert_one_line_error(results[name], os.path.basename(case.script), case.needles)
     if case.keep:
         assert snapshot(case.keep) == case.snapshot, f"{case.keep} changed"
     if case.empty:

@@ -1,5 +1,6 @@
-"""The baselines through the command lines: `train.py --algo sft|ppo|memento|gopo-noexpert|gopo`
-with --sft-from, `eval.py RUN` on each, and `python -m experiments.compare` pooling seeds (tiny runs)."""
+"""The baselines through the command lines: `train.py --algo sft|gopo` and `python -m
+experiments.baselines --algo ppo|memento|gopo-noexpert` with --sft-from, `eval.py RUN` or `python -m
+experiments.baselines eval RUN` on each, and `python -m experiments.compare` pooling seeds (tiny runs)."""
 import json
 import os
 import shutil
@@ -16,6 +17,11 @@ TINY = ["--n-logs", "30", "--sft-steps", "4", "--sft-window-steps", "2", "--iter
 ALGOS = ["gopo", "ppo", "memento", "gopo-noexpert"]
 
 
+def entry(algo):
+    """The command that trains --algo: train.py for gopo and sft, the baselines' own entry point otherwise."""
+    return ["train.py"] if algo in ("gopo", "sft") else ["-m", "experiments.baselines"]
+
+
 def run_cli(args, env, timeout=300):
     p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
@@ -27,7 +33,7 @@ def runs(tmp_path_factory, cli_env):
     seed 1, each from its seed's SFT run; then experiments.compare on the five method folders."""
     out = tmp_path_factory.mktemp("compare")
     sft = lambda s: ["train.py", "--algo", "sft", "--seed", str(s), "--out", str(out), "--run", f"sft/s{s}", *TINY]
-    method = lambda a, s: ["train.py", "--algo", a, "--seed", str(s), "--out", str(out), "--run", f"{a}/s{s}",
+    method = lambda a, s: [*entry(a), "--algo", a, "--seed", str(s), "--out", str(out), "--run", f"{a}/s{s}",
                            "--sft-from", str(out / "sft" / f"s{s}"), *TINY]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(("sft0", "sft1"), pool.map(lambda a: run_cli(a, cli_env), [sft(0), sft(1)])))
@@ -105,12 +111,14 @@ def test_compare_pools_seeds_and_reports_budget_and_relative_tse(runs):
 
 
 def test_single_run_eval_of_each_method(runs, cli_env):
+    """The baselines' runs (and sft's flat row) through their entry point's eval, the same eval.py."""
     out, _, _ = runs
     rows = {"sft": ["sft", "sft-flat"], "ppo": ["ppo", "sft-flat"], "memento": ["memento", "sft"],
             "gopo-noexpert": ["gopo-noexpert", "sft-flat"]}
+    evaluate = lambda a: run_cli(["-m", "experiments.baselines", "eval", str(out / a / "s0"), "--n-scenarios", "3"],
+                                 cli_env)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(rows, pool.map(lambda a: run_cli(["eval.py", str(out / a / "s0"), "--n-scenarios", "3"],
-                                                            cli_env), rows)))
+        results = dict(zip(rows, pool.map(evaluate, rows)))
     for algo, methods in rows.items():
         rc, _, err = results[algo]
         assert rc == 0, (algo, err[-3000:])
