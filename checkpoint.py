@@ -256,6 +256,11 @@ def place(model, args, device):
         lm.activation_checkpointing(model)
     return model
 
+def frozen(folder, args, device):
+    """A model that is only read, placed like the trained ones: the SFT Expert (pi_ref with --ref sft,
+    and the reference of the kl_to_sft metric). It costs one more Expert's weights (docs/scaling.md)."""
+    return place(lm.load(folder)[0].requires_grad_(False).eval(), args, device)
+
 def keep_metrics(path, n):
     """Keep the first n lines of metrics.jsonl (those of checkpointed iterations); rank 0."""
     if parallel.is_main():

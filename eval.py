@@ -237,7 +237,7 @@ def plot_curves(run_dir):
         ax[2].set(title="update", xlabel="iteration", yscale="log")
         ax[2].legend()
         if dpo:   # what the Expert's update did to the pairs, in the terms DPO trainers log
-            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl_to_sft"):
                 ax[3].plot(its, [r.get(key, float("nan")) for r in rows], label=key)
             ax[3].axhline(0, color="grey", lw=0.5)
             ax[3].set(title="Expert update: beta (S - S_ref) after it", xlabel="iteration")

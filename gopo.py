@@ -105,12 +105,13 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     # iteration (no step taken yet: the policy is the one that sampled it), so the margin starts at
     # exactly 0 in bf16 too; the rollout's recorded ref_logps are the same numbers up to rounding
     # (cached, left-padded forwards; tested). --ref sft: one forward of the frozen SFT Expert.
+    first = S
     if ref_model is not None and any("S_ref" not in trajs[i] for i in used):
         with torch.no_grad():
-            S_sft = trajectory_logps(expert_lib.decision_logps(ref_model, batch, strategy_ids),
+            first = trajectory_logps(expert_lib.decision_logps(ref_model, batch, strategy_ids),
                                      batch["step_mask"].to(S.device).float())                 # (N,)
     for i in used:
-        trajs[i].setdefault("S_ref", (S if ref_model is None else S_sft)[row[i]].detach())
+        trajs[i].setdefault("S_ref", first[row[i]].detach())
     S_ref = torch.stack([trajs[i]["S_ref"] for i in used])                       # (N,)
     n_steps = batch["step_mask"].sum(-1).to(S.device)                            # (N,)
     if args.listwise:
@@ -214,7 +215,7 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     # 3. Expert update on the trajectory-level preference loss
     strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
     expert_model.train()
-    ref_model = sft_expert if getattr(args, "ref", "rollout") == "sft" else None
+    ref_model = sft_expert if args.ref == "sft" else None
     losses = [expert_update(expert_model, opt_e, trajs, pairs, groups, rewards, strategy_ids,
                             tok_e.pad_token_id, len(world.STRATEGIES), args, ref_model)
               for _ in range(args.gopo_epochs)] if (pairs or args.listwise) else []

@@ -122,6 +122,9 @@ g.add_argument("--max-pairs", type=positive(int), default=4, help="pairs per sce
 g.add_argument("--listwise", action="store_true", help="Plackett-Luce over the K rollouts instead of pairs")
 g.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
 g.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
+g.add_argument("--ref", default="rollout", choices=["rollout", "sft"],
+               help="pi_ref of the Expert's loss: rollout, the Expert that played the iteration's dialogues "
+               "(iterative DPO; every measured result); sft, the frozen SFT Expert (textbook DPO, one more forward)")
 g.add_argument("--agent-temperature", type=nonneg(float), default=0.7, help="CS sampling temperature in rollouts")
 g.add_argument("--max-reply-tokens", type=checked(int, 1, True, 4095), default=32,
                help="a reply is cut after this many tokens (rollouts and CS alignment samples)")
@@ -165,8 +168,10 @@ def main(argv=None):
     if run.args.algo == "gopo":   # 4. GOPO (--algo sft: the SFT stages only); --resume: from the last state
         expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, start, bad_in_a_row = \
             checkpoint.load_state(run.path("state"), models, run.args, run.device)
+        sft_expert = checkpoint.frozen(run.path("expert_sft"), run.args, run.device)   # --ref sft; kl_to_sft
         step = lambda scenarios, it, seed: gopo.iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a,
-                                                          scenarios, run.values, run.world, run.args, it, seed)
+                                                          scenarios, run.values, run.world, run.args, it, seed,
+                                                          sft_expert)
         save_state = lambda done, bad: checkpoint.save_state(run.path("state"), expert_model, agent_model,
                                                              tok_e, tok_a, opt_e, opt_a, done, bad)
         train_loop(run, step, start, bad_in_a_row, save_state)

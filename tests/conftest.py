@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 
-# before transformers / datasets are imported anywhere: never touch the network in tests
+# before transformers are imported anywhere: never touch the network in tests
 _HF_HOME = tempfile.mkdtemp(prefix="gopo-tests-hf-")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -4,7 +4,7 @@ experiments.baselines, training or eval), that names the problem; never a traceb
 and it must leave existing output alone (a run folder keeps its files, bytes and mtimes; a fresh
 --out folder stays empty).
 
-Speed: a cold `python train.py ...` spends ~4 s of CPU importing torch/transformers/datasets, and
+Speed: a cold `python train.py ...` spends ~4 s of CPU importing torch/transformers, and
 this catalogue has ~50 cases. So one helper process pays the imports once, then forks a child per
 case that runs the script as `__main__` with its own argv, stdout and stderr (an uncaught exception
 prints its traceback and exits 1, as the interpreter does). A few cases also run cold, as real
@@ -41,7 +41,7 @@ import json, os, runpy, sys, time, traceback
 root, jobs_path, results_path = sys.argv[1:4]
 os.chdir(root)
 sys.path.insert(0, root)
-import torch, transformers, datasets  # noqa: F401  the heavy imports every CLI does, paid once here
+import torch, transformers  # noqa: F401  the heavy imports every CLI does, paid once here
 import agent, data, expert, gopo, lm, rollout, shop, tse  # noqa: F401  and the repo modules they import
 jobs = json.load(open(jobs_path))
 running = {}

@@ -1,7 +1,7 @@
 """The command lines: bad input is one line on stderr and exit status 2 (never a traceback), data
 errors name what to fix, and a tiny end-to-end train.py -> eval.py run writes every promised file.
 
-Every CLI call imports torch/transformers/datasets (~4 s of CPU), so the calls of this module are
+Every CLI call imports torch/transformers (~4 s of CPU), so the calls of this module are
 started together (a few at a time) in module-scoped fixtures and the tests only read their results.
 """
 import json
