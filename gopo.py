@@ -203,9 +203,8 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded)
     batch = [s for s in scenarios for _ in range(args.k)]
     mine = parallel.share(list(range(len(batch))))          # distributed: each rank plays its share
-    trajs = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, [batch[i] for i in mine], world,
-                                greedy=False, seed=seed, agent_temperature=args.agent_temperature, index=mine,
-                                max_reply_tokens=args.max_reply_tokens)
+    trajs = rollout_lib.ExpertDialogues(expert_model, agent_model, tok_e, tok_a, [batch[i] for i in mine], world,
+                                        seed, index=mine).play(False, args.agent_temperature, args.max_reply_tokens)
     trajs = parallel.gather(trajs)                          # every rank: the whole batch, in order
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     # 2. score with R and build pairs within each scenario

@@ -28,7 +28,7 @@ import shop
 
 
 def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, greedy=False, seed=0,
-            agent_temperature=0.7, max_reply_tokens=32, index=None):
+            agent_temperature=0.7, max_reply_tokens=32):
     """Play one dialogue per scenario, world.HORIZON agent turns at most. Returns a list of
     trajectories (dicts):
 
@@ -37,11 +37,10 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
       allowed: (T, Z) SOP masks, ref_logps: [log pi_E(z_t|h_t) at sampling time],
       agent_ids: the CS Agent's token ids, replies: [(start, end)] reply spans in agent_ids.
     greedy: argmax decisions and replies; else sampled (replies at agent_temperature).
-    index: each dialogue's number in the whole batch (default 0..n-1). Its customer and its random
-    stream are seeded by (seed, index) alone, so a dialogue comes out the same whatever batch it is
-    played in: one process, or a share of the batch on each of several ranks.
+    Dialogue i's customer and random stream are seeded by (seed, i) alone (ExpertDialogues' index: a
+    share of a batch played on one of several ranks keeps each dialogue's whole-batch number).
     """
-    return ExpertDialogues(expert_model, agent_model, tok_e, tok_a, scenarios, world, seed, index).play(
+    return ExpertDialogues(expert_model, agent_model, tok_e, tok_a, scenarios, world, seed).play(
         greedy, agent_temperature, max_reply_tokens)
 
 
