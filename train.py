@@ -101,14 +101,19 @@ g.add_argument("--save-every", type=nonneg(int), default=1,
                "74 GB during a swap (docs/scaling.md)")
 # ---- SFT
 g = p.add_argument_group("SFT")
-g.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps per agent")
+g.add_argument("--sft-steps", type=positive(int), default=300, help="SFT steps of the Expert (and, by default, of "
+               "the models that write replies)")
+g.add_argument("--agent-sft-steps", type=positive(int), default=None,
+               help="SFT steps of the CS Agent (and the baselines' flat agent); default --sft-steps, 3x that on the "
+               "desk, whose replies copy order numbers from turns far back (docs/log.md)")
 g.add_argument("--sft-batch", type=positive(int), default=None,
                help="SFT batch size (dialogues); default 16 for the shop, 4 for a real dataset (dialogues ~5x longer)")
 g.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
 g.add_argument("--expert-from-agent", default=True, action=argparse.BooleanOptionalAction,
                help="tiny models: the Expert starts its SFT from the SFT'd CS Agent (which reads the dialogue)")
-g.add_argument("--sft-window-steps", type=nonneg(int), default=150,
-               help="first CS Agent SFT steps on short windows (a curriculum; see agent.sft)")
+g.add_argument("--sft-window-steps", type=nonneg(int), default=None,
+               help="first CS Agent SFT steps on short windows (a curriculum; see agent.sft); default "
+               "150, --sft-steps on the desk")
 # ---- GOPO
 g = p.add_argument_group("GOPO")
 g.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations")
@@ -190,8 +195,12 @@ def parse(argv=None, check=None):
     check_flags(args)
     if check:
         check(args)
-    if args.sft_batch is None and not args.resume:   # a resumed run's config.json has its own
-        args.sft_batch = 16 if args.data == "shop" else 4
+    if not args.resume:   # defaults that depend on the world (a resumed run's config.json has its own)
+        desk = args.data == "shop" and args.world == "desk"
+        args.sft_batch = args.sft_batch or (16 if args.data == "shop" else 4)
+        args.agent_sft_steps = args.agent_sft_steps or args.sft_steps * (3 if desk else 1)
+        args.sft_window_steps = (args.sft_steps if desk else 150) if args.sft_window_steps is None \
+            else args.sft_window_steps
     checkpoint.check_model(args.model)
     if args.sft_from:
         checkpoint.check_sft_from(args)
@@ -259,7 +268,7 @@ def run_sft(run, models):
                                           args.sft_steps, args.sft_batch, args.sft_lr, args.seed) \
                 if name == "expert" else \
                 agent_lib.sft(model, tok, run.logs, world.INSTRUCTIONS if name == "agent" else None,   # flat: None
-                              args.sft_steps, args.sft_batch, args.sft_lr, args.seed,
+                              args.agent_sft_steps, args.sft_batch, args.sft_lr, args.seed,
                               window_steps=args.sft_window_steps, desc=f"SFT {name}")
         lm.save(model, tok, run.path(f"{name}_sft"))
     if parallel.is_main():
