@@ -10,9 +10,9 @@ whose final logits give the next decision, and the CS Agent encodes only the cus
 and the strategy prompt before writing. A turn costs its new tokens, not the history again.
 
 The Expert's context is exactly what `expert.decision_logps` later scores, and the log-prob of
-each sampled decision is recorded here (`ref_logps`). GOPO's reference S_ref is that scoring
-forward itself, taken before the first step (gopo.expert_loss), so no reference model is kept;
-the recorded values equal it up to float rounding (tested, in bf16 too).
+each sampled decision is recorded here (`ref_logps`). With `--ref rollout` GOPO's reference S_ref
+is that scoring forward itself, taken before the first step (gopo.expert_loss); the recorded values
+equal it up to float rounding (tested, in bf16 too).
 
 The loop is `Dialogues.play`; what the CS Agent is asked for each turn is a subclass: the Expert's
 decision (`ExpertDialogues`, what `rollout` plays). experiments/baselines.py adds its own: the flat
