@@ -354,13 +354,17 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
             max(1e-9, results["oracle"]["tse"]["mean"] - results[rows[1]]["tse"]["mean"])
     md = f"Held-out evaluation of `{run}` on {args.n_scenarios} scenarios (greedy; mean [95% CI]).\n\n" + \
         table(results, methods)
-    if algo != "sft":
-        md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n"
+    if algo != "sft":   # the same customers for both rows: a paired difference is the sharper test
+        paired = tse.paired_diff_ci(*(per_dialogue(records[r], values, world)["tse"] for r in rows[:2]))
+        md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n" \
+              f"Paired on the same customers, TSE {rows[0]} - {rows[1]}: {paired[0]:+.3f} " \
+              f"[{paired[1]:+.3f}, {paired[2]:+.3f}] (95% bootstrap CI)\n"
     print(md)
     with open(os.path.join(run, "eval.md"), "w") as f:
         f.write(md)
     with open(os.path.join(run, "eval.json"), "w") as f:
-        json.dump({**results, "n_scenarios": args.n_scenarios, **({"gap_closed_tse": gap} if algo != "sft" else {})},
+        json.dump({**results, "n_scenarios": args.n_scenarios,
+                   **({"gap_closed_tse": gap, "paired_tse_diff": paired} if algo != "sft" else {})},
                   f, indent=2)
     plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {args.n_scenarios} held-out scenarios")
     plot_strategies({name: records[name] for name in rows[::-1]}, world, os.path.join(run, "strategies.png"))

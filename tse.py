@@ -7,6 +7,7 @@ scores how closely a predicted strategy sequence follows an expert reference. Ev
 pure python on plain lists; nothing depends on the rest of the repo.
 """
 import math
+import random
 import statistics
 from collections import Counter
 
@@ -180,6 +181,19 @@ def rate_ci(xs, level=0.95):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))   # p inside despite rounding
+
+
+def paired_diff_ci(xa, xb, n_boot=2000, seed=0, level=0.95):
+    """mean(xa - xb) over paired items (two methods on the same customers) with a percentile
+    bootstrap interval over the items: tighter than comparing two separate intervals, because each
+    customer's own difficulty cancels. Returns (mean, low, high)."""
+    d = [float(a) - float(b) for a, b in zip(xa, xb, strict=True)]
+    n, rng = len(d), random.Random(seed)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    boots = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    tail = (1 - level) / 2
+    return (sum(d) / n, boots[int(tail * n_boot)], boots[int((1 - tail) * n_boot) - 1])
 
 
 def summarize(xs):

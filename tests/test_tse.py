@@ -4,7 +4,8 @@ import statistics
 
 import pytest
 
-from tse import bleu, esndcg, event_values, gre, mean_ci, rate_ci, rouge_l, summarize, trajectory_metrics, tse
+from tse import (bleu, esndcg, event_values, gre, mean_ci, paired_diff_ci, rate_ci, rouge_l, summarize,
+                 trajectory_metrics, tse)
 
 VALUES = {"positive": 0.6, "negative": 0.2, "leave": 0.25, "purchase": 1.0}
 
@@ -245,3 +246,13 @@ def test_trajectory_metrics_agent_ends():
     assert out["tse"] == pytest.approx(0.6 / 1.75)
     assert out["esndcg"] == pytest.approx(0.5 / (1 + 1 / LOG2_3))
     assert out["success"] == 0.0 and out["turns"] == 2
+
+
+def test_paired_diff_ci_is_the_mean_difference_with_a_bootstrap_interval():
+    xa = [0.5, 0.7, 0.2, 0.9, 0.4, 0.6, 0.3, 0.8]
+    m, lo, hi = paired_diff_ci(xa, [x - 0.1 for x in xa])
+    assert m == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)   # constant gain
+    noisy = [x + (0.3 if i % 2 else -0.3) for i, x in enumerate(xa)]
+    m, lo, hi = paired_diff_ci(noisy, xa)
+    assert m == pytest.approx(0.0) and lo < 0 < hi
+    assert paired_diff_ci(xa, xa) == (0.0, 0.0, 0.0)
