@@ -195,17 +195,22 @@ def parse(argv=None, check=None):
     check_flags(args)
     if check:
         check(args)
-    if not args.resume:   # defaults that depend on the world (a resumed run's config.json has its own)
-        desk = args.data == "shop" and args.world == "desk"
-        args.sft_batch = args.sft_batch or (16 if args.data == "shop" else 4)
-        args.agent_sft_steps = args.agent_sft_steps or args.sft_steps * (3 if desk else 1)
-        args.sft_window_steps = (args.sft_steps if desk else 150) if args.sft_window_steps is None \
-            else args.sft_window_steps
+    if not args.resume:   # a resumed run's config.json has its own
+        world_defaults(args)
     checkpoint.check_model(args.model)
     if args.sft_from:
         checkpoint.check_sft_from(args)
     checkpoint.check_model(args.expert_model)
     return args, device
+
+def world_defaults(args):
+    """The SFT defaults that depend on the data and the world (None in the parser). Returns args."""
+    desk = args.data == "shop" and args.world == "desk"
+    args.sft_batch = args.sft_batch or (16 if args.data == "shop" else 4)
+    args.agent_sft_steps = args.agent_sft_steps or args.sft_steps * (3 if desk else 1)
+    if args.sft_window_steps is None:
+        args.sft_window_steps = args.sft_steps if desk else 150
+    return args
 
 def open_run(args, device):
     """What the stages share: the world and user data, read before a new run folder is touched (a bad

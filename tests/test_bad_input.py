@@ -395,7 +395,7 @@ def build_cases(tmp, checkpoint):
 def tiny_config():
     """train.py's config.json for a TINY_RUN (what a run killed early leaves behind)."""
     import train   # the parser only: main() is not called
-    return {**vars(train.p.parse_args(TINY_RUN)), "sft_batch": 16, "world_size": 1}
+    return {**vars(train.world_defaults(train.p.parse_args(TINY_RUN))), "world_size": 1}
 
 
 # ----------------------------------------------------------------------------- running them
