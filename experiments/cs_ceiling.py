@@ -42,10 +42,18 @@ def main(argv=None):
     p.add_argument("--agent", default="agent_sft", help="which CS Agent of the run: agent_sft or agent")
     p.add_argument("--n", type=int, default=100, help="held-out customers")
     args = p.parse_args(argv)
-    with open(os.path.join(args.run, "config.json")) as f:
-        world = eval_lib.world_of(json.load(f), args.run)
-    expert, tok_e = lm.load(os.path.join(args.run, "expert_sft"))   # its context only; the oracle decides
-    agent, tok_a = lm.load(os.path.join(args.run, args.agent))
+    if args.n < 1:
+        eval_lib.die(f"--n must be at least 1, got {args.n}")
+    try:
+        with open(os.path.join(args.run, "config.json")) as f:
+            config = json.load(f)
+        if config.get("data", "shop") != "shop":
+            eval_lib.die(f"{args.run}: a run on --data {config['data']}; the oracle lives in the built-in worlds")
+        world = eval_lib.world_of(config, args.run)
+        expert, tok_e = lm.load(os.path.join(args.run, "expert_sft"))   # its context only; the oracle decides
+        agent, tok_a = lm.load(os.path.join(args.run, args.agent))
+    except (OSError, ValueError) as e:
+        eval_lib.die(f"{args.run}: not a finished train.py run with expert_sft/ and {args.agent}/ ({str(e).splitlines()[0]})")
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n)]
     with torch.no_grad():
         trajs = OracleDialogues(expert, agent, tok_e, tok_a, scenarios, world).play(greedy=True)
