@@ -25,6 +25,7 @@ import cli
 import data
 import gopo
 import lm
+import parallel
 import rollout as rollout_lib
 import world as world_lib
 import tse
@@ -321,7 +322,7 @@ def main(argv=None):
     device = device_of(args)
     ckpt = load_run(run, rows, device)
     values = read_values(os.path.join(run, "values.json"))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(parallel.cpu_threads())
     with lm.autocast(device, args.bf16):
         if config.get("data", "shop") != "shop":
             return evaluate_logged(run, config, values, ckpt, rows, args)

@@ -35,6 +35,14 @@ FSDP = False   # set by shard(): gradients are reduced by FSDP itself
 DEVICE = torch.device("cpu")   # set by init(): where this rank computes, and where collectives run
 
 
+def cpu_threads():
+    """CPU threads for this process: OMP_NUM_THREADS when the user set it, else the machine's cores
+    shared among the ranks on it (torchrun sets LOCAL_WORLD_SIZE)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def init(device="auto"):
     """Pick this rank's device ("auto": CUDA when there is one) and, under torchrun (WORLD_SIZE set),
     join the process group: NCCL on CUDA, gloo on CPU. Returns the device.

@@ -226,7 +226,7 @@ def open_run(args, device):
     run_dir = run_dir or checkpoint.start_run(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(parallel.cpu_threads())
     return SimpleNamespace(args=args, dir=run_dir, device=device, world=world, logs=logs, splits=splits,
                            path=lambda name: os.path.join(run_dir, name), t_start=time.time(),
                            amp=lambda: lm.autocast(device, args.bf16 and not args.fsdp))   # --fsdp: FSDP2's own bf16
