@@ -129,7 +129,8 @@ g.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient st
 g.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
 g.add_argument("--ref", default="rollout", choices=["rollout", "sft"],
                help="pi_ref of the Expert's loss: rollout, the Expert that played the iteration's dialogues "
-               "(iterative DPO; every measured result); sft, the frozen SFT Expert (textbook DPO, one more forward)")
+               "(iterative DPO; the default: it did better in docs/baselines.md); sft, the frozen SFT Expert (textbook DPO, "
+               "one more forward)")
 g.add_argument("--agent-temperature", type=nonneg(float), default=0.7, help="CS sampling temperature in rollouts")
 g.add_argument("--max-reply-tokens", type=checked(int, 1, True, 4095), default=32,
                help="a reply is cut after this many tokens (rollouts and CS alignment samples)")
