@@ -66,8 +66,8 @@ def test_sampled_dialogues_do_not_depend_on_the_batch_split(models, tok):
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(8, offset=5000)]
     whole = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, seed=4, max_reply_tokens=12)
-    parts = [rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios[i::2], seed=4, max_reply_tokens=12,
-                                 index=list(range(8))[i::2]) for i in (0, 1)]
+    parts = [rollout_lib.ExpertDialogues(expert_model, agent_model, tok, tok, scenarios[i::2], shop, seed=4,
+                                         index=list(range(8))[i::2]).play(False, 0.7, 12) for i in (0, 1)]
     for i, tr in enumerate(whole):
         other = parts[i % 2][i // 2]
         assert tr["record"]["turns"] == other["record"]["turns"] and tr["agent_ids"] == other["agent_ids"]

@@ -78,8 +78,8 @@ def stage_a():
     check("chunked reply log-probs on the device equal the full logits on CPU", (chunked - full).abs().max() < 1e-3)
     scen = [shop.make_scenario(s) for s in data.train_seeds(8, offset=5000)]
     whole = rollout_lib.rollout(dev_e, dev_a, tok, tok, scen, seed=4, max_reply_tokens=12)
-    halves = [rollout_lib.rollout(dev_e, dev_a, tok, tok, scen[i::2], seed=4, max_reply_tokens=12,
-                                  index=list(range(8))[i::2]) for i in (0, 1)]
+    halves = [rollout_lib.ExpertDialogues(dev_e, dev_a, tok, tok, scen[i::2], shop, seed=4,
+                                          index=list(range(8))[i::2]).play(False, 0.7, 12) for i in (0, 1)]
     check("sampled dialogues do not depend on the batch split",
           all(t["record"]["turns"] == halves[i % 2][i // 2]["record"]["turns"] for i, t in enumerate(whole)))
     greedy_dev = rollout_lib.rollout(dev_e, dev_a, tok, tok, scen, greedy=True, max_reply_tokens=12)
