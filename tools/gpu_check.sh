@@ -49,7 +49,8 @@ t0=$(date +%s)
 python train.py --device "$DEVICE" --out "$OUT" --run tiny --overwrite "${TINY[@]}" 2>&1 | grep -v "it/s\]" | tail -n 4
 echo "train.py wall time: $(secs "$t0")"
 t0=$(date +%s)
-python eval.py "$OUT/tiny" --device "$DEVICE" "${EVAL[@]}" | head -n 12
+python eval.py "$OUT/tiny" --device "$DEVICE" "${EVAL[@]}" > "$OUT/eval.txt"   # whole: head on a pipe cuts eval.py off
+head -n 16 "$OUT/eval.txt"
 echo "eval.py wall time: $(secs "$t0")"
 
 echo
