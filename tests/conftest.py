@@ -5,6 +5,7 @@ train.py builds them.
 The model fixtures are session-scoped and read-only: a test that trains a model builds its own.
 """
 import atexit
+import math
 import os
 import shutil
 import sys
@@ -89,3 +90,35 @@ def models(tok):
 @pytest.fixture(scope="session")
 def cli_env():
     return hf_env()
+
+
+def gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, world, args, iters, lr, monkeypatch,
+                         check=lambda m: None):
+    """GOPO's learning test, shared by the worlds: greedy mean R on `scenarios` at the start, after
+    `iters` GOPO iterations (the CS Agent frozen: args.cs_samples = 0), and after the same iterations
+    with every preference pair swapped (the control). check(m) sees each iteration's metrics.
+    Returns (start, real, swapped)."""
+    import copy
+    import gopo
+    import rollout as rollout_lib
+
+    def mean_R(model):
+        trajs = rollout_lib.rollout(model, agent_model, tok, tok, scenarios, world, greedy=True,
+                                    max_reply_tokens=args.max_reply_tokens)
+        return gopo.mean(gopo.joint_reward(t["record"], values, world.HORIZON)["R"] for t in trajs)
+
+    def run():
+        model = copy.deepcopy(expert_model)
+        opt_e = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        for it in range(iters):
+            m = gopo.iteration(model, agent_model, tok, tok, opt_e, None, scenarios, values, world, args, it, seed=it)
+            assert m["pairs"] > 0 and m["loss"] is not None and math.isfinite(m["loss"])
+            check(m)
+        changed = sum(not torch.equal(a, b) for a, b in zip(expert_model.parameters(), model.parameters()))
+        assert changed > 0, "the Expert's parameters did not change"
+        return mean_R(model)
+
+    start, real = mean_R(expert_model), run()
+    original = gopo.build_pairs
+    monkeypatch.setattr(gopo, "build_pairs", lambda *a, **k: [(l, w) for w, l in original(*a, **k)])
+    return start, real, run()

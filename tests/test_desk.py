@@ -354,15 +354,13 @@ def test_a_short_gopo_run_on_the_desk_follows_its_preferences(monkeypatch):
     where the control loses it; 10 iterations raise it (0.266 -> 0.289, control 0.141). The tiny
     CS Agent here (200 SFT steps) cannot copy order numbers, so most of R comes from ESNDCG, the
     Expert's own decisions; the CS Agent is frozen and greedy, so every change is the Expert's."""
-    import copy
     from types import SimpleNamespace
     import torch
     import agent as agent_lib
     import expert as expert_lib
-    import gopo
     import lm
-    import rollout as rollout_lib
     import tse
+    from conftest import gopo_against_swapped
     logs = [desk.play(desk.make_scenario(s), desk.behaviour_policy) for s in data.train_seeds(60)]
     values = tse.event_values(logs, desk.SUCCESS_EVENTS)
     tok = lm.train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(desk.INSTRUCTIONS.values()),
@@ -381,22 +379,8 @@ def test_a_short_gopo_run_on_the_desk_follows_its_preferences(monkeypatch):
                            gopo_epochs=2, agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=24,
                            ref="rollout")
 
-    def mean_R(model):
-        trajs = rollout_lib.rollout(model, agent_model, tok, tok, scenarios, desk, greedy=True, max_reply_tokens=24)
-        return gopo.mean(gopo.joint_reward(t["record"], values, desk.HORIZON)["R"] for t in trajs)
-
-    def run():
-        model = copy.deepcopy(expert_model)
-        opt_e = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-        for it in range(4):
-            m = gopo.iteration(model, agent_model, tok, tok, opt_e, None, scenarios, values, desk, args, it, seed=it)
-            assert m["pairs"] > 0 and m["loss"] is not None
-        return mean_R(model)
-
-    R0, real = mean_R(expert_model), run()
-    original = gopo.build_pairs
-    monkeypatch.setattr(gopo, "build_pairs", lambda *a, **k: [(l, w) for w, l in original(*a, **k)])
-    swapped = run()
+    R0, real, swapped = gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, desk, args, 4,
+                                             1e-2, monkeypatch)
     print(f"LEARNS gopo on the desk: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
     assert real - swapped > 0.06, f"GOPO did not follow its preferences on the desk: start {R0:.3f}, " \
         f"real {real:.3f}, swapped {swapped:.3f}"

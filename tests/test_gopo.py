@@ -15,7 +15,7 @@ import gopo
 import lm
 import rollout as rollout_lib
 import shop
-from conftest import build_models
+from conftest import build_models, gopo_against_swapped
 
 Z = len(shop.STRATEGIES)
 ZI = {z: i for i, z in enumerate(shop.STRATEGIES)}
@@ -394,27 +394,12 @@ def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
     agent_lib.sft(agent_model, tok, logs, shop.INSTRUCTIONS, steps=100, batch_size=4, lr=1e-2, seed=0)
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(8, offset=1000)]
 
-    def mean_R(model):
-        trajs = rollout_lib.rollout(model, agent_model, tok, tok, scenarios, shop, greedy=True)
-        return gopo.mean(gopo.joint_reward(t["record"], values, shop.HORIZON)["R"] for t in trajs)
+    def check(m):
+        assert {"R", "tse", "esndcg", "gre", "loss", "pairs", "seconds", "rewards/margins", "rewards/accuracies",
+                "logps/chosen"} <= set(m) and 0 <= m["rewards/accuracies"] <= 1
 
-    def run():
-        model = copy.deepcopy(expert_model)
-        opt_e = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        for it in range(2):
-            m = gopo.iteration(model, agent_model, tok, tok, opt_e, None, scenarios, values, shop,
-                               SimpleNamespace(**GOPO_ARGS), it, seed=it)
-            assert m["pairs"] > 0 and m["loss"] is not None and math.isfinite(m["loss"])
-            assert {"R", "tse", "esndcg", "gre", "loss", "pairs", "seconds", "rewards/margins", "rewards/accuracies",
-                    "logps/chosen"} <= set(m) and 0 <= m["rewards/accuracies"] <= 1
-        changed = sum(not torch.equal(a, b) for a, b in zip(expert_model.parameters(), model.parameters()))
-        assert changed > 0, "the Expert's parameters did not change"
-        return mean_R(model)
-
-    R0, real = mean_R(expert_model), run()
-    original = gopo.build_pairs
-    monkeypatch.setattr(gopo, "build_pairs", lambda *a, **k: [(l, w) for w, l in original(*a, **k)])
-    swapped = run()
+    R0, real, swapped = gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, shop,
+                                             SimpleNamespace(**GOPO_ARGS), 2, 3e-3, monkeypatch, check)
     print(f"LEARNS gopo: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
     assert real - swapped > 0.08, f"GOPO did not follow its preferences: R start {R0:.3f}, real {real:.3f}, swapped {swapped:.3f}"
     assert real > R0 + 0.03, f"GOPO did not raise R: {R0:.3f} -> {real:.3f}"
