@@ -33,15 +33,8 @@ def collate(examples, pad_id):
     return ids, attn, mask.float()
 
 
-def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0, cycle=100,
-        window_steps=0, desc="SFT agent"):
-    """Supervised fine-tuning on logged replies: minimise the mean NLL of reply tokens.
-
-    The first `window_steps` steps are a curriculum on short windows (the customer's last turn,
-    the strategy prompt, the reply; 4x the batch size of them), the rest on whole dialogues.
-    Why: a from-scratch model learns to copy the customer's must-have into the reply far faster
-    when there are 30 tokens to search instead of 200; the skill then carries to whole dialogues.
-    """
+def sft_examples(tok, records, instructions):
+    """(whole dialogues, windows): lists of (token ids, reply-target mask), the two kinds of SFT example."""
     dialogues, windows = [], []
     opening = lm.start_ids(tok)
     for r in records:
@@ -51,13 +44,27 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
         for s, (a, b) in zip(starts, replies):
             w = opening + ids[s:b]
             windows.append((w, [0] * (len(opening) + a - s) + [1] * (b - a)))
+    return dialogues, windows
+
+
+def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0, cycle=100,
+        window_steps=0, desc="SFT agent"):
+    """Supervised fine-tuning on logged replies: minimise the mean NLL of reply tokens.
+
+    The first `window_steps` steps are a curriculum on short windows (the customer's last turn,
+    the strategy prompt, the reply; 4x the batch size of them), the rest on whole dialogues.
+    Why: a from-scratch model learns to copy the customer's must-have into the reply far faster
+    when there are 30 tokens to search instead of 200; the skill then carries to whole dialogues.
+    """
+    dialogues, windows = sft_examples(tok, records, instructions)
     rng = random.Random(seed)
 
     def step_loss(step):
         pool, n = (windows, 4 * batch_size) if step < window_steps else (dialogues, batch_size)
         sample = rng.sample(pool, min(n, len(pool)))                           # the same on every rank
         mine, weight = parallel.share_or_dummy(sample)
-        ids, attn, mask = collate(mine, tok.pad_token_id)
+        logp = sum(reply_logps(model, *collate(group, tok.pad_token_id)).sum()
+                   for group in lm.length_groups(mine, n_total=len(sample), length=lambda e: len(e[0])))
         n_tokens = sum(sum(m) for _, m in sample)
-        return -weight * reply_logps(model, ids, attn, mask).sum() / parallel.denominator(n_tokens)   # mean NLL per token
+        return -weight * logp / parallel.denominator(n_tokens)   # mean NLL per token
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -137,7 +137,8 @@ def sft(model, tok, records, strategies, allowed, instructions, steps, batch_siz
     def step_loss(step):
         sample = rng.sample(trajs, min(batch_size, len(trajs)))                  # the same on every rank
         mine, weight = parallel.share_or_dummy(sample)
-        step_logps = decision_logps(model, collate(mine, tok.pad_token_id, len(strategies)), strategy_ids)  # (B, T)
+        logp = sum(decision_logps(model, collate(group, tok.pad_token_id, len(strategies)), strategy_ids).sum()
+                   for group in lm.length_groups(mine, n_total=len(sample), length=lambda t: len(t["ids"])))
         n_decisions = sum(len(t["decisions"]) for t in sample)
-        return -weight * step_logps.sum() / parallel.denominator(n_decisions)   # mean NLL per decision
+        return -weight * logp / parallel.denominator(n_decisions)   # mean NLL per decision
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

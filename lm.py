@@ -316,6 +316,17 @@ def pad(seqs, pad_id, left=False):
     return ids, attn
 
 
+def length_groups(examples, groups=4, n_total=None, length=len):
+    """Split a batch into `groups` runs of similar length, each padded and run on its own; summing
+    their losses gives the batch's loss. Why: padding a random batch of whole desk dialogues to its
+    longest wastes ~40% of the tokens and, attention being quadratic, more of the time (4 groups:
+    1.44x faster per SFT step, `python -m experiments.bench --sft RUN`). The count follows from n_total (the whole batch over
+    all ranks, default len(examples)), so every rank runs the same number of forwards (FSDP)."""
+    n = max(1, min(groups, (n_total or len(examples)) // parallel.world()))
+    ranked = sorted(examples, key=length)
+    return [ranked[i * len(ranked) // n:(i + 1) * len(ranked) // n] for i in range(n)]
+
+
 def forward_logits(model, ids, attn, logits_to_keep=0):
     """Logits (B, L, V) for a padded batch (the last `logits_to_keep` positions only, if > 0); left
     padding is handled with explicit positions."""

@@ -20,6 +20,12 @@ and noisy: the absolute times are printed for context only).
      of log(time) on log(horizon): 1.0 = linear in dialogue length, 2.0 = re-encoding the history.
   4. train_wall_s / train_peak_rss_mb: the default `python train.py`, in a subprocess.
 Writes bench.json (or --json).
+
+    python -m experiments.bench --sft out/desk     # only: SFT's length groups against one padded batch
+
+  sft_speedup = seconds of SFT forward + backward on random batches of 16 whole logged dialogues,
+     each padded to its longest / the same batches in 4 length groups (lm.length_groups), on RUN's
+     CS Agent and logs, any world. Higher is better.
 """
 import argparse
 import json
@@ -54,6 +60,8 @@ p.add_argument("--json", default="bench.json", help="where to write the results"
 p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                help="where the measured rollouts and steps run: auto = CUDA when there is a GPU")
+p.add_argument("--sft", default=None, metavar="RUN",
+               help="only measure sft_speedup on this run's CS Agent (agent_sft/) and logs.jsonl, any world")
 p.add_argument("--profile", action="store_true",
                help="also print a torch.profiler table of one 16-turn rollout batch (where the time goes)")
 
@@ -109,6 +117,42 @@ def measure_train(out="out"):
     return wall, peak_kb / 1024, os.path.join(out, "bench")
 
 
+def sft_speedup(run, repeats, batch_size=16, n_batches=4):
+    """SFT's forward + backward over n_batches random batches of whole dialogues: one padded tensor
+    per batch against lm.length_groups. Returns the results' dict."""
+    import random
+
+    import agent as agent_lib
+    import world as world_lib
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    world = world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+    model, tok = lm.load(os.path.join(run, "agent_sft"))
+    with open(os.path.join(run, "logs.jsonl")) as f:
+        logs = [json.loads(line) for line in f]
+    examples = agent_lib.sft_examples(tok, logs, world.INSTRUCTIONS)[0]
+    rng = random.Random(0)
+    batches = [rng.sample(examples, batch_size) for _ in range(n_batches)]
+    model.train()
+
+    def steps(grouped):
+        def run_batches():
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                groups = lm.length_groups(batch, length=lambda e: len(e[0])) if grouped else [batch]
+                (-sum(agent_lib.reply_logps(model, *agent_lib.collate(g, tok.pad_token_id)).sum()
+                      for g in groups)).backward()
+        return run_batches
+    t_padded, t_grouped = side_by_side([steps(False), steps(True)], repeats)
+    real = sum(len(e[0]) for b in batches for e in b)
+    padded = sum(len(b) * max(len(e[0]) for e in b) for b in batches)
+    print(f"SFT on {run} ({config.get('world', 'shop')}): {n_batches} batches of {batch_size} dialogues, "
+          f"{real / padded:.2f} of the padded tokens real; padded {t_padded * 1e3 / n_batches:.0f} ms, "
+          f"length groups {t_grouped * 1e3 / n_batches:.0f} ms per step; sft_speedup {t_padded / t_grouped:.2f}")
+    return {"sft_run": run, "sft_padded_s": t_padded / n_batches, "sft_grouped_s": t_grouped / n_batches,
+            "sft_real_token_share": real / padded, "sft_speedup": t_padded / t_grouped}
+
+
 def endless_world(horizon=None):
     """The shop with customers that never end the dialogue and a SOP where `close` can be followed
     (by what may follow <start>), so every dialogue runs the whole horizon (default: the shop's;
@@ -138,6 +182,13 @@ def main():
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     res = {"threads": args.threads, "repeats": args.repeats, "device": str(device)}
+    if args.sft:
+        if not all(os.path.exists(os.path.join(args.sft, f)) for f in ("agent_sft", "logs.jsonl", "config.json")):
+            p.error(f"--sft {args.sft}: not a run with SFT checkpoints (needs agent_sft/, logs.jsonl, config.json)")
+        res.update(sft_speedup(args.sft, args.repeats))
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     if args.run is None:
         res["train_wall_s"], res["train_peak_rss_mb"], run = measure_train()
     else:

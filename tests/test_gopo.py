@@ -455,3 +455,25 @@ def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
     print(f"LEARNS cs: start {start:.3f} real {real:.3f} swapped {swapped:.3f}")
     assert real - swapped > 0.08, f"CS alignment did not follow adherence: start {start:.3f}, real {real:.3f}, swapped {swapped:.3f}"
     assert real > start - 0.03, f"CS alignment lowered adherence: {start:.3f} -> {real:.3f}"
+
+
+def test_sft_length_groups_give_the_padded_batchs_loss_and_gradient(models, tok, logs, monkeypatch):
+    """lm.length_groups: SFT pads each group of similar length on its own; the summed loss and its
+    gradient are the padded batch's, and every rank runs the same number of groups (FSDP)."""
+    model = copy.deepcopy(models[1])
+    examples = agent_lib.sft_examples(tok, logs[:16], shop.INSTRUCTIONS)[0]
+    groups = lm.length_groups(examples, length=lambda e: len(e[0]))
+    assert len(groups) == 4 and sorted(map(id, sum(groups, []))) == sorted(map(id, examples))
+    assert max(len(e[0]) for e in groups[0]) <= min(len(e[0]) for e in groups[1])
+    losses, grads = [], []
+    for batches in ([examples], groups):
+        model.zero_grad()
+        loss = -sum(agent_lib.reply_logps(model, *agent_lib.collate(b, tok.pad_token_id)).sum() for b in batches)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
+    monkeypatch.setattr(lm.parallel, "world", lambda: 3)   # shares of 6, 5, 5: 4 groups on each rank
+    assert [len(lm.length_groups(examples[:n], n_total=16)) for n in (6, 5, 5)] == [4, 4, 4]
+    assert len(lm.length_groups(examples[:1], n_total=2)) == 1    # a dummy share (fewer items than ranks)
