@@ -22,7 +22,8 @@ THE WORLD CONTRACT (shop.py and this module implement it; a fork implements it f
   play(...)              -> record(scenario, turns, cust, source) = {"id", "source", "scenario", "turns",
                          "success", "ref_strategies", "order_value", "sop_ok"}
   reference(scenario)    z*, the oracle's strategy sequence
-  make_world(horizon, paraphrases)  the same names bound to other knobs (this module is the default)
+  make_world(horizon, paraphrases)  the same names bound to other knobs (this module is the default);
+                         a shorter horizon also caps the requests a customer brings (max_requests)
 
 The story. A customer brings a stack of 1-3 requests (an agenda, as in ConvLab's user simulator),
 opens with the first and states the next only when asked "anything else?": buy a product (a
@@ -121,11 +122,18 @@ def allowed(strategies):
 
 
 # ----------------------------------------------------------------------------- scenarios
-def make_scenario(seed):
-    """The hidden goal of customer `seed` (deterministic)."""
+def max_requests(horizon):
+    """The most requests a customer brings: as many as the horizon serves, one per 8 agent turns (the
+    oracle needs at most 9 for one request, 15 for two, 22 for three), and at least one. The default
+    24 turns allow all three; 10 turns make the grid's short cell, one request, about shop's length."""
+    return max(1, min(3, horizon // 8))
+
+
+def make_scenario(seed, horizon=HORIZON):
+    """The hidden goal of customer `seed` (deterministic) in a world of this horizon."""
     rng = random.Random(f"desk/{seed}")
     orders, requests = rng.sample(sorted(ORDERS), 3), []
-    for i in range(rng.choices([1, 2, 3], [0.2, 0.4, 0.4])[0]):
+    for i in range(min(rng.choices([1, 2, 3], [0.2, 0.4, 0.4])[0], max_requests(horizon))):
         kind = rng.choices(["buy", "return", "exchange", "complaint"], [0.3, 0.2, 0.2, 0.3])[0]
         if kind == "buy":   # the customer wants the best model the budget allows
             line = rng.choice(sorted(LINES))
@@ -598,7 +606,7 @@ def fit_myopic(n_scenarios=400, seed=0, horizon=HORIZON, rounds=2, n_branch=120)
     a failing table gives no signal; later rounds with the table) and rank the key's strategies by
     mean return. Returns the table ({key: ranked strategies}) that succeeds most often."""
     rng = random.Random(f"myopic/{seed}")
-    scenarios = [make_scenario(s) for s in rng.sample(range(TRAIN_SEEDS), n_scenarios)]
+    scenarios = [make_scenario(s, horizon) for s in rng.sample(range(TRAIN_SEEDS), n_scenarios)]
     votes = defaultdict(Counter)
     for sc in scenarios:
         turns, _ = dialogue(sc, oracle_policy, horizon=horizon)
@@ -707,6 +715,7 @@ def make_world(horizon=HORIZON, paraphrases=PARAPHRASES):
     w.HORIZON, w.PARAPHRASES = horizon, paraphrases
     w.myopic_policy = myopic_policy if horizon == HORIZON else _myopic(horizon)
     w.POLICIES = dict(POLICIES, myopic=w.myopic_policy)
+    w.make_scenario = lambda seed: make_scenario(seed, horizon)
     w.dialogue = lambda scenario, policy, seed=0, horizon=horizon: \
         dialogue(scenario, policy, seed, horizon, paraphrases)
     w.play = lambda scenario, policy, seed=0, horizon=horizon: play(scenario, policy, seed, horizon, paraphrases)

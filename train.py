@@ -68,7 +68,8 @@ g.add_argument("--data", default="shop", choices=["shop", "mgshop", "multiwoz"],
 g.add_argument("--world", default="shop", choices=list(world_lib.WORLDS),
                help="the built-in world (world.py has the contract): shop, small and quick; desk, a service desk "
                "with 1-3 requests per customer, hidden facts used turns later and SOP gates on the whole history")
-g.add_argument("--horizon", type=positive(int), default=None, help="desk: maximum agent turns (default: the world's)")
+g.add_argument("--horizon", type=positive(int), default=None, help="desk: maximum agent turns; a customer brings at most one request per 8 "
+               "turns (default: the world's, 24: 1-3 requests; 10: one request, about shop's length)")
 g.add_argument("--paraphrases", type=positive(int), default=None,
                help="desk: paraphrases per strategy in the rule policies' text (default: the world's)")
 g.add_argument("--data-path", default=None, help="MG-ShopDial JSON file, or the MultiWOZ 2.2 folder")
@@ -205,8 +206,12 @@ def parse(argv=None, check=None):
     return args, device
 
 def world_defaults(args):
-    """The SFT defaults that depend on the data and the world (None in the parser). Returns args."""
+    """The defaults that depend on the data and the world (None in the parser), so that config.json
+    records the values used: the desk's knobs, and the SFT budget. Returns args."""
     desk = args.data == "shop" and args.world == "desk"
+    if desk:
+        args.horizon = args.horizon or world_lib.load("desk").HORIZON
+        args.paraphrases = args.paraphrases or world_lib.load("desk").PARAPHRASES
     args.sft_batch = args.sft_batch or (16 if args.data == "shop" else 4)
     args.agent_sft_steps = args.agent_sft_steps or args.sft_steps * (3 if desk else 1)
     if args.sft_window_steps is None:

@@ -39,7 +39,6 @@ def load(name, horizon=None, paraphrases=None):
         return shop
     if name == "desk":
         import desk
-        if horizon is None and paraphrases is None:
-            return desk
-        return desk.make_world(horizon or desk.HORIZON, paraphrases or desk.PARAPHRASES)
+        knobs = (horizon or desk.HORIZON, paraphrases or desk.PARAPHRASES)
+        return desk if knobs == (desk.HORIZON, desk.PARAPHRASES) else desk.make_world(*knobs)
     raise ValueError(f"unknown world {name!r} (built-in: {', '.join(WORLDS)})")

@@ -308,10 +308,15 @@ def _template_re(template):
 
 
 def test_knobs_take_effect():
-    short = desk.make_world(horizon=6)
-    recs = [short.play(sc, short.oracle_policy) for sc in SCENARIOS[:200]]
-    assert max(len(agent_turns(r)) for r in recs) <= 6 and rate(recs) < 0.5
-    assert all(len(r["ref_strategies"]) <= 6 for r in recs)
+    short = desk.make_world(horizon=4)   # too short even for one request
+    recs = [short.play(short.make_scenario(sc["seed"]), short.oracle_policy) for sc in SCENARIOS[:200]]
+    assert max(len(agent_turns(r)) for r in recs) <= 4 and rate(recs) < 0.5
+    assert all(len(r["ref_strategies"]) <= 4 for r in recs)
+    one = desk.make_world(horizon=10)   # the grid's short cell: one request each, served in time
+    scenarios = [one.make_scenario(sc["seed"]) for sc in SCENARIOS[:200]]
+    assert {len(sc["requests"]) for sc in scenarios} == {1}
+    assert {len(sc["requests"]) for sc in SCENARIOS} == {1, 2, 3}   # the default: 1-3
+    assert rate([one.play(sc, one.oracle_policy) for sc in scenarios]) >= 0.95
     firsts = {key: _template_re(bank[0]) for key, bank in desk.PARAPHRASE_BANK.items()}
     used = {1: set(), 20: set()}
     for k in used:
