@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The comparison of README "Baselines": 3 training seeds x 5 methods (+ 2 variants) on one budget, then the table.
 # Every method of a seed starts from the same SFT checkpoints (--sft-from the seed's --algo sft run).
-# gopo-alpha1 and gopo-noexpert-alpha1 are variant rows: R = TSE alone (--alpha 1), as the other baselines.
+# gopo-alpha1 and gopo-noexpert-alpha1 are variant rows: R = TSE alone (--alpha 1), as the other baselines;
+# gopo-refsft: the frozen SFT Expert as DPO's reference policy (--ref sft) instead of the rollout policy.
 #   bash experiments/compare.sh                 # out/compare/<method>/s{0,1,2}, out/compare/compare.{md,json,png}
 #   SEEDS="0" bash experiments/compare.sh       # one seed
 #   WORLD=desk bash experiments/compare.sh      # on the service desk (out/compare-desk/...)
@@ -23,6 +24,8 @@ for seed in $SEEDS; do
     python $(entry "$algo") --world "$WORLD" --algo "$algo" --alpha 1 --seed "$seed" --out "$OUT" \
       --run "$algo-alpha1/s$seed" --overwrite --sft-from "$OUT/sft/s$seed"
   done
+  python train.py --world "$WORLD" --ref sft --seed "$seed" --out "$OUT" --run "gopo-refsft/s$seed" --overwrite \
+    --sft-from "$OUT/sft/s$seed"
 done
 python -m experiments.compare "$OUT/sft" "$OUT/ppo" "$OUT/memento" "$OUT/gopo-noexpert" "$OUT/gopo" "$OUT/gopo-alpha1" \
-  "$OUT/gopo-noexpert-alpha1" --out "$OUT"
+  "$OUT/gopo-noexpert-alpha1" "$OUT/gopo-refsft" --out "$OUT"
