@@ -29,7 +29,7 @@ def event_values(dialogues, success_events=("purchase",)):
             n_with[e] += 1
             n_success[e] += bool(rec["success"])
     # Laplace smoothing: an event seen once is pulled toward 1/2 instead of jumping to 0 or 1
-    values = {e: (n_success[e] + 1) / (n_with[e] + 2) for e in n_with}
+    values = {e: (n_success[e] + 1) / (n_with[e] + 2) for e in sorted(n_with)}   # sorted: values.json the same every run
     for e in success_events:
         values[e] = 1.0  # the success event *is* the goal, by definition worth 1
     return values

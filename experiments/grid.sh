@@ -14,9 +14,9 @@ SEEDS=${SEEDS:-"0 1"}
 CELLS=${CELLS:-"h10-p2 h10-p20 h24-p2 h24-p20"}
 COMPARE=${COMPARE:-out/compare-desk}   # the default cell's runs, if compare.sh made them
 entry() { case "$1" in gopo|sft) echo train.py ;; *) echo "-m experiments.baselines" ;; esac; }
-for cell in $CELLS; do
-  horizon=${cell#h}; horizon=${horizon%-p*}; paraphrases=${cell#*-p}
-  for seed in $SEEDS; do
+for seed in $SEEDS; do       # a seed of every cell before the next seed: a grid run in pieces fills every cell early
+  for cell in $CELLS; do
+    horizon=${cell#h}; horizon=${horizon%-p*}; paraphrases=${cell#*-p}
     for algo in sft gopo ppo gopo-noexpert; do
       run="$OUT/$cell/$algo/s$seed"
       [ -f "$run/time.json" ] && continue
@@ -28,6 +28,8 @@ for cell in $CELLS; do
         --seed "$seed" --out "$OUT/$cell" --run "$algo/s$seed" --overwrite $from
     done
   done
+done
+for cell in $CELLS; do
   [ -f "$OUT/$cell/compare.json" ] && [ -z "$(find "$OUT/$cell" -name time.json -newer "$OUT/$cell/compare.json")" ] ||
     python -m experiments.compare "$OUT/$cell/sft" "$OUT/$cell/ppo" "$OUT/$cell/gopo-noexpert" "$OUT/$cell/gopo" \
       --out "$OUT/$cell"
