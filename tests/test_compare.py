@@ -176,3 +176,25 @@ def test_sop_ok_reads_the_recognised_acts():
     # every logged behaviour-policy dialogue keeps to the SOP
     recs = [shop.play(shop.make_scenario(s), shop.behaviour_policy) for s in range(50)]
     assert all(eval_lib.sop_ok(r, shop) == 1.0 for r in recs)
+
+
+def test_grid_tabulates_each_cells_relative_tse(runs, cli_env, tmp_path):
+    """experiments/grid.py reads each cell's compare.json (here the fixture's, as two cells) and writes
+    grid.md with GOPO's ratios and CIs over ppo and the ablation, and grid.png."""
+    out, _, _ = runs
+    c = json.loads((out / "compare.json").read_text())
+    for cell in ("h10-p2", "h24-p20"):
+        (tmp_path / cell).mkdir()
+        shutil.copy(out / "compare.json", tmp_path / cell / "compare.json")
+    (tmp_path / "notes").mkdir()                                   # not a cell: ignored
+    rc, stdout, err = run_cli(["-m", "experiments.grid", str(tmp_path)], cli_env)
+    assert rc == 0, err[-2000:]
+    md = (tmp_path / "grid.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| 10 ") or line.startswith("| 24 ")]
+    assert len(rows) == 2 and rows[0].startswith("| 10 | 2 |") and rows[1].startswith("| 24 | 20 |")
+    for b in ("ppo", "gopo-noexpert"):
+        r = c["relative_tse"][b]
+        assert f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" in rows[0]
+    assert (tmp_path / "grid.png").stat().st_size > 0 and md.strip() in stdout
+    rc, _, err = run_cli(["-m", "experiments.grid", str(tmp_path / "notes")], cli_env)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "no cell" in err
