@@ -2,6 +2,7 @@
 
     python -m experiments.bench                    # trains the default run first (measured), then benchmarks it
     python -m experiments.bench --run out/gopo     # benchmark an existing run's models, skip the train.py timing
+    python -m experiments.bench --world desk       # the same on the service desk (its default run is timed)
 
 Every figure is a ratio of two timings taken side by side in this process, on the same models and
 shapes, each the median of --repeats interleaved repeats after a warm-up (this machine is shared
@@ -48,11 +49,15 @@ import gopo
 import lm
 import rollout as rollout_lib
 import shop
+import world as world_lib
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
 p.add_argument("--run", default=None, help="benchmark this run folder's models and skip measuring train.py "
                "(default: run the default `python train.py` into out/bench, timed, and use its models)")
+p.add_argument("--world", default="shop", choices=["shop", "desk"],
+               help="the world of the timed `python train.py --world ...` and of the measured rollouts "
+               "(with --run: the run's own world)")
 p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
 p.add_argument("--scenarios", type=int, default=16, help="scenarios per rollout batch (train.py default)")
 p.add_argument("--k", type=int, default=4, help="rollouts per scenario (train.py default)")
@@ -104,9 +109,9 @@ def side_by_side(fns, repeats):
     return [statistics.median(ts) for ts in times]
 
 
-def measure_train(out="out"):
-    """Wall seconds and peak RSS (MB) of the default `python train.py`, in a subprocess."""
-    cmd = [sys.executable, "train.py", "--out", out, "--run", "bench", "--overwrite"]
+def measure_train(world, out="out"):
+    """Wall seconds and peak RSS (MB) of the default `python train.py --world world`, in a subprocess."""
+    cmd = [sys.executable, "train.py", "--world", world, "--out", out, "--run", "bench", "--overwrite"]
     print("timing:", " ".join(cmd[1:]), flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -153,19 +158,18 @@ def sft_speedup(run, repeats, batch_size=16, n_batches=4):
             "sft_real_token_share": real / padded, "sft_speedup": t_padded / t_grouped}
 
 
-def endless_world(horizon=None):
-    """The shop with customers that never end the dialogue and a SOP where `close` can be followed
-    (by what may follow <start>), so every dialogue runs the whole horizon (default: the shop's;
+def endless_world(horizon=None, base=shop):
+    """A world (default: the shop) whose customers never end the dialogue and whose SOP allows every
+    strategy where it would end it, so every dialogue runs the whole horizon (default: the world's;
     rollouts play world.HORIZON turns): only for timing."""
-    class Customer(shop.Customer):
+    class Customer(base.Customer):
         def reply(self, text, turn):
             utterance, event, _ = super().reply(text, turn)
             return utterance, event, False
-    world = types.SimpleNamespace(**{k: getattr(shop, k) for k in dir(shop) if not k.startswith("_")})
+    world = types.SimpleNamespace(**{k: getattr(base, k) for k in dir(base) if not k.startswith("_")})
     world.Customer = Customer
-    world.SOP = dict(shop.SOP, close=shop.SOP["<start>"])
-    world.allowed = lambda zs: world.SOP[zs[-1] if zs else "<start>"]
-    world.HORIZON = horizon or shop.HORIZON
+    world.allowed = lambda zs: base.allowed(zs) or list(base.STRATEGIES)
+    world.HORIZON = horizon or base.HORIZON
     return world
 
 
@@ -190,15 +194,18 @@ def main():
             json.dump(res, f, indent=1)
         return
     if args.run is None:
-        res["train_wall_s"], res["train_peak_rss_mb"], run = measure_train()
+        res["train_wall_s"], res["train_peak_rss_mb"], run = measure_train(args.world)
     else:
         run = args.run
     expert_model, tok_e = lm.load(os.path.join(run, "expert"))
     agent_model, tok_a = lm.load(os.path.join(run, "agent"))
     expert_model, agent_model = expert_model.to(device), agent_model.to(device)
-    res["run"] = run
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    world = world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+    res["run"], res["world"] = run, config.get("world", "shop")
     res["model_params"] = lm.n_params(agent_model)
-    scenarios = [shop.make_scenario(s) for s in data.train_seeds(args.scenarios, offset=50_000)]
+    scenarios = [world.make_scenario(s) for s in data.train_seeds(args.scenarios, offset=50_000)]
     batch = [s for s in scenarios for _ in range(args.k)]
     B = len(batch)
 
@@ -206,7 +213,7 @@ def main():
     last = {}
 
     def gopo_rollout():
-        last["trajs"] = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, seed=1)
+        last["trajs"] = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1)
     gopo_rollout()
     trajs = last["trajs"]
     emitted = sum(e - s for t in trajs for s, e in t["replies"]) + sum(len(t["decisions"]) for t in trajs)
@@ -244,14 +251,13 @@ def main():
 
     # ---- 2. update efficiency: GOPO step vs plain forward+backward on the same tokens
     values = json.load(open(os.path.join(run, "values.json")))
-    config = json.load(open(os.path.join(run, "config.json")))
     cfg = types.SimpleNamespace(**config)
-    rewards = [gopo.joint_reward(t["record"], values, shop.HORIZON, cfg.alpha)["R"] for t in trajs]
+    rewards = [gopo.joint_reward(t["record"], values, world.HORIZON, cfg.alpha)["R"] for t in trajs]
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     pairs = gopo.build_pairs(rewards, groups, cfg.delta, cfg.max_pairs)
-    strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
+    strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
     used = sorted({i for pr in pairs for i in pr})
-    plain = expert_lib.collate([trajs[i] for i in used], tok_e.pad_token_id, len(shop.STRATEGIES))
+    plain = expert_lib.collate([trajs[i] for i in used], tok_e.pad_token_id, len(world.STRATEGIES))
     plain = {k: v.to(device) for k, v in plain.items()}
     labels = plain["ids"].masked_fill(plain["attn"] == 0, -100)
     expert_model.train()
@@ -259,7 +265,7 @@ def main():
     def gopo_step():
         expert_model.zero_grad(set_to_none=True)
         gopo.expert_loss(expert_model, trajs, pairs, groups, rewards, strategy_ids, tok_e.pad_token_id,
-                         len(shop.STRATEGIES), cfg).backward()
+                         len(world.STRATEGIES), cfg).backward()
 
     def plain_step():
         expert_model.zero_grad(set_to_none=True)
@@ -275,17 +281,17 @@ def main():
     horizons = [4, 8, 16]
     per_dialogue = []
     for h in horizons:
-        world = endless_world(h)
+        endless = endless_world(h, world)
 
         def run_h():
-            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1)
+            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, endless, seed=1)
         run_h()
         per_dialogue.append(median_time(run_h, args.repeats) / B)
         print(f"horizon {h}: {per_dialogue[-1] * 1e3:.1f} ms per dialogue", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, endless_world(16), seed=1)
+            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, endless_world(16, world), seed=1)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     xs, ys = [math.log(h) for h in horizons], [math.log(t) for t in per_dialogue]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -304,8 +310,9 @@ def main():
             ("turn scaling exponent (<= 1.2)", res["turn_scaling_exponent"],
              " / ".join(f"H={h}: {t * 1e3:.1f} ms" for h, t in zip(horizons, per_dialogue)))]
     if "train_wall_s" in res:
-        rows += [("train wall s (<= 300)", res["train_wall_s"], "default python train.py"),
-                 ("train peak RSS MB (<= 2048)", res["train_peak_rss_mb"], "ru_maxrss of the subprocess")]
+        wall, rss = (600, 3072) if args.world == "desk" else (300, 2048)    # the issues' budgets
+        rows += [(f"train wall s (<= {wall})", res["train_wall_s"], f"python train.py --world {args.world}"),
+                 (f"train peak RSS MB (<= {rss})", res["train_peak_rss_mb"], "ru_maxrss of the subprocess")]
     print(f"\n{'measure':34s} {'value':>9s}  context")
     for name, v, ctx in rows:
         print(f"{name:34s} {v:9.3f}  {ctx}")
