@@ -46,14 +46,14 @@ def plot(cells, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4))
-    names = [f"horizon {h}\n{k} paraphrases" for h, k in cells]
-    width = 0.8 / len(BASELINES)
-    for j, b in enumerate(BASELINES):
+    names = [f"horizon {h}\n{k} paraphrases\n({len(c['per_seed_tse']['gopo'])} seed(s))" for (h, k), c in cells.items()]
+    width = 0.6 / len(BASELINES)
+    for j, b in enumerate(BASELINES):     # a ratio: a point and its CI, not a bar from 0
         rel = [c["relative_tse"][b] for c in cells.values()]
         x = [i + (j - (len(BASELINES) - 1) / 2) * width for i in range(len(cells))]
         y = [r["mean"] for r in rel]
         err = [[m - r["ci95"][0] for m, r in zip(y, rel)], [r["ci95"][1] - m for m, r in zip(y, rel)]]
-        ax.bar(x, y, width, yerr=err, capsize=4, label=f"GOPO / {b}", color=f"C{j}")
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=5, label=f"GOPO / {b}", color=f"C{j}")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(1.077, color="grey", ls="--", lw=0.8, label="paper: GOPO / PPO = 1.077")
     ax.set_xticks(range(len(cells)), names)
