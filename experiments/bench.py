@@ -122,16 +122,20 @@ def measure_train(world, out="out"):
     return wall, peak_kb / 1024, os.path.join(out, "bench")
 
 
+def run_world(run):
+    """(config.json, its world with the run's knobs) of a run folder."""
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    return config, world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+
+
 def sft_speedup(run, repeats, batch_size=16, n_batches=4):
     """SFT's forward + backward over n_batches random batches of whole dialogues: one padded tensor
     per batch against lm.length_groups. Returns the results' dict."""
     import random
 
     import agent as agent_lib
-    import world as world_lib
-    with open(os.path.join(run, "config.json")) as f:
-        config = json.load(f)
-    world = world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+    config, world = run_world(run)
     model, tok = lm.load(os.path.join(run, "agent_sft"))
     with open(os.path.join(run, "logs.jsonl")) as f:
         logs = [json.loads(line) for line in f]
@@ -200,9 +204,7 @@ def main():
     expert_model, tok_e = lm.load(os.path.join(run, "expert"))
     agent_model, tok_a = lm.load(os.path.join(run, "agent"))
     expert_model, agent_model = expert_model.to(device), agent_model.to(device)
-    with open(os.path.join(run, "config.json")) as f:
-        config = json.load(f)
-    world = world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+    config, world = run_world(run)
     res["run"], res["world"] = run, config.get("world", "shop")
     res["model_params"] = lm.n_params(agent_model)
     scenarios = [world.make_scenario(s) for s in data.train_seeds(args.scenarios, offset=50_000)]
