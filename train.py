@@ -210,8 +210,8 @@ def world_defaults(args):
     records the values used: the desk's knobs, and the SFT budget. Returns args."""
     desk = args.data == "shop" and args.world == "desk"
     if desk:
-        args.horizon = args.horizon or world_lib.load("desk").HORIZON
-        args.paraphrases = args.paraphrases or world_lib.load("desk").PARAPHRASES
+        default = world_lib.load("desk")
+        args.horizon, args.paraphrases = args.horizon or default.HORIZON, args.paraphrases or default.PARAPHRASES
     args.sft_batch = args.sft_batch or (16 if args.data == "shop" else 4)
     args.agent_sft_steps = args.agent_sft_steps or args.sft_steps * (3 if desk else 1)
     if args.sft_window_steps is None:
