@@ -44,7 +44,8 @@ METHODS = {
     "sft": Method(sft=("expert", "agent", "flat"), rows=("sft",), expert="expert_sft", agent="agent_sft"),
 }
 SFT_KEYS = ("seed", "data", "data_path", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
-            "vocab_size", "sft_steps", "agent_sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
+            "vocab_size", "sft_steps", "agent_sft_steps", "expert_sft_steps", "sft_batch", "sft_lr", "expert_sft_lr",
+            "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
 
 
 def start_run(args):

@@ -41,6 +41,7 @@ so a wrong step (cost 2) or a repeated question soon loses them. Replies must co
 import copy
 import random
 import re
+import sys
 import types
 from collections import Counter, defaultdict
 
@@ -515,23 +516,73 @@ def oracle_policy(tr, scenario, rng=None):
     guessing; deterministic given the scenario and the dialogue so far. It defines z*."""
     if not tr.strategies:
         return "greet"
-    reqs, tier = scenario["requests"], scenario["tier"]
-    r = reqs[tr.index]
-    if tr.no_more or tr.done or (r["kind"] == "complaint" and tr.apologised and tier != "Gold"):
-        z = "anything_else" if tr.index + 1 < len(reqs) and not tr.no_more else "close"
-    elif r["kind"] == "buy":
+    r, tier = scenario["requests"][tr.index], scenario["tier"]
+    return _plan(tr, r["kind"], r["concern"], tier, r["kind"] == "buy" or eligible(r, tier),
+                 tr.index + 1 < len(scenario["requests"]))
+
+
+def disclosed_policy(tr, scenario=None, rng=None):
+    """The oracle's plan made only from what the dialogue has disclosed (the tracker), never the
+    scenario: the best labels a reader of the dialogue can learn. Every fact the oracle uses is told
+    before it is needed (the request and its days in the statement, the tier at verify, which the SOP
+    puts before any eligibility or voucher step) except one: whether more requests are left. So it
+    asks "anything else?" after each settled request, where the oracle closes after the last one."""
+    if not tr.strategies:
+        return "greet"
+    return _plan(tr, tr.kind, tr.concern, tr.tier, tr.eligible() is not False, more=True)
+
+
+def _plan(tr, kind, concern, tier, eligible_now, more):
+    """The oracle's step for the current request, given its kind, concern, the tier, whether it is
+    inside the window, and whether more requests are left after it."""
+    if tr.no_more or tr.done or (kind == "complaint" and tr.apologised and tier != "Gold"):
+        z = "anything_else" if more and not tr.no_more else "close"
+    elif kind == "buy":
         z = ("ask_need" if tr.budget is None else
              ("offer_alternative" if tr.sold else "recommend") if tr.liked is None else
-             "answer" if r["concern"] and not tr.answered else "execute" if tr.confirmed else "confirm")
+             "answer" if concern and not tr.answered else "execute" if tr.confirmed else "confirm")
     elif tr.order is None or not tr.verified:
         z = "ask_order" if tr.order is None else "verify"
-    elif r["kind"] == "complaint":
+    elif kind == "complaint":
         z = "compensate" if tr.apologised else "apologise"
     else:
-        z = ("state_policy" if not tr.policy else "answer" if r["concern"] and not tr.answered else
-             "offer_alternative" if not eligible(r, tier) and not tr.alt_ok else
+        z = ("state_policy" if not tr.policy else "answer" if concern and not tr.answered else
+             "offer_alternative" if not eligible_now and not tr.alt_ok else
              "execute" if tr.confirmed else "confirm")
     return _first_allowed(z, tr)
+
+
+DECISION_GROUPS = ("eligibility", "voucher/tier", "request stack", "rest")
+
+
+def decision_group(tr):
+    """Which kind of decision an agent faces at this point of the dialogue (tr: the tracker before
+    it). The groups the desk was built around need a fact told turns earlier:
+      eligibility    a return / exchange whose terms are stated: confirm it, or offer store credit
+                     (days since delivery, in the request, against the tier's window, told at verify);
+      voucher/tier   a complaint after the apology: a voucher for Gold members, move on for Standard;
+      request stack  a request is settled: "anything else?", or goodbye once the customer has no more;
+      rest           everything else (greet, the questions, the steps the last line asks for)."""
+    if tr.done or tr.no_more:
+        return "request stack"
+    if tr.kind == "complaint" and tr.apologised:
+        return "voucher/tier"
+    if tr.kind in ("return", "exchange") and tr.policy and not tr.alt_ok and not tr.confirmed and \
+            (tr.concern is None or tr.answered):
+        return "eligibility"
+    return "rest"
+
+
+def read(turns):
+    """The tracker before each agent turn of a dialogue's turns, as the rule policies saw it in
+    dialogue(): one Tracker, yielded before each agent turn and updated in place after it (read it
+    before asking for the next)."""
+    tr = Tracker()
+    tr.update(None, turns[0]["text"], "disclose")
+    for i in range(1, len(turns), 2):
+        yield tr
+        if i + 1 < len(turns):
+            tr.update(turns[i]["strategy"], turns[i + 1]["text"], turns[i + 1]["event"])
 
 
 def behaviour_policy(tr, scenario, rng, eps=0.05):
@@ -643,7 +694,8 @@ def _myopic(horizon):
 
 
 myopic_policy = _myopic(HORIZON)
-POLICIES = {"oracle": oracle_policy, "behaviour": behaviour_policy, "random": random_policy, "myopic": myopic_policy}
+POLICIES = {"oracle": oracle_policy, "disclosed": disclosed_policy, "behaviour": behaviour_policy,
+            "random": random_policy, "myopic": myopic_policy}
 
 
 # ----------------------------------------------------------------------------- whole dialogues
@@ -702,8 +754,8 @@ def last_line_share(records):
 
 # ----------------------------------------------------------------------------- knobs
 CONTRACT = ["STRATEGIES", "INSTRUCTIONS", "allowed", "SOP", "EVENTS", "SUCCESS_EVENTS", "HORIZON", "PARAPHRASES",
-            "make_scenario", "Customer", "recognise", "read_agent_text", "Tracker", "POLICIES", "oracle_policy",
-            "behaviour_policy", "random_policy", "myopic_policy", "play", "dialogue", "record", "reference"]
+            "make_scenario", "Customer", "recognise", "read_agent_text", "Tracker", "read", "POLICIES",
+            "oracle_policy", "disclosed_policy", "DECISION_GROUPS", "decision_group", "behaviour_policy", "random_policy", "myopic_policy", "play", "dialogue", "record", "reference"]
 
 
 def make_world(horizon=HORIZON, paraphrases=PARAPHRASES):
@@ -747,6 +799,12 @@ def card(n=1000):
     print(f"longest oracle dialogue: {max(sum(len(t['text']) for t in r['turns']) for r in recs['oracle'])} "
           f"chars, {max(len(r['ref_strategies']) for r in recs['oracle'])} agent turns; "
           f"knobs: HORIZON={HORIZON} PARAPHRASES={PARAPHRASES} (make_world(horizon, paraphrases))")
+    import world
+    for name in ("behaviour", "oracle"):
+        acc = world.group_accuracy(sys.modules[__name__], recs[name])
+        print(f"decision groups in the {name}'s dialogues: share of decisions (accuracy against the disclosed "
+              f"policy): " + ", ".join(f"{g} {n / acc['all'][1]:.3f} ({c / max(n, 1):.2f})"
+                                       for g, (c, n) in acc.items() if g != "all"))
     print("example oracle dialogue:")
     for t in recs["oracle"][1]["turns"]:
         print(f"  {t['role']:8s} [{t['strategy'] or t['event'] or '':17s}] {t['text']}")

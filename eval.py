@@ -180,6 +180,14 @@ def table(results, methods, metrics=METRICS):
     return head + "\n".join(rows) + "\n"
 
 
+def group_table(accuracy):
+    """{row: world.group_accuracy(...)} -> markdown: a column per decision group, "share (count)"."""
+    groups = list(next(iter(accuracy.values())))
+    head = "| row | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups) + "\n"
+    return head + "".join(f"| {row} | " + " | ".join(f"{c / max(n, 1):.3f} ({n})" for c, n in acc.values()) + " |\n"
+                          for row, acc in accuracy.items())
+
+
 def plot(results, methods, path, title, ax=None):
     import matplotlib
     matplotlib.use("Agg")
@@ -347,9 +355,10 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         results[name], records[name] = summarize(recs, values, world, flat=is_flat(name)), recs
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, policy in world.POLICIES.items():
-        recs = [world.play(s, policy, seed=args.seed) for s in scenarios]
-        results[name] = summarize(recs, values, world)
+        records[name] = [world.play(s, policy, seed=args.seed) for s in scenarios]
+        results[name] = summarize(records[name], values, world)
     methods = [*rows, *world.POLICIES]
+    groups = {name: world_lib.group_accuracy(world, records[name]) for name in methods if not is_flat(name)}
     if algo != "sft":   # rows[1]: the SFT model this run started from
         gap = (results[rows[0]]["tse"]["mean"] - results[rows[1]]["tse"]["mean"]) / \
             max(1e-9, results["oracle"]["tse"]["mean"] - results[rows[1]]["tse"]["mean"])
@@ -360,11 +369,14 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n" \
               f"Paired on the same customers, TSE {rows[0]} - {rows[1]}: {paired[0]:+.3f} " \
               f"[{paired[1]:+.3f}, {paired[2]:+.3f}] (95% bootstrap CI)\n"
+    md += f"\nDecision accuracy against the {world_lib.label_policy(world).__name__} by kind of decision (share of " \
+          f"decisions, count) on each row's own dialogues:\n\n" + group_table(groups)
     print(md)
     with open(os.path.join(run, "eval.md"), "w") as f:
         f.write(md)
     with open(os.path.join(run, "eval.json"), "w") as f:
         json.dump({**results, "n_scenarios": args.n_scenarios,
+                   "decision_groups": {name: {g: c / max(n, 1) for g, (c, n) in acc.items()} for name, acc in groups.items()},
                    **({"gap_closed_tse": gap, "paired_tse_diff": paired} if algo != "sft" else {})},
                   f, indent=2)
     plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {args.n_scenarios} held-out scenarios")

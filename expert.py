@@ -103,11 +103,14 @@ def collate(trajectories, pad_id, n_strategies):
 
 
 def trajectory_from_record(tok, rec, strategies, allowed, instructions):
-    """A logged record -> the Expert's view of it: token ids, decisions, SOP masks."""
+    """A logged record -> the Expert's view of it: token ids, decisions, SOP masks. An agent turn
+    with a "label" (world.relabel) is trained toward the label; its context and every SOP mask stay
+    those of the logged strategies."""
     ids, decisions, _ = lm.encode_dialogue(tok, rec["turns"], instructions)
     index = {z: i for i, z in enumerate(strategies)}
     zs = [z for _, z in decisions]
-    return {"ids": ids, "decisions": [(p, index[z]) for p, z in decisions],
+    targets = [t.get("label", t["strategy"]) for t in rec["turns"] if t["role"] == "agent"]
+    return {"ids": ids, "decisions": [(p, index[z]) for (p, _), z in zip(decisions, targets, strict=True)],
             "allowed": sop_mask(prefixes(zs), strategies, allowed)}
 
 

@@ -341,6 +341,17 @@ class Tracker:
         self.in_cart |= event == "add_to_cart"
 
 
+def read(turns):
+    """The tracker before each agent turn of a dialogue's turns, as the rule policies saw it in
+    dialogue() (the opening is not read): one Tracker, yielded before each agent turn and updated in
+    place after it."""
+    tr = Tracker()
+    for i in range(1, len(turns), 2):
+        yield tr
+        if i + 1 < len(turns):
+            tr.update(turns[i]["strategy"], turns[i + 1]["text"], turns[i + 1]["event"])
+
+
 def oracle_policy(tr, scenario, rng):
     """The ideal SOP run for this customer: it defines z* and the world's practical upper bound."""
     if tr.prev is None:

@@ -42,6 +42,7 @@ import tse
 import world as world_lib
 
 die, checked, positive, nonneg = cli.die, cli.checked, cli.positive, cli.nonneg
+EXPERT_SFT_DESK = (3e-3, 600)   # the desk's Expert SFT (lr, steps), measured by the ceilings probe (docs/ceilings.md)
 
 p = cli.Parser(__doc__)
 # ---- run: what to train, where, and from what
@@ -109,7 +110,13 @@ g.add_argument("--agent-sft-steps", type=positive(int), default=None,
                "desk, whose replies copy order numbers from turns far back (docs/log.md)")
 g.add_argument("--sft-batch", type=positive(int), default=None,
                help="SFT batch size (dialogues); default 16 for the shop, 4 for a real dataset (dialogues ~5x longer)")
-g.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate")
+g.add_argument("--sft-lr", type=positive(float), default=1e-2, help="SFT learning rate (the CS Agent and the "
+               "flat agent; the Expert too unless --expert-sft-lr)")
+g.add_argument("--expert-sft-lr", type=positive(float), default=None,
+               help=f"the Expert's SFT learning rate; default --sft-lr, {EXPERT_SFT_DESK[0]} on the desk, where at 1e-2 "
+               "the Expert never carries a fact from the opening line to the decision that needs it (docs/ceilings.md)")
+g.add_argument("--expert-sft-steps", type=positive(int), default=None,
+               help=f"the Expert's SFT steps; default --sft-steps, {EXPERT_SFT_DESK[1]} on the desk (docs/ceilings.md)")
 g.add_argument("--expert-from-agent", default=True, action=argparse.BooleanOptionalAction,
                help="tiny models: the Expert starts its SFT from the SFT'd CS Agent (which reads the dialogue)")
 g.add_argument("--sft-window-steps", type=nonneg(int), default=None,
@@ -214,6 +221,8 @@ def world_defaults(args):
         args.horizon, args.paraphrases = args.horizon or default.HORIZON, args.paraphrases or default.PARAPHRASES
     args.sft_batch = args.sft_batch or (16 if args.data == "shop" else 4)
     args.agent_sft_steps = args.agent_sft_steps or args.sft_steps * (3 if desk else 1)
+    args.expert_sft_lr = args.expert_sft_lr or (EXPERT_SFT_DESK[0] if desk else args.sft_lr)
+    args.expert_sft_steps = args.expert_sft_steps or (EXPERT_SFT_DESK[1] if desk else args.sft_steps)
     if args.sft_window_steps is None:
         args.sft_window_steps = args.sft_steps if desk else 150
     return args
@@ -276,7 +285,7 @@ def run_sft(run, models):
             models[name] = (model, tok)
         with run.amp():
             losses[name] = expert_lib.sft(model, tok, run.logs, world.STRATEGIES, world.allowed, world.INSTRUCTIONS,
-                                          args.sft_steps, args.sft_batch, args.sft_lr, args.seed) \
+                                          args.expert_sft_steps, args.sft_batch, args.expert_sft_lr, args.seed) \
                 if name == "expert" else \
                 agent_lib.sft(model, tok, run.logs, world.INSTRUCTIONS if name == "agent" else None,   # flat: None
                               args.agent_sft_steps, args.sft_batch, args.sft_lr, args.seed,

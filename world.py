@@ -17,15 +17,23 @@ builds one from real logs), and pass it where `shop` or `desk` is passed.
                          simulator's reading, GRE and sop_ok
   Tracker                what an agent can read off the dialogue; rule policies see it, and it exposes
                          at least .prev (previous strategy), .strategies (all so far), .last_text
+  read(turns)            the Tracker before each agent turn of a dialogue's turns (a generator), as the
+                         rule policies saw it: what relabels a logged or played dialogue with a policy
   POLICIES               rule policies policy(tr, scenario, rng) -> strategy: "oracle" (sees the hidden
                          goal; defines z*), "behaviour" (writes the training logs), "random", and where
-                         it makes sense "myopic" (the best policy that reads only the last line)
+                         it makes sense "myopic" (the best policy that reads only the last line) and
+                         "disclosed" (the oracle's plan from disclosed facts only: the labels a reader
+                         of the dialogue can learn, and what decision accuracy is measured against)
+  decision_group(tr)     optional: the kind of decision at this point (DECISION_GROUPS names them); a
+                         world without it has one group, "all"
   play(scenario, policy, seed=0) -> record; dialogue(...) -> (turns, customer);
   record(scenario, turns, customer, source) -> {"id", "source", "scenario", "turns", "success",
                          "ref_strategies", "order_value"}; reference(scenario) -> z*
 
 Held-out scenarios come from seeds training never samples (data.test_seeds).
 """
+import random
+
 WORLDS = ("shop", "desk")
 
 
@@ -42,3 +50,46 @@ def load(name, horizon=None, paraphrases=None):
         knobs = (horizon or desk.HORIZON, paraphrases or desk.PARAPHRASES)
         return desk if knobs == (desk.HORIZON, desk.PARAPHRASES) else desk.make_world(*knobs)
     raise ValueError(f"unknown world {name!r} (built-in: {', '.join(WORLDS)})")
+
+
+def label_policy(w):
+    """What decisions are scored against: the world's "disclosed" policy where it has one (it never
+    reads an undisclosed fact, so a reader of the dialogue can match it), else its oracle."""
+    return w.POLICIES.get("disclosed", w.POLICIES["oracle"])
+
+
+def groups(w):
+    return tuple(getattr(w, "DECISION_GROUPS", ("all",)))
+
+
+def decisions(w, rec, policy=None):
+    """[(group, strategy taken, label)] for each agent turn of a record: the label is what `policy`
+    (default label_policy) chooses at that point of the record's own history, read by w.read."""
+    policy, group = policy or label_policy(w), getattr(w, "decision_group", lambda tr: "all")
+    agent = [t for t in rec["turns"] if t["role"] == "agent"]
+    return [(group(tr), turn["strategy"], policy(tr, rec["scenario"], random.Random(0)))
+            for turn, tr in zip(agent, w.read(rec["turns"]))]
+
+
+def relabel(w, records, policy=None):
+    """Copies of logged records whose agent turns carry a "label": the policy's choice at that point
+    of the logged history (DAgger-style). The logged text and strategies stay; SFT trains on the label
+    (expert.trajectory_from_record), every SOP mask stays the logged history's."""
+    out = []
+    for rec in records:
+        labels = iter([z for _, _, z in decisions(w, rec, policy)])
+        out.append({**rec, "turns": [{**t, "label": next(labels)} if t["role"] == "agent" else t
+                                     for t in rec["turns"]]})
+    return out
+
+
+def group_accuracy(w, records, policy=None):
+    """{group: [decisions matching the label, decisions]} over records, the world's groups in order,
+    then "all" (their sum)."""
+    counts = {g: [0, 0] for g in groups(w)}
+    for rec in records:
+        for g, taken, label in decisions(w, rec, policy):
+            counts[g][0] += taken == label
+            counts[g][1] += 1
+    counts["all"] = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
+    return counts

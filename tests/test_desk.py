@@ -38,7 +38,7 @@ def test_contract_names_and_record_schema(runs):
     assert set(desk.INSTRUCTIONS) == set(desk.STRATEGIES)
     assert all(len(line) <= 40 for line in desk.INSTRUCTIONS.values())
     assert "leave" in desk.EVENTS and set(desk.SUCCESS_EVENTS) <= set(desk.EVENTS)
-    assert set(desk.POLICIES) == {"oracle", "behaviour", "random", "myopic"}
+    assert set(desk.POLICIES) == {"oracle", "disclosed", "behaviour", "random", "myopic"}
     assert desk.allowed([]) == ["greet"] and desk.allowed(["greet", "close"]) == []
     for recs in runs.values():
         for rec in recs[:50]:
@@ -331,10 +331,10 @@ def test_knobs_take_effect():
 
 
 def test_cs_ceiling_probe_puts_the_oracle_in_the_experts_seat(runs):
-    """experiments/cs_ceiling.py: whatever the (here untrained) models write, every decision is the
+    """experiments/ceilings.py (the CS ceiling): whatever the (here untrained) models write, every decision is the
     oracle's for the dialogue as the world's tracker reads it."""
     import lm
-    from experiments.cs_ceiling import OracleDialogues
+    from experiments.ceilings import OracleDialogues
     texts = [t["text"] for r in runs["oracle"][:40] for t in r["turns"]] + list(desk.INSTRUCTIONS.values())
     tok = lm.train_tokenizer(texts, desk.STRATEGIES, vocab_size=512)
     models = [lm.build_tiny_model(tok, d_model=32, n_layer=1, n_head=2, max_len=4096, seed=s) for s in (0, 1)]
