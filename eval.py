@@ -46,7 +46,7 @@ p.add_argument("--seed", type=int, default=0, help="customer template seed")
 p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                help="where the rollouts run: auto = CUDA when there is a GPU")
 p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollouts (weights stay as saved)")
-p.add_argument("--show", type=int, default=0, metavar="N",
+p.add_argument("--show", type=cli.nonneg(int), default=0, metavar="N",
                help="print the first N held-out customers' dialogues, the starting model's and the trained one's, "
                "turn by turn")
 
