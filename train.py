@@ -238,7 +238,7 @@ def open_run(args, device):
     torch.set_num_threads(parallel.cpu_threads())
     return SimpleNamespace(args=args, dir=run_dir, device=device, world=world, logs=logs, splits=splits,
                            path=lambda name: os.path.join(run_dir, name), t_start=time.time(),
-                           amp=lambda: lm.autocast(device, args.bf16 and not args.fsdp))   # --fsdp: FSDP2's own bf16
+                           amp=lambda: lm.autocast(device, args.bf16, fsdp=args.fsdp))   # --fsdp: FSDP2's own bf16
 
 def load_logs(run):
     """1. The logged dialogues (training data) and the event values fitted on them; or the run's own."""
