@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -144,9 +145,10 @@ def test_bf16_rollout_log_probs_match_scoring_and_the_first_margin_is_zero(model
 
 def test_gpu_check_dry_run(tmp_path):
     """tools/gpu_check.sh with DRY_RUN=1: every stage of the prepared GPU check, on CPU, with a tiny
-    stand-in for the 1.5B model, so the script cannot rot between the rare GPU sessions."""
+    stand-in for the 1.5B model, so the script cannot rot between the rare GPU sessions. PYTHON is
+    this test's own interpreter: `python` on PATH may be one without torch (no venv activated)."""
     env = hf_env()
-    env.update(DRY_RUN="1", OUT=str(tmp_path))
+    env.update(DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable)
     p = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
