@@ -6,6 +6,7 @@ collectives) run under 2-rank gloo in tests/test_scale.py."""
 import copy
 import math
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -152,8 +153,12 @@ def test_gpu_check_dry_run(tmp_path):
     p = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    for stage in ("(a)", "(b)", "(c)", "(d)"):
+    for stage in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert f"== {stage}" in p.stdout, stage
+    # (e): a line per batch with both tokens/s and their ratio, then the target's verdict
+    assert len(re.findall(r"dialogues: rollout \d+ reply tokens .* tokens/s; model.generate .* tokens/s; ratio \d",
+                          p.stdout)) == 3, p.stdout[-3000:]
+    assert re.search(r"target \(rollout / generate tokens/s >= 0.85 at \d+ dialogues\): (met|missed)", p.stdout)
     assert "GPU CHECK PASSED" in p.stdout
 
 

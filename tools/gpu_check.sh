@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (about 8 minutes on one H100, start included). Run it from the repo root
+# The prepared GPU check (about 8 minutes on one H100, start included, before stage (e), which has
+# not run on a GPU yet: budget a few minutes more). Run it from the repo root
 # whenever a GPU is at hand, and paste its output into docs/scaling.md with the card it ran on.
 #
 #   bash tools/gpu_check.sh                 # on a CUDA machine
@@ -9,6 +10,9 @@
 # (a) device checks on CUDA (tools/gpu_check.py a)
 # (c) a Qwen2.5-1.5B-shaped model as both agents: a GOPO iteration, a PPO step and an eval in
 #     single-process bf16, without and with --grad-ckpt: tokens/s, step time, peak memory vs formula
+# (e) the same pair's rollout tokens/s at 8, 64 and 256 dialogues (single-process bf16) beside a bare
+#     HF model.generate at the same batch and final lengths, and their ratio (target >= 0.85 at 64);
+#     the dry run uses 2, 4 and 8 dialogues of the toy model
 # (d) one `torchrun --nproc_per_node 1 train.py --fsdp --bf16` iteration
 # (b) the tiny default run on CUDA: train.py, then eval.py's table, with wall times (last: the longest)
 # A machine with no network (the GPU image) is fine: nothing is downloaded.
@@ -38,6 +42,9 @@ stage "(c) Qwen2.5-1.5B-shaped model, single-process bf16, no activation checkpo
 "$PYTHON" tools/gpu_check.py c
 stage "(c) the same with --grad-ckpt"
 "$PYTHON" tools/gpu_check.py c --grad-ckpt
+
+stage "(e) rollout tokens/s against a bare model.generate, single-process bf16"
+"$PYTHON" tools/gpu_check.py e
 
 stage "(d) torchrun --nproc_per_node 1 train.py --fsdp --bf16 on $DEVICE"
 t0=$(date +%s)
