@@ -10,7 +10,9 @@ adds ppo, memento, gopo-noexpert and sft's flat row), the SFT model(s) it starte
 world's behaviour, random-valid and oracle policies (template text) -> eval.md, eval.json, eval.png,
 eval_<method>.jsonl in the run folder.
 Held-out scenarios come from the test seed range, which no training stage ever samples (data.py).
-Each metric is a mean with a 95% CI over dialogues (Wilson for rates).
+Each metric is a mean with a 95% CI over dialogues: Wilson for the binary outcomes (RATES: success,
+sop_ok), a seeded percentile bootstrap for every continuous score (tse.summarize), so no interval
+leaves the range of the values it summarises.
 """
 import json
 import os
@@ -31,6 +33,7 @@ import world as world_lib
 import tse
 
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
+RATES = {"success", "sop_ok"}   # binary outcomes per dialogue (Wilson); every other metric is a score (bootstrap)
 
 
 die = cli.die
@@ -43,7 +46,7 @@ p.add_argument("--seed", type=int, default=0, help="customer template seed")
 p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                help="where the rollouts run: auto = CUDA when there is a GPU")
 p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollouts (weights stay as saved)")
-p.add_argument("--show", type=int, default=0, metavar="N",
+p.add_argument("--show", type=cli.nonneg(int), default=0, metavar="N",
                help="print the first N held-out customers' dialogues, the starting model's and the trained one's, "
                "turn by turn")
 
@@ -160,7 +163,8 @@ def per_dialogue(records, values, world, flat=False):
 
 def summary(per):
     """{metric: {"mean", "ci95"}} from per-dialogue lists (mean None where the metric does not apply)."""
-    return {k: tse.summarize(xs) if None not in xs else {"mean": None, "ci95": [None, None]} for k, xs in per.items()}
+    return {k: tse.summarize(xs, rate=k in RATES) if None not in xs else {"mean": None, "ci95": [None, None]}
+            for k, xs in per.items()}
 
 
 def summarize(records, values, world, flat=False):
@@ -302,7 +306,7 @@ def evaluate_logged(run, config, values, ckpt, rows, args):
     # the human agents of the test logs, scored the same way (BLEU and ROUGE-L are 1 by definition)
     human = [dict(r, turns=logged.from_opening(r), ref_strategies=logged.human_strategies(r)) for r in test]
     per = [metrics(r, s) for r, s in zip(human, test)]
-    results["human"] = {k: tse.summarize([m[k] for m in per]) for k in REAL_METRICS}
+    results["human"] = summary({k: [m[k] for m in per] for k in REAL_METRICS})
     methods = [*rows, "human"]
     md = (f"Evaluation of `{run}` on the {len(test)} test dialogues of {config['data']} (logged-context "
           f"rollouts, greedy; mean [95% CI]). With so few dialogues the intervals are wide.\n\n"

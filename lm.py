@@ -181,11 +181,24 @@ def guarded_step(model, opt, loss, max_norm=1.0):
     return True
 
 
-def autocast(device, enabled):
+@contextlib.contextmanager
+def autocast(device, enabled, fsdp=False):
     """--bf16 in one process: matmuls in bf16, weights and AdamW states in fp32 (bf16 weights would
     round small updates away). cache_enabled=False because the region spans optimizer steps, and a
-    cached bf16 copy of a weight would be stale after the first one."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+    cached bf16 copy of a weight would be stale after the first one. fsdp=True: FSDP2's mixed
+    precision casts the weights itself, so no autocast, but the attention rule below still holds.
+
+    bf16 on CPU takes the math attention kernel. torch's fused CPU kernel chooses its AMX packing from
+    the CPU's flags, not from ATEN_CPU_CAPABILITY, and under ATEN_CPU_CAPABILITY=default on an AMX CPU
+    (tests/across_machines.sh) it dies: "pack_vnni2 is only supported when avx512 is supported". We
+    take math for every bf16 CPU run, not only when the variable is set, so that this path is the one
+    the bf16 tests run on every machine (CPU bf16 is for tests; the math kernel upcasts to fp32 there).
+    fp32 (enabled=False) and CUDA keep their kernels, and their numbers, bit for bit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    math_attention = enabled and device.type == "cpu"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and not fsdp, cache_enabled=False), \
+            (sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()):
+        yield
 
 
 def activation_checkpointing(model):

@@ -126,7 +126,8 @@ g.add_argument("--sft-window-steps", type=nonneg(int), default=None,
 g = p.add_argument_group("GOPO")
 g.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations")
 g.add_argument("--scenarios", type=positive(int), default=16, help="scenarios per iteration (B)")
-g.add_argument("--k", type=positive(int), default=4, help="rollouts per scenario (K)")
+g.add_argument("--k", type=positive(int), default=4,
+               help="rollouts per scenario (K); gopo needs >= 2, its preference pairs compare them")
 g.add_argument("--beta", type=positive(float), default=0.5, help="DPO temperature of the Expert loss")
 g.add_argument("--nll-coef", type=nonneg(float), default=0.1, help="lambda: weight of the winners' NLL")
 g.add_argument("--alpha", type=checked(float, 0, True, 1), default=0.5, help="R = alpha*TSE + (1-alpha)*ESNDCG")
@@ -164,6 +165,8 @@ def check_flags(args):
         die("--resume runs in one process without --fsdp; resume without torchrun")
     if args.d_model % 4:
         die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
+    if args.algo == "gopo" and args.k < 2:   # with one rollout per scenario build_pairs finds no pair: nothing learnt
+        die(f"--k must be >= 2 for --algo gopo: a preference pair compares two rollouts of one scenario, got {args.k}")
     if args.data != "shop" and not args.data_path:
         die(f"--data {args.data} needs --data-path (see README \"Real data\" for where to get it)")
     if args.data != "shop" and (args.world != "shop" or args.horizon or args.paraphrases):
@@ -244,7 +247,7 @@ def open_run(args, device):
     torch.set_num_threads(parallel.cpu_threads())
     return SimpleNamespace(args=args, dir=run_dir, device=device, world=world, logs=logs, splits=splits,
                            path=lambda name: os.path.join(run_dir, name), t_start=time.time(),
-                           amp=lambda: lm.autocast(device, args.bf16 and not args.fsdp))   # --fsdp: FSDP2's own bf16
+                           amp=lambda: lm.autocast(device, args.bf16, fsdp=args.fsdp))   # --fsdp: FSDP2's own bf16
 
 def load_logs(run):
     """1. The logged dialogues (training data) and the event values fitted on them; or the run's own."""

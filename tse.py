@@ -151,27 +151,34 @@ def rouge_l(hyp_tokens, ref_tokens):
 
 # ----------------------------------------------------------------------------- statistics
 
-def mean_ci(xs, level=0.95):
-    """Mean with a normal-approximation confidence interval: mean +- z * s / sqrt(n), where s is the
-    sample standard deviation (n - 1 denominator) and z = 1.96 for level 0.95 (else the normal quantile).
-    n = 1 -> (x, x, x); n = 0 -> (nan, nan, nan)."""
+def bootstrap_ci(xs, n_boot=2000, seed=0, level=0.95):
+    """Mean with a percentile bootstrap confidence interval, for a continuous per-dialogue score
+    (TSE, ESNDCG, GRE, BLEU, ROUGE-L, turns, order value): resample the n values with replacement
+    n_boot times (random.Random(seed): the same interval every run) and take the tail quantiles of
+    the resampled means. Every resampled mean lies between min(xs) and max(xs), so the interval stays
+    inside the observed range whatever the values (the normal interval gave order value 7 [-4, 18]),
+    and it has zero width when every value is the same. The clamps below only absorb float rounding,
+    and keep the mean inside its own interval. n = 0 -> (nan, nan, nan)."""
     xs = [float(x) for x in xs]
     n = len(xs)
     if n == 0:
         return (math.nan, math.nan, math.nan)
-    m = sum(xs) / n
-    if n == 1:
-        return (m, m, m)
-    z = 1.96 if level == 0.95 else statistics.NormalDist().inv_cdf((1 + level) / 2)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    half = z * s / math.sqrt(n)
-    return (m, m - half, m + half)
+    rng = random.Random(seed)
+    boots = sorted(sum(rng.choices(xs, k=n)) / n for _ in range(n_boot))   # choices: ~4x faster than a randrange loop
+    tail = (1 - level) / 2
+    lo_x, hi_x = min(xs), max(xs)
+    m = min(hi_x, max(lo_x, sum(xs) / n))   # the same mean as before, kept in range despite rounding
+    lo, hi = boots[int(tail * n_boot)], boots[int((1 - tail) * n_boot) - 1]
+    return (m, max(lo_x, min(m, lo)), min(hi_x, max(m, hi)))
 
 
 def rate_ci(xs, level=0.95):
-    """A proportion (xs all 0 or 1) with its Wilson score interval, which stays inside [0, 1] and
-    keeps its coverage near 0 and 1, where the normal interval of `mean_ci` does neither (it gives
-    0.010 [-0.004, 0.024] for 2 successes in 200). n = 0 -> (nan, nan, nan)."""
+    """A proportion (xs all 0 or 1: success, sop_ok) with its Wilson score interval, which stays
+    inside [0, 1] and keeps its coverage near 0 and 1, where a normal interval does neither (it gives
+    0.010 [-0.004, 0.024] for 2 successes in 200). Unlike the bootstrap it is not zero-width at
+    200 successes in 200: a rate seen at 1 may still be below 1. n = 0 -> (nan, nan, nan)."""
+    if any(x not in (0, 1) for x in xs):
+        raise ValueError("rate_ci: a rate's values must all be 0 or 1 (a continuous score takes bootstrap_ci)")
     n = len(xs)
     if n == 0:
         return (math.nan, math.nan, math.nan)
@@ -196,11 +203,12 @@ def paired_diff_ci(xa, xb, n_boot=2000, seed=0, level=0.95):
     return (sum(d) / n, boots[int(tail * n_boot)], boots[int((1 - tail) * n_boot) - 1])
 
 
-def summarize(xs):
-    """{"mean": mean, "ci95": [lo, hi]}, ready for a JSON report: a rate (every x 0 or 1, e.g. success,
-    sop_ok) gets the Wilson interval of `rate_ci`, anything else the normal interval of `mean_ci`."""
-    xs = [float(x) for x in xs]
-    m, lo, hi = rate_ci(xs) if xs and all(x in (0.0, 1.0) for x in xs) else mean_ci(xs)
+def summarize(xs, rate=False):
+    """{"mean": mean, "ci95": [lo, hi]}, ready for a JSON report. The rule follows the kind of metric,
+    never its values: a rate (a binary outcome per dialogue: success, sop_ok; rate=True) gets the
+    Wilson interval of `rate_ci`; a continuous score gets the bootstrap interval of `bootstrap_ci`,
+    even where its values happen to be all 0 or 1 (an oracle's ESNDCG of 1 is a score, not a rate)."""
+    m, lo, hi = rate_ci(xs) if rate else bootstrap_ci(xs)
     return {"mean": m, "ci95": [lo, hi]}
 
 

@@ -309,6 +309,9 @@ def check_flags(args):
     if args.resume:
         cli.die(f"--resume continues train.py's gopo and sft runs only; start the {args.algo} run again "
                 "(baselines take a few minutes)")
+    if args.algo == "gopo-noexpert" and args.k < 2:   # ppo and memento learn from one rollout per scenario too
+        cli.die(f"--k must be >= 2 for --algo gopo-noexpert: a preference pair compares two rollouts of one "
+                f"scenario, got {args.k}")
     if args.algo == "ppo" and args.agent_temperature == 0:
         cli.die("--algo ppo needs sampled rollouts: --agent-temperature must be > 0 (it is the policy's temperature)")
 

@@ -205,6 +205,7 @@ def build_cases(tmp, checkpoint):
         ("unknown_flag", ["--frobnicate", "3"], ["--frobnicate"]),
     ]:
         cases[name] = Case("train.py", args, needles)
+    cases["k1"] = Case("train.py", ["--k", "1"], ["--k", ">= 2", "pair"])   # a valid int, but GOPO forms no pair
     cases["alpha_nan"] = Case("train.py", ["--alpha", "nan"], ["--alpha", "nan"])
     cases["lr_inf"] = Case("train.py", ["--lr", "inf"], ["--lr", "inf"])
     cases["n_logs_past_train_range"] = Case("train.py", ["--n-logs", "1000001"], ["--n-logs"])
@@ -298,6 +299,7 @@ def build_cases(tmp, checkpoint):
     cases["sft_from_without_checkpoint"] = Case(
         BASELINES, ["--algo", "ppo", "--sft-from", str(sft_from / "no_checkpoint")], ["flat_sft", "--algo sft"],
         keep=str(sft_from / "no_checkpoint"))
+    cases["gopo_noexpert_k1"] = Case(BASELINES, ["--algo", "gopo-noexpert", "--k", "1"], ["--k", ">= 2", "gopo-noexpert"])
     cases["ppo_greedy_rollouts"] = Case(BASELINES, ["--algo", "ppo", "--agent-temperature", "0"],
                                         ["--agent-temperature"])
     cases["baseline_algo_in_train"] = Case("train.py", ["--algo", "ppo"], ["--algo", "ppo"])
@@ -358,6 +360,7 @@ def build_cases(tmp, checkpoint):
         "eval_n_scenarios_abc": ([eval_run("nabc"), "--n-scenarios", "abc"], ["--n-scenarios", "abc"],
                                  str(ev / "nabc")),
         "eval_batch_neg": ([eval_run("bneg"), "--batch", "-5"], ["--batch"], str(ev / "bneg")),
+        "eval_show_neg": ([eval_run("showneg"), "--show", "-1"], ["--show", "-1"], str(ev / "showneg")),
         "eval_no_values": ([eval_run("noval", values=None)], ["values.json"], str(ev / "noval")),
         "eval_values_malformed": ([eval_run("valbad", values='{"purchase": 1.0,')],
                                   ["values.json", "malformed JSON"], str(ev / "valbad")),
@@ -452,7 +455,7 @@ ALL_CASES = [
                             "blank_lines", "list_line", "null_line", "role_bot", "turn_not_object",
                             "success_not_bool", "text_not_string", "deep_nesting", "huge_int", "not_utf8",
                             "missing_file", "directory", "parent_is_file"]),
-    "algo", "model", "k0", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
+    "algo", "model", "k0", "k1", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
     "alpha_nan", "lr_inf", "n_logs_past_train_range", "d_model_not_multiple_of_heads", "out_parent_is_file",
     *([] if torch.cuda.is_available() else ["cuda_without_gpu"]), "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
     "expert_model_missing", "data_without_path", "data_path_missing", "data_wrong_format", "data_with_logs_flag",
@@ -462,10 +465,12 @@ ALL_CASES = [
     "resume_config_not_object", "resume_values_without_logs", "resume_foreign_config", "resume_config_bad_value",
     "world_nonsense", "paraphrases_0", "horizon_0", "horizon_without_desk", "resume_other_world",
     "eval_missing_folder", "eval_file_not_folder", "eval_no_checkpoints", "eval_n_scenarios0",
-    "eval_n_scenarios_abc", "eval_batch_neg", "eval_no_values", "eval_values_malformed", "eval_values_not_object",
+    "eval_n_scenarios_abc", "eval_batch_neg", "eval_show_neg", "eval_no_values", "eval_values_malformed",
+    "eval_values_not_object",
     "eval_values_not_numbers", "eval_expert_config_only", "eval_expert_empty_config",
     "eval_agent_sft_garbage_weights",
     "sft_from_missing", "sft_from_seed_clash", "sft_from_without_checkpoint", "ppo_greedy_rollouts",
+    "gopo_noexpert_k1",
     "resume_baseline_run", "resume_with_sft_from", "baseline_algo_in_train", "baseline_resume",
     "eval_run_and_compare", "eval_nothing_to_evaluate", "eval_unknown_algo", "eval_memento_bad_bank",
     "eval_baseline_run_in_eval_py",

@@ -219,3 +219,36 @@ def test_eval_smoke_writes_report(smoke_run):
     assert ev["oracle"]["tse"]["mean"] >= ev["random"]["tse"]["mean"]
     md = (run / "eval.md").read_text()
     assert all(m in md for m in ("gopo", "sft", "behaviour", "random", "oracle"))
+
+
+def test_every_interval_in_eval_json_lies_in_its_metrics_range(smoke_run):
+    """Each row's per-dialogue values are rebuilt (the trained rows from eval_<row>.jsonl, the rule
+    policies replayed on the same held-out scenarios): every score's CI lies within [min, max] of its
+    values and has zero width where they are all equal; every rate's CI is Wilson's, inside [0, 1]."""
+    import eval as eval_lib
+    import tse
+    run, _, _ = smoke_run
+    ev = json.loads((run / "eval.json").read_text())
+    config = eval_lib.read_config(str(run / "config.json"))
+    world = eval_lib.world_of(config, str(run))
+    values = eval_lib.read_values(str(run / "values.json"))
+    scenarios = [world.make_scenario(s) for s in data.test_seeds(ev["n_scenarios"])]
+    records = {row: data.read_jsonl(str(run / f"eval_{row}.jsonl")) for row in eval_lib.METHODS[config["algo"]].rows}
+    records.update({name: [world.play(s, policy, seed=0) for s in scenarios] for name, policy in world.POLICIES.items()})
+    assert set(records) == {k for k in ev if isinstance(ev[k], dict) and "tse" in ev[k]}
+    constant = 0
+    for row, recs in records.items():
+        per = eval_lib.per_dialogue(recs, values, world, flat=row in eval_lib.METHODS and eval_lib.is_flat(row))
+        for metric, xs in per.items():
+            if None in xs:          # GRE of a flat agent: no interval
+                continue
+            lo, hi = ev[row][metric]["ci95"]
+            rate = metric in eval_lib.RATES
+            low, high = (0.0, 1.0) if rate else (min(xs), max(xs))   # a rate at 0 of 4 may still be above 0
+            assert low <= lo <= ev[row][metric]["mean"] <= hi <= high, (row, metric, xs, lo, hi)
+            if rate:
+                assert [lo, hi] == list(tse.rate_ci(xs)[1:]), (row, metric)
+            elif len(set(xs)) == 1:
+                assert lo == hi == xs[0], (row, metric, lo, hi)
+                constant += 1
+    assert constant > 0, "no constant score in the smoke run: the zero-width check checked nothing"

@@ -6,7 +6,9 @@ collectives) run under 2-rank gloo in tests/test_scale.py."""
 import copy
 import math
 import os
+import re
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -86,6 +88,36 @@ def test_context_never_samples_past_the_tokenizer(models, tok):
     assert all(t < len(tok) for row in out for t in row)
 
 
+def test_bf16_on_cpu_takes_the_math_attention_kernel_and_fp32_keeps_the_fused_one(models):
+    """lm.autocast on CPU, seen through the aten ops one forward calls: fp32 keeps torch's fused
+    attention kernel (its numbers unchanged); bf16, in one process or under FSDP's own bf16
+    (fsdp=True: no autocast), takes the math kernel, because the fused one dies under
+    ATEN_CPU_CAPABILITY=default on an AMX CPU (lm.autocast says why). A CPU without AMX cannot
+    show that crash, so this checks the rule itself, on every machine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = models[0]
+    ids = torch.arange(3, 23).reshape(2, 10)
+    fused = "_scaled_dot_product_flash_attention_for_cpu"
+    seen = {}
+    for enabled, fsdp in ((False, False), (True, False), (True, True)):
+        with lm.autocast(torch.device("cpu"), enabled, fsdp), torch.no_grad(), Ops() as ops:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            seen[enabled, fsdp] = (ops.names, logits.dtype, torch.is_autocast_enabled("cpu"))
+    assert fused in seen[False, False][0] and seen[False, False][1:] == (torch.float32, False)
+    assert fused not in seen[True, False][0] and seen[True, False][1:] == (torch.bfloat16, True)
+    assert fused not in seen[True, True][0] and seen[True, True][1:] == (torch.float32, False)   # FSDP casts, not autocast
+
+
 def test_bf16_rollout_log_probs_match_scoring_and_the_first_margin_is_zero(models, tok, values, strategy_ids):
     """Under bf16 autocast (--bf16 in one process): the log-probs recorded while sampling (cached,
     left-padded forwards) equal the scoring forward's (one right-padded pass) within bf16 rounding,
@@ -114,14 +146,19 @@ def test_bf16_rollout_log_probs_match_scoring_and_the_first_margin_is_zero(model
 
 def test_gpu_check_dry_run(tmp_path):
     """tools/gpu_check.sh with DRY_RUN=1: every stage of the prepared GPU check, on CPU, with a tiny
-    stand-in for the 1.5B model, so the script cannot rot between the rare GPU sessions."""
+    stand-in for the 1.5B model, so the script cannot rot between the rare GPU sessions. PYTHON is
+    this test's own interpreter: `python` on PATH may be one without torch (no venv activated)."""
     env = hf_env()
-    env.update(DRY_RUN="1", OUT=str(tmp_path))
+    env.update(DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable)
     p = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    for stage in ("(a)", "(b)", "(c)", "(d)"):
+    for stage in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert f"== {stage}" in p.stdout, stage
+    # (e): a line per batch with both tokens/s and their ratio, then the target's verdict
+    assert len(re.findall(r"dialogues: rollout \d+ reply tokens .* tokens/s; model.generate .* tokens/s; ratio \d",
+                          p.stdout)) == 3, p.stdout[-3000:]
+    assert re.search(r"target \(rollout / generate tokens/s >= 0.85 at \d+ dialogues\): (met|missed)", p.stdout)
     assert "GPU CHECK PASSED" in p.stdout
 
 

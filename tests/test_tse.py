@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from tse import (bleu, esndcg, event_values, gre, mean_ci, paired_diff_ci, rate_ci, rouge_l, summarize,
+from tse import (bleu, bootstrap_ci, esndcg, event_values, gre, paired_diff_ci, rate_ci, rouge_l, summarize,
                  trajectory_metrics, tse)
 
 VALUES = {"positive": 0.6, "negative": 0.2, "leave": 0.25, "purchase": 1.0}
@@ -198,22 +198,38 @@ def test_rouge_l_hand():
 
 # ----------------------------------------------------------------------------- statistics
 
-def test_mean_ci_against_statistics():
-    xs = [0.2, 0.5, 0.9, 0.4, 0.7, 0.1]
-    m, lo, hi = mean_ci(xs)
+def test_bootstrap_ci_is_near_the_normal_interval_where_that_one_is_right():
+    # 400 evenly spread values: the mean is close to normal, so the percentile bootstrap should agree
+    # with mean +- 1.96 s / sqrt(n) to within its own resampling noise (a few % of the half-width)
+    xs = [(i * 0.618034) % 1.0 for i in range(400)]
+    m, lo, hi = bootstrap_ci(xs)
     half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))
     assert m == pytest.approx(statistics.mean(xs))
-    assert lo == pytest.approx(statistics.mean(xs) - half)
-    assert hi == pytest.approx(statistics.mean(xs) + half)
-    s = summarize(xs)
-    assert s["mean"] == pytest.approx(m) and s["ci95"] == pytest.approx([lo, hi])
+    assert lo == pytest.approx(m - half, abs=0.1 * half) and hi == pytest.approx(m + half, abs=0.1 * half)
+    assert bootstrap_ci(xs) == (m, lo, hi)                          # seeded: the same interval every call
+    assert summarize(xs) == {"mean": m, "ci95": [lo, hi]}          # a score's default rule
 
 
-def test_mean_ci_edge_cases():
-    assert mean_ci([3.0]) == (3.0, 3.0, 3.0)
-    assert all(math.isnan(x) for x in mean_ci([]))
-    m, lo, hi = mean_ci([1, 1, 1])
-    assert (m, lo, hi) == (1.0, 1.0, 1.0)
+def test_bootstrap_ci_stays_in_the_observed_range():
+    # order value of a policy that rarely sells: mostly 0, two large orders. The normal interval
+    # goes below 0 (eval.py printed `7 [-4, 18]` for the random policy); the bootstrap cannot
+    xs = [0.0] * 198 + [700.0, 720.0]
+    m, lo, hi = bootstrap_ci(xs)
+    s = statistics.stdev(xs)
+    assert m - 1.96 * s / math.sqrt(len(xs)) < 0, "the case must be one where the normal interval leaves the range"
+    assert min(xs) <= lo <= m <= hi <= max(xs)
+    for few in ([0.2, 0.9], [1.0, 0.0, 0.0], [5.0]):              # tiny samples, where the normal one is widest
+        m, lo, hi = bootstrap_ci(few)
+        assert min(few) <= lo <= m <= hi <= max(few), few
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_a_constant_score_gets_a_zero_width_interval():
+    # whatever the constant: 0.1 does not survive a float sum exactly, 1.0 is where Wilson was used before
+    for c in (0.1, 0.257, 1.0, 0.0, 6.0):
+        for n in (1, 3, 200):
+            assert bootstrap_ci([c] * n) == (c, c, c), (c, n)
+            assert summarize([c] * n) == {"mean": c, "ci95": [c, c]}, (c, n)
 
 
 def test_rate_ci_is_wilson_and_stays_in_range():
@@ -222,10 +238,22 @@ def test_rate_ci_is_wilson_and_stays_in_range():
     xs = [1] * 2 + [0] * 198
     p, lo, hi = rate_ci(xs)
     assert p == 0.01 and lo == pytest.approx(0.002747, abs=1e-5) and hi == pytest.approx(0.035722, abs=1e-5)
-    assert mean_ci(xs)[1] < 0 <= summarize(xs)["ci95"][0]
-    assert summarize(xs)["ci95"] == pytest.approx([lo, hi])
+    assert summarize(xs, rate=True) == {"mean": p, "ci95": [lo, hi]}
     assert rate_ci([1] * 50)[1:] == pytest.approx((0.9287, 1.0), abs=1e-4) and rate_ci([0] * 50)[0] == 0.0
     assert all(math.isnan(x) for x in rate_ci([]))
+
+
+def test_the_rule_follows_the_kind_of_metric_not_its_values():
+    # the same 0/1 values: as a rate (success) Wilson, which is not zero-width at 50 of 50; as a score
+    # (an oracle's ESNDCG of 1 everywhere) the bootstrap, which is
+    ones = [1.0] * 50
+    assert summarize(ones, rate=True)["ci95"] == list(rate_ci(ones)[1:]) and rate_ci(ones)[1] < 1.0
+    assert summarize(ones)["ci95"] == [1.0, 1.0]
+    mixed = [1.0] * 30 + [0.0] * 20
+    assert summarize(mixed, rate=True)["ci95"] == list(rate_ci(mixed)[1:])
+    assert summarize(mixed)["ci95"] == list(bootstrap_ci(mixed)[1:]) != list(rate_ci(mixed)[1:])
+    with pytest.raises(ValueError, match="0 or 1"):
+        rate_ci([1.0, 0.5])
 
 
 # ----------------------------------------------------------------------------- one trajectory

@@ -1,6 +1,6 @@
 """The prepared GPU check: what this repo claims about GPUs, run on one. tools/gpu_check.sh calls it.
 
-    python tools/gpu_check.py STAGE            # STAGE: a (device checks) or c (a 1.5B-shaped model)
+    python tools/gpu_check.py STAGE            # STAGE: a (device checks), c (a 1.5B-shaped model) or e (throughput)
     DRY_RUN=1 python tools/gpu_check.py STAGE  # the same code on CPU with a tiny stand-in (the test suite)
 
 (a) device checks on CUDA: the memory-light scoring paths equal the plain ones there, sampled
@@ -11,6 +11,9 @@
     a greedy eval, single-process bf16 (autocast over fp32 weights and AdamW states), with and
     without activation checkpointing. Prints rollout tokens/s, the preference-step time and peak
     GPU memory beside what docs/scaling.md's formulas predict.
+(e) the same 1.5B-shaped pair's rollout tokens/s at 8, 64 and 256 dialogues, single-process bf16,
+    beside a bare HF `model.generate` at the same batch and the same final lengths on the same
+    device, and their ratio (target: >= 0.85 at 64 dialogues; stage_e says what is counted).
 """
 import copy
 import os
@@ -39,6 +42,9 @@ QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  max_position_embeddings=32_768, rms_norm_eps=1e-6)
 TOY = dict(QWEN_1_5B, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=2048)
+SHAPE = TOY if DRY else QWEN_1_5B
+# stage (e): dialogues per rollout, and the batch whose ratio has a target (the dry run: toy sizes)
+THROUGHPUT_BATCHES, TARGET_BATCH, TARGET_RATIO = ((2, 4, 8), 4, 0.85) if DRY else ((8, 64, 256), 64, 0.85)
 
 
 def world_and_tokenizer(n_logs=64):
@@ -102,13 +108,11 @@ def predicted_gb(n_params, tokens, layers, d, grad_ckpt):
     return (states + acts + head) / 1e9
 
 
-def stage_c(grad_ckpt):
-    """A Qwen2.5-1.5B-shaped model as both agents: GOPO iteration, PPO step, greedy eval."""
+def qwen_pair(tok, grad_ckpt=False):
+    """(expert, agent): the Qwen2.5-1.5B shape (TOY in the dry run) from its config, random fp32
+    weights on the device, the strategy tokens added; the agent a copy of the expert."""
     from transformers import AutoModelForCausalLM, Qwen2Config
-    torch.manual_seed(0)
-    logs, values, tok = world_and_tokenizer()
-    shape = TOY if DRY else QWEN_1_5B
-    config = Qwen2Config(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    config = Qwen2Config(**SHAPE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
     expert_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(DEV)
     lm.add_strategy_tokens(expert_model, tok, shop.STRATEGIES)
@@ -117,6 +121,14 @@ def stage_c(grad_ckpt):
         if grad_ckpt:
             lm.activation_checkpointing(m)
         m.eval()
+    return expert_model, agent_model
+
+
+def stage_c(grad_ckpt):
+    """A Qwen2.5-1.5B-shaped model as both agents: GOPO iteration, PPO step, greedy eval."""
+    torch.manual_seed(0)
+    logs, values, tok = world_and_tokenizer()
+    expert_model, agent_model = qwen_pair(tok, grad_ckpt)
     n = lm.n_params(expert_model)
     args = SimpleNamespace(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.0, max_pairs=4, listwise=False,
                            gopo_epochs=1, agent_temperature=0.7, cs_samples=8, beta_cs=0.1, max_reply_tokens=32,
@@ -139,7 +151,7 @@ def stage_c(grad_ckpt):
     check("GOPO iteration ran with finite losses", m["loss"] is not None and m["loss"] == m["loss"])
     print(f"GOPO: rollout {emitted} reply tokens in {t_roll:.1f} s = {emitted / t_roll:.0f} tokens/s "
           f"({len(trajs)} dialogues, {DEV.type}); iteration {m['seconds']:.1f} s (pairs {m['pairs']}, cs_pairs {m['cs_pairs']}); "
-          f"peak {peak_gopo:.1f} GB, predicted {predicted_gb(n, tokens, shape['num_hidden_layers'], shape['hidden_size'], grad_ckpt):.1f} GB "
+          f"peak {peak_gopo:.1f} GB, predicted {predicted_gb(n, tokens, SHAPE['num_hidden_layers'], SHAPE['hidden_size'], grad_ckpt):.1f} GB "
           f"({n / 1e9:.2f}B parameters per model, ~{tokens} padded training tokens)")
     # the PPO step on the CS Agent as the flat agent (its reference a frozen copy, as train.py does)
     del opt_e, expert_model
@@ -159,6 +171,65 @@ def stage_c(grad_ckpt):
         sync()
     check("greedy eval dialogues ran", len(evals) == len(scen))
     print(f"eval: {len(scen)} greedy dialogues in {time.time() - t0:.1f} s")
+
+
+def stage_e():
+    """Rollout throughput against its floor: at each batch of THROUGHPUT_BATCHES dialogues, the
+    repo's sampled rollout (rollout.rollout, as in stage (c): Expert decisions, CS Agent replies,
+    the simulated customer, the KV cache kept across turns), then a bare HF `model.generate` of the
+    CS Agent alone at the same batch, from the same first prompts (each dialogue's opening up to its
+    first reply), to the same final lengths (as many new tokens per row as the dialogues grew on
+    average: min_new_tokens = max_new_tokens, so no row stops early), greedy (the cheapest decode).
+    Both in single-process bf16 autocast over fp32 weights, on the same device. Prints each one's
+    tokens/s (the rollout's: the reply tokens it sampled; generate's: every token it decoded) and
+    their ratio; the target is a ratio >= TARGET_RATIO at TARGET_BATCH dialogues (a measure, so a
+    miss is printed, not failed)."""
+    torch.manual_seed(0)
+    _, _, tok = world_and_tokenizer()
+    expert_model, agent_model = qwen_pair(tok)
+
+    def play(n, offset=4000):
+        scen = [shop.make_scenario(s) for s in data.train_seeds(n, offset=offset)]
+        sync()
+        t0 = time.time()
+        with lm.autocast(DEV, True), torch.no_grad():
+            trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scen, seed=1, max_reply_tokens=32)
+        sync()
+        return trajs, time.time() - t0
+
+    def generate(prompts, new):
+        width = max(len(p) for p in prompts)      # left-padded, as generate expects for a decoder
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=DEV)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEV)
+        sync()
+        t0 = time.time()
+        with lm.autocast(DEV, True), torch.no_grad():
+            out = agent_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new, min_new_tokens=new,
+                                       do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        sync()
+        return out.shape[1] - width, time.time() - t0
+
+    trajs, _ = play(2, offset=3900)             # warm-up: kernels, allocator, first-call overheads
+    generate([t["agent_ids"][:t["replies"][0][0]] for t in trajs], 4)
+    ratio_at_target = None
+    for n in THROUGHPUT_BATCHES:
+        trajs, t_roll = play(n)
+        emitted = sum(e - s for t in trajs for s, e in t["replies"])
+        prompts = [t["agent_ids"][:t["replies"][0][0]] for t in trajs]     # start, opening, first strategy prompt
+        final = [len(t["agent_ids"]) for t in trajs]
+        new = round(sum(f - len(p) for f, p in zip(final, prompts)) / n)
+        made, t_gen = generate(prompts, new)
+        check(f"model.generate decoded all {new} tokens per row at {n} dialogues", made == new)
+        roll_tps, gen_tps = emitted / t_roll, n * new / t_gen
+        ratio = roll_tps / gen_tps
+        if n == TARGET_BATCH:
+            ratio_at_target = ratio
+        print(f"{n:4d} dialogues: rollout {emitted} reply tokens in {t_roll:.1f} s = {roll_tps:.0f} tokens/s; "
+              f"model.generate {n} x {new} tokens (first prompts {sum(map(len, prompts)) / n:.0f}, final lengths "
+              f"{sum(final) / n:.0f} tokens on average) in {t_gen:.1f} s = {gen_tps:.0f} tokens/s; ratio {ratio:.2f}")
+    print(f"target (rollout / generate tokens/s >= {TARGET_RATIO} at {TARGET_BATCH} dialogues): "
+          f"{'met' if ratio_at_target >= TARGET_RATIO else 'missed'} ({ratio_at_target:.2f})"
+          + (" [dry run: toy model on CPU, not a measurement]" if DRY else ""))
 
 
 def check(what, ok):
@@ -189,5 +260,7 @@ if __name__ == "__main__":
         stage_a()
     elif stage == "c":
         stage_c(grad_ckpt=len(sys.argv) > 2 and sys.argv[2] == "--grad-ckpt")
+    elif stage == "e":
+        stage_e()
     else:
         sys.exit(f"gpu_check.py: unknown stage {stage!r}")
