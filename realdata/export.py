@@ -25,7 +25,7 @@ from realdata import hf  # noqa: E402
 
 p = cli.Parser(__doc__)
 p.add_argument("run", help="run folder written by train.py (holds logs.jsonl)")
-p.add_argument("--out", default=None, help="dataset folder to write (default: RUN/logs_dataset)")
+p.add_argument("--out", default=None, help="dataset folder to write; None: RUN/logs_dataset")
 p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
