@@ -63,9 +63,10 @@ g.add_argument("--max-nonfinite", type=positive(int), default=3,
                help="stop after this many iterations in a row with non-finite losses or gradients")
 # ---- data
 g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy, or a real dataset")
-g.add_argument("--data", default="shop", choices=["shop", "mgshop", "multiwoz"],
+g.add_argument("--data", default="shop", choices=["shop", "mgshop", "multiwoz", "records"],
                help="shop: a built-in simulated world (--world); mgshop, multiwoz: real logs with a logged-context "
-               "world (realdata/logged.py)")
+               "world (realdata/logged.py); records: your own dialogues in the common record schema "
+               "(docs/real-data.md), with that world")
 g.add_argument("--world", default="shop", choices=list(world_lib.WORLDS),
                help="the built-in world (world.py has the contract): shop, small and quick; desk, a service desk "
                "with 1-3 requests per customer, hidden facts used turns later and SOP gates on the whole history")
@@ -73,9 +74,14 @@ g.add_argument("--horizon", type=positive(int), default=None, help="desk: maximu
                "turns (default: the world's, 24: 1-3 requests; 10: one request, about shop's length)")
 g.add_argument("--paraphrases", type=positive(int), default=None,
                help="desk: paraphrases per strategy in the rule policies' text (default: the world's)")
-g.add_argument("--data-path", default=None, help="MG-ShopDial JSON file, or the MultiWOZ 2.2 folder")
+g.add_argument("--data-path", default=None,
+               help="mgshop: the MGShopDial.json file; multiwoz: the official MultiWOZ 2.2 folder, or its Hugging "
+               "Face copy (a save_to_disk folder, or a hub id with --no-offline); records: a JSONL file or a Hugging "
+               "Face dataset (a save_to_disk folder, e.g. from python -m realdata.export, or a hub id with --no-offline)")
 g.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
-g.add_argument("--logs", default=None, help="read the logged dialogues from this JSONL file (common schema)")
+g.add_argument("--logs", default=None,
+               help="read the logged dialogues (common schema) from this JSONL file, or from a Hugging Face dataset: a "
+               "save_to_disk folder (python -m realdata.export writes one) or a hub id with --no-offline")
 # ---- model
 g = p.add_argument_group("model")
 g.add_argument("--model", default="tiny", help="backbone of both agents: 'tiny' (built from config, "
@@ -83,7 +89,8 @@ g.add_argument("--model", default="tiny", help="backbone of both agents: 'tiny' 
 g.add_argument("--expert-model", default=None, help="the Expert's backbone, if not --model "
                "(a smaller planner than responder; hub id or folder)")
 g.add_argument("--offline", default=True, action=argparse.BooleanOptionalAction,
-               help="never touch the network (HF_HUB_OFFLINE): a model not on disk fails at once")
+               help="never touch the network (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE): a model or a dataset hub id not on "
+               "disk fails at once")
 g.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
 g.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
 g.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
@@ -174,7 +181,7 @@ def check_flags(args):
     if args.world == "shop" and (args.horizon or args.paraphrases):
         die("--horizon and --paraphrases are knobs of the desk world: add --world desk")
     if args.data == "shop" and args.data_path:
-        die("--data-path is for --data mgshop or multiwoz; the built-in shop needs no file")
+        die("--data-path is for --data mgshop, multiwoz or records; the built-in worlds read logs from --logs")
     if args.data != "shop" and (args.logs or args.n_logs != p.get_default("n_logs")):
         die(f"--logs and --n-logs are for the built-in shop; --data {args.data} trains on its own train split")
 

@@ -2,7 +2,8 @@
 
 MG-ShopDial (SIGIR 2023): one JSON list of e-commerce conversations between a "Wizard" (the shop
 assistant) and a "Client", every utterance annotated with scored intents.
-MultiWOZ 2.2: the official folder, `{train,dev,test}/dialogues_*.json` plus `dialog_acts.json`.
+MultiWOZ 2.2: the official folder, `{train,dev,test}/dialogues_*.json` plus `dialog_acts.json`; or
+the rows of its Hugging Face copy (multi_woz_v22), which realdata/hf.py reads.
 
 Every rule below is a documented choice of ours (the corpora do not define strategies or events).
 Each loader returns records that pass `data.validate_record`; bad input raises `DataError` with a
@@ -252,6 +253,54 @@ def _multiwoz_record(dlg, all_acts, where):
            "turns": turns, "success": multiwoz_success(raw_turns, acts),
            "ref_strategies": [x["strategy"] for x in turns if x["role"] == "agent"]}
     return validate_record(rec, where)
+
+
+MULTIWOZ_HUB_SPEAKERS = ("USER", "SYSTEM")   # the hub's ClassLabel names, in the order of its ids
+
+
+def _as_rows(value, where):
+    """Hugging Face stores a sequence of objects as one object of equal-length lists
+    ({"a": [1, 2], "b": [3, 4]}); this gives back the list of objects ([{"a": 1, "b": 3}, ...]).
+    A list is returned as it is."""
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()) \
+            or len({len(v) for v in value.values()}) > 1:
+        raise DataError(f"{where}: expected a list of objects, or an object of equal-length lists")
+    return [dict(zip(value, items)) for items in zip(*value.values())]
+
+
+def multiwoz_hub_record(row, speakers, where):
+    """One row of the Hugging Face MultiWOZ 2.2 (multi_woz_v22) -> record, by the rules of `load_multiwoz`.
+
+    The hub's builder made each row from the GitHub files: the dialogue's turns, each turn's frames
+    and its dialog_acts.json entry under "dialogue_acts" ("dialog_act": act type -> slots as
+    "slot_name" / "slot_value" lists), sequences of objects stored as objects of lists, and the
+    speaker as a class id (`speakers` names them). This undoes that and reuses the GitHub path, so
+    both give the same record. One difference is the hub's, not ours: its default config
+    (v2.2_active_only) drops the frames whose active intent is NONE, and with them their requested
+    slots, so `multiwoz_success` may differ there; config v2.2 keeps every frame.
+    """
+    did = _field(row, "dialogue_id", where)
+    turns, acts = [], {}
+    for j, t in enumerate(_as_rows(_field(row, "turns", f"{where} ('{did}')"), f"{where} ('{did}') turns")):
+        twhere = f"{where} ('{did}') turn {j}"
+        turn_id = str(_field(t, "turn_id", twhere))
+        speaker = t.get("speaker")
+        if isinstance(speaker, int) and 0 <= speaker < len(speakers):
+            speaker = speakers[speaker]
+        frames = []
+        for f in _as_rows(t.get("frames") or [], f"{twhere} frames"):
+            frames.append({"service": _field(f, "service", f"{twhere} frame"), "state": f.get("state") or {}})
+        pairs_of = {}   # act type -> [[slot, value], ...], as in dialog_acts.json
+        for a in _as_rows((t.get("dialogue_acts") or {}).get("dialog_act") or [], f"{twhere} dialogue_acts"):
+            awhere = f"{twhere} dialogue_acts"
+            pairs_of[_field(a, "act_type", awhere)] = [[_field(s, "slot_name", awhere), _field(s, "slot_value", awhere)]
+                                                       for s in _as_rows(a.get("act_slots") or [], awhere)]
+        acts[turn_id] = {"dialog_act": pairs_of}
+        turns.append({**t, "turn_id": turn_id, "speaker": speaker, "frames": frames})
+    dialogue = {"dialogue_id": did, "services": _field(row, "services", f"{where} ('{did}')"), "turns": turns}
+    return _multiwoz_record(dialogue, {did: acts}, where)
 
 
 def load_multiwoz(folder):

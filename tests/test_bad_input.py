@@ -222,6 +222,19 @@ def build_cases(tmp, checkpoint):
     cases["data_with_logs_flag"] = Case("train.py", ["--data", "multiwoz", "--data-path", str(tmp), "--n-logs", "9"],
                                         ["--n-logs", "multiwoz"])
     cases["data_path_without_data"] = Case("train.py", ["--data-path", str(wrong)], ["--data-path"])
+    plain = tmp / "plain_folder"   # neither a corpus nor a Hugging Face dataset
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hello\n")
+    cases["data_folder_neither"] = Case("train.py", ["--data", "multiwoz", "--data-path", str(plain)],
+                                        ["plain_folder", "neither the MultiWOZ 2.2 folder", "Hugging Face dataset"])
+    cases["records_folder_not_dataset"] = Case("train.py", ["--data", "records", "--data-path", str(plain)],
+                                               ["plain_folder", "not a Hugging Face dataset folder"])
+    cases["records_hub_id_offline"] = Case("train.py", ["--data", "records", "--data-path", "someone/their_corpus"],
+                                           ["someone/their_corpus", "--no-offline"])
+    damaged = tmp / "damaged_dataset"   # looks like save_to_disk's folder, holds nothing
+    damaged.mkdir()
+    (damaged / "state.json").write_text("{}\n")
+    cases["logs_dataset_damaged"] = Case("train.py", ["--logs", str(damaged)], ["damaged_dataset"])
     cases["fsdp_without_torchrun"] = Case("train.py", ["--fsdp"], ["--fsdp", "torchrun"])
     cases["world_nonsense"] = Case("train.py", ["--world", "nonsense"], ["--world", "nonsense"])
     cases["paraphrases_0"] = Case("train.py", ["--world", "desk", "--paraphrases", "0"], ["--paraphrases", "0"])
@@ -459,7 +472,8 @@ ALL_CASES = [
     "alpha_nan", "lr_inf", "n_logs_past_train_range", "d_model_not_multiple_of_heads", "out_parent_is_file",
     *([] if torch.cuda.is_available() else ["cuda_without_gpu"]), "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
     "expert_model_missing", "data_without_path", "data_path_missing", "data_wrong_format", "data_with_logs_flag",
-    "data_path_without_data",
+    "data_path_without_data", "data_folder_neither", "records_folder_not_dataset", "records_hub_id_offline",
+    "logs_dataset_damaged",
     "run_exists", "run_exists_with_bad_logs",
     "resume_missing", "resume_not_a_run", "resume_flag_clash", "resume_config_malformed",
     "resume_config_not_object", "resume_values_without_logs", "resume_foreign_config", "resume_config_bad_value",
