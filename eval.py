@@ -362,7 +362,8 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         records[name] = [world.play(s, policy, seed=args.seed) for s in scenarios]
         results[name] = summarize(records[name], values, world)
     methods = [*rows, *world.POLICIES]
-    groups = {name: world_lib.group_accuracy(world, records[name]) for name in methods if not is_flat(name)}
+    groups = {name: world_lib.group_accuracy(world, records[name]) for name in methods
+              if name not in METHODS or not is_flat(name)}   # a flat agent is asked for no strategy
     if algo != "sft":   # rows[1]: the SFT model this run started from
         gap = (results[rows[0]]["tse"]["mean"] - results[rows[1]]["tse"]["mean"]) / \
             max(1e-9, results["oracle"]["tse"]["mean"] - results[rows[1]]["tse"]["mean"])

@@ -120,12 +120,14 @@ def teacher_forced(model, tok, w, records):
 
 
 def test_the_ceiling_expert_beats_the_sft_expert_on_its_groups():
-    """One-request desk (horizon 10): the same tiny Expert, the same SFT budget, on the behaviour
-    logs' own labels and on the relabelled ones; decision accuracy on held-out behaviour dialogues
-    (teacher-forced, against the disclosed policy). The behaviour policy gives every complainer a
-    voucher 70% of the time and confirms half the refunds it should refuse, so SFT copies those
-    habits; the ceiling learns the tier and the window where the groups need them."""
-    w = desk.make_world(horizon=10)
+    """A small desk (horizon 10: one request; 2 paraphrases): the same tiny Expert and SFT budget
+    on the behaviour logs' own labels and on the relabelled ones; decision accuracy on held-out
+    behaviour dialogues (teacher-forced, against the disclosed policy). The behaviour policy gives
+    every complainer a voucher 70% of the time and names a model before asking the budget, so SFT
+    copies those habits; the ceiling learns the tier where the voucher needs it. Measured here
+    (natively, 1 thread): voucher/tier 0.512 -> 1.000, rest 0.792 -> 0.977, eligibility 0.647 ->
+    0.784, request stack 0.980 -> 1.000."""
+    w = desk.make_world(horizon=10, paraphrases=2)
     logs = [w.play(w.make_scenario(s), w.behaviour_policy) for s in data.train_seeds(300)]
     held = world_lib.relabel(w, [w.play(w.make_scenario(s), w.behaviour_policy) for s in data.test_seeds(150)])
     tok = desk_tok(logs)
@@ -134,13 +136,14 @@ def test_the_ceiling_expert_beats_the_sft_expert_on_its_groups():
         torch.manual_seed(0)
         model = lm.build_tiny_model(tok, d_model=64, n_layer=2, n_head=2, max_len=4096, seed=0)
         lm.add_strategy_tokens(model, tok, w.STRATEGIES)
-        expert_lib.sft(model, tok, train, w.STRATEGIES, w.allowed, w.INSTRUCTIONS, steps=150, batch_size=16,
+        expert_lib.sft(model, tok, train, w.STRATEGIES, w.allowed, w.INSTRUCTIONS, steps=300, batch_size=16,
                        lr=3e-3, seed=0)
         model.eval()
         acc[name] = teacher_forced(model, tok, w, held)
     print("LEARNS ceiling vs sft by group:", {n: {g: round(a, 3) for g, a in v.items()} for n, v in acc.items()})
     assert acc["ceiling"]["voucher/tier"] - acc["sft"]["voucher/tier"] > 0.25, acc
-    assert acc["ceiling"]["request stack"] > 0.9 and acc["ceiling"]["rest"] > acc["sft"]["rest"], acc
+    assert acc["ceiling"]["rest"] - acc["sft"]["rest"] > 0.08, acc
+    assert all(acc["ceiling"][g] >= acc["sft"][g] - 0.02 for g in acc["sft"]), acc
 
 
 def one_line_error(args):
