@@ -14,6 +14,9 @@ Agent turns carry the strategy that produced them; customer turns carry the enga
 the previous agent turn caused (None for the opening line). Every loader returns a list of such
 dicts, checked by `validate_record`; bad input raises `DataError` with a one-line message that names
 the record and the field, so the CLIs can print it and exit 2.
+
+This module imports no world: the worlds (worlds/) import it. Which world a run uses, and the logs a
+real dataset gives it, is worlds.load_world.
 """
 import json
 import os
@@ -103,22 +106,6 @@ def read_jsonl(path, strategies=None, events=None):
     if not records:
         raise DataError(f"{path}: no records in file")
     return records
-
-
-# ----------------------------------------------------------------------------- a run's world and data
-def load_world(source, path=None, world="shop", horizon=None, paraphrases=None, logs=None):
-    """(world, training logs or None, splits or None) of train.py's --data SOURCE. The built-in shop
-    (--world, its knobs) simulates its logs later, or reads them from `logs` (JSONL); a real dataset's
-    training split is the logs, and its world is a logged-context one (realdata/logged.py)."""
-    if source == "shop":
-        import world as world_lib
-        w = world_lib.load(world, horizon, paraphrases)
-        return w, read_jsonl(logs, w.STRATEGIES, w.EVENTS) if logs else None, None
-    from realdata import logged
-    splits = logged.load_splits(source, path)
-    if not splits["train"] or not splits["test"]:
-        raise DataError(f"--data-path {path}: the {source} data has an empty train or test split")
-    return logged.make_world(splits["train"], [r for v in splits.values() for r in v]), splits["train"], splits
 
 
 # ----------------------------------------------------------------------------- built-in world splits

@@ -27,8 +27,8 @@ import gopo
 import lm
 import parallel
 import rollout as rollout_lib
-import world as world_lib
 import tse
+import worlds
 
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
 
@@ -272,7 +272,7 @@ def evaluate_logged(run, config, values, ckpt, rows, args):
     """A real-data run: greedy logged-context rollouts on the test split (the world is rebuilt from
     the training split exactly as train.py built it), scored with the fitted event values, ESNDCG
     against the human strategies, GRE, and BLEU / ROUGE-L of the replies against the human ones."""
-    from realdata import logged
+    from worlds import logged
     try:
         splits = logged.load_splits(config["data"], config["data_path"])
     except (data.DataError, KeyError) as e:
@@ -340,7 +340,7 @@ def main(argv=None):
 def world_of(config, run):
     """The built-in world a run trained in (its config's --world and knobs; shop before --world existed)."""
     try:
-        return world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+        return worlds.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
     except ValueError as e:
         die(f"{run}/config.json: {e}")
 
@@ -358,7 +358,7 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         records[name] = [world.play(s, policy, seed=args.seed) for s in scenarios]
         results[name] = summarize(records[name], values, world)
     methods = [*rows, *world.POLICIES]
-    groups = {name: world_lib.group_accuracy(world, records[name]) for name in methods if not is_flat(name)}
+    groups = {name: worlds.group_accuracy(world, records[name]) for name in methods if not is_flat(name)}
     if algo != "sft":   # rows[1]: the SFT model this run started from
         gap = (results[rows[0]]["tse"]["mean"] - results[rows[1]]["tse"]["mean"]) / \
             max(1e-9, results["oracle"]["tse"]["mean"] - results[rows[1]]["tse"]["mean"])
@@ -369,7 +369,7 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n" \
               f"Paired on the same customers, TSE {rows[0]} - {rows[1]}: {paired[0]:+.3f} " \
               f"[{paired[1]:+.3f}, {paired[2]:+.3f}] (95% bootstrap CI)\n"
-    md += f"\nDecision accuracy against the {world_lib.label_policy(world).__name__} by kind of decision (share of " \
+    md += f"\nDecision accuracy against the {worlds.label_policy(world).__name__} by kind of decision (share of " \
           f"decisions, count) on each row's own dialogues:\n\n" + group_table(groups)
     print(md)
     with open(os.path.join(run, "eval.md"), "w") as f:

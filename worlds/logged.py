@@ -121,7 +121,7 @@ def human_strategies(rec):
 
 
 def make_world(train, all_records, max_turns=None):
-    """A world (the interface of shop.py that rollout/gopo/train use) from a training split.
+    """A world (the contract of worlds/__init__.py that rollout/gopo/train use) from a training split.
 
     all_records (every split) only names the labels: strategies and events of the annotation scheme.
     """
@@ -163,12 +163,12 @@ def make_world(train, all_records, max_turns=None):
 
 
 def load_splits(name, path, split_seed=0):
-    """{"train", "dev", "test"} record lists of a dataset (see realdata/corpora.py for the rules)."""
-    from realdata import corpora as realdata
+    """{"train", "dev", "test"} record lists of a dataset (see worlds/corpora.py for the rules)."""
+    from worlds import corpora
     if name == "mgshop":
-        return realdata.mgshop_split(realdata.load_mgshop(path), seed=split_seed)
+        return corpora.mgshop_split(corpora.load_mgshop(path), seed=split_seed)
     if name == "multiwoz":
-        return realdata.load_multiwoz(path)
+        return corpora.load_multiwoz(path)
     raise data.DataError(f"unknown dataset {name!r} (mgshop or multiwoz)")
 
 

@@ -1,6 +1,6 @@
 """A second world: a retail service desk where strategy has to be planned, not read off the last line.
 
-THE WORLD CONTRACT (shop.py and this module implement it; a fork implements it for its own domain)
+THE WORLD CONTRACT (worlds/shop.py and this package implement it; a fork implements it for its own domain)
   STRATEGIES             strategy names, the Expert's action space
   INSTRUCTIONS           strategy -> one short line the CS Agent follows (it is in every turn)
   allowed(strategies)    the strategies the SOP allows now, given those chosen so far in this dialogue
@@ -41,7 +41,6 @@ so a wrong step (cost 2) or a repeated question soon loses them. Replies must co
 import copy
 import random
 import re
-import sys
 import types
 from collections import Counter, defaultdict
 
@@ -774,41 +773,3 @@ def make_world(horizon=HORIZON, paraphrases=PARAPHRASES):
     w.record = lambda scenario, turns, cust, source: record(scenario, turns, cust, source, horizon)
     w.reference = lambda scenario: reference(scenario, horizon)
     return w
-
-
-# ----------------------------------------------------------------------------- the world card
-def card(n=1000):
-    """Each rule policy's success, TSE and turns on n held-out scenarios, and the last-line share."""
-    import data
-    import shop
-    import tse
-    logs = [play(make_scenario(s), behaviour_policy) for s in data.train_seeds(1000)]
-    values, mean = tse.event_values(logs, SUCCESS_EVENTS), lambda xs: sum(xs) / len(xs)
-    scenarios, recs = [make_scenario(s) for s in data.test_seeds(n)], {}
-    print(f"desk world card: {n} held-out scenarios (data.test_seeds), event values from 1000 behaviour logs")
-    print(f"{'policy':10s} {'success':>8s} {'tse':>6s} {'turns':>6s} {'sop_ok':>7s} {'value':>7s}")
-    for name, policy in POLICIES.items():
-        recs[name] = [play(sc, policy) for sc in scenarios]
-        m = [tse.trajectory_metrics(r, values, HORIZON) for r in recs[name]]
-        print(f"{name:10s} {mean([x['success'] for x in m]):8.3f} {mean([x['tse'] for x in m]):6.3f} "
-              f"{mean([x['turns'] for x in m]):6.2f} {mean([r['sop_ok'] for r in recs[name]]):7.3f} "
-              f"{mean([r['order_value'] for r in recs[name]]):7.1f}")
-    shop_recs = [shop.play(shop.make_scenario(s), shop.oracle_policy) for s in data.test_seeds(n)]
-    print(f"last-line key share of oracle decisions: desk {last_line_share(recs['oracle']):.3f}, "
-          f"shop {last_line_share(shop_recs):.3f} (best (prev strategy, last line) -> decision table)")
-    print(f"longest oracle dialogue: {max(sum(len(t['text']) for t in r['turns']) for r in recs['oracle'])} "
-          f"chars, {max(len(r['ref_strategies']) for r in recs['oracle'])} agent turns; "
-          f"knobs: HORIZON={HORIZON} PARAPHRASES={PARAPHRASES} (make_world(horizon, paraphrases))")
-    import world
-    for name in ("behaviour", "oracle"):
-        acc = world.group_accuracy(sys.modules[__name__], recs[name])
-        print(f"decision groups in the {name}'s dialogues: share of decisions (accuracy against the disclosed "
-              f"policy): " + ", ".join(f"{g} {n / acc['all'][1]:.3f} ({c / max(n, 1):.2f})"
-                                       for g, (c, n) in acc.items() if g != "all"))
-    print("example oracle dialogue:")
-    for t in recs["oracle"][1]["turns"]:
-        print(f"  {t['role']:8s} [{t['strategy'] or t['event'] or '':17s}] {t['text']}")
-
-
-if __name__ == "__main__":
-    card()
