@@ -181,7 +181,7 @@ def table(results, methods, metrics=METRICS):
 
 
 def group_table(accuracy):
-    """{row: world.group_accuracy(...)} -> markdown: a column per decision group, "share (count)"."""
+    """{row: worlds.group_accuracy(...)} -> markdown: a column per decision group, "share (count)"."""
     groups = list(next(iter(accuracy.values())))
     head = "| row | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups) + "\n"
     return head + "".join(f"| {row} | " + " | ".join(f"{c / max(n, 1):.3f} ({n})" for c, n in acc.values()) + " |\n"

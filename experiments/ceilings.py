@@ -5,7 +5,7 @@
     python -m experiments.ceilings out/desk --lr 3e-3 --steps 600   # the same probe, another SFT budget
 
 For a run of train.py on a built-in world it reports:
-  the Expert ceiling   the run's logs relabelled with the world's label policy (world.relabel: the
+  the Expert ceiling   the run's logs relabelled with the world's label policy (worlds.relabel: the
                        "disclosed" oracle, which reads only what the dialogue has told, where the world
                        has one; else the oracle), DAgger-style: each logged history keeps its text and
                        its strategies, only the target changes. An Expert of the run's architecture,

@@ -106,7 +106,7 @@ def test_template_play_is_the_worlds_own_dialogue_with_the_experts_choices():
 
 
 def teacher_forced(model, tok, w, records):
-    """world.group_accuracy's counts for the model's greedy choice on each relabelled history."""
+    """worlds.group_accuracy's counts for the model's greedy choice on each relabelled history."""
     ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in w.STRATEGIES]
     counts = {g: [0, 0] for g in worlds.groups(w)}
     with torch.no_grad():
