@@ -251,11 +251,9 @@ def load_backbone(name, strategies):
 def place(model, args, device):
     """Move a model to the device; under torchrun --fsdp, shard it (FSDP2); --grad-ckpt either way."""
     model.to(device)
-    if args.fsdp:
-        return parallel.shard(model, bf16=args.bf16, grad_ckpt=args.grad_ckpt)
-    if args.grad_ckpt:
+    if args.grad_ckpt:          # on the blocks before sharding them, so FSDP wraps checkpointed blocks
         lm.activation_checkpointing(model)
-    return model
+    return parallel.shard(model, bf16=args.bf16) if args.fsdp else model
 
 def frozen(folder, args, device):
     """A model that is only read, placed like the trained ones: the SFT Expert (pi_ref with --ref sft,

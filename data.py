@@ -5,8 +5,8 @@ scenario keys differ by source, the training loops sample whole dialogues by ind
 corpus here (MultiWOZ, ~10k dialogues) fits in memory many times over, so Arrow tables would speed
 up nothing. Hugging Face `datasets` is the exchange format only, because that is how researchers
 keep and share dialogue corpora: `--logs` and `--data-path` also read a dataset (a save_to_disk
-folder, or a hub id online) and `python -m realdata.export RUN` writes a run's logs as one. It is
-converted to records once, in realdata/hf.py, the one module that imports `datasets`, and only on
+folder, or a hub id online) and `python -m worlds.export RUN` writes a run's logs as one. It is
+converted to records once, in worlds/hf.py, the one module that imports `datasets`, and only on
 those paths: the built-in worlds train without it (the GPU image has neither it nor pyarrow, pandas).
 
 A record (docs/design.md):
@@ -18,6 +18,9 @@ Agent turns carry the strategy that produced them; customer turns carry the enga
 the previous agent turn caused (None for the opening line). Every loader returns a list of such
 dicts, checked by `validate_record`; bad input raises `DataError` with a one-line message that names
 the record and the field, so the CLIs can print it and exit 2.
+
+This module imports no world: the worlds (worlds/) import it. Which world a run uses, and the logs a
+real dataset gives it, is worlds.load_world.
 """
 import json
 import os
@@ -107,33 +110,6 @@ def read_jsonl(path, strategies=None, events=None):
     if not records:
         raise DataError(f"{path}: no records in file")
     return records
-
-
-def read_logs(path, strategies=None, events=None):
-    """train.py --logs PATH: a JSONL file (read_jsonl, exactly as before `datasets` came in), or a
-    Hugging Face dataset in the record schema, a save_to_disk folder or a hub id (realdata/hf.py,
-    the only place that imports `datasets`)."""
-    if path.endswith(".jsonl") or os.path.isfile(path):
-        return read_jsonl(path, strategies, events)
-    from realdata import hf
-    return hf.logs(path, strategies, events)
-
-
-# ----------------------------------------------------------------------------- a run's world and data
-def load_world(source, path=None, world="shop", horizon=None, paraphrases=None, logs=None):
-    """(world, training logs or None, splits or None) of train.py's --data SOURCE. The built-in shop
-    (--world, its knobs) simulates its logs later, or reads them from `logs` (`read_logs`: JSONL or a
-    Hugging Face dataset); a real dataset's training split is the logs, and its world is a
-    logged-context one (realdata/logged.py)."""
-    if source == "shop":
-        import world as world_lib
-        w = world_lib.load(world, horizon, paraphrases)
-        return w, read_logs(logs, w.STRATEGIES, w.EVENTS) if logs else None, None
-    from realdata import logged
-    splits = logged.load_splits(source, path)
-    if not splits["train"] or not splits["test"]:
-        raise DataError(f"--data-path {path}: the {source} data has an empty train or test split")
-    return logged.make_world(splits["train"], [r for v in splits.values() for r in v]), splits["train"], splits
 
 
 # ----------------------------------------------------------------------------- built-in world splits

@@ -29,8 +29,8 @@ import gopo
 import lm
 import parallel
 import rollout as rollout_lib
-import world as world_lib
 import tse
+import worlds
 
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
 RATES = {"success", "sop_ok"}   # binary outcomes per dialogue (Wilson); every other metric is a score (bootstrap)
@@ -185,7 +185,7 @@ def table(results, methods, metrics=METRICS):
 
 
 def group_table(accuracy):
-    """{row: world.group_accuracy(...)} -> markdown: a column per decision group, "share (count)"."""
+    """{row: worlds.group_accuracy(...)} -> markdown: a column per decision group, "share (count)"."""
     groups = list(next(iter(accuracy.values())))
     head = "| row | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups) + "\n"
     return head + "".join(f"| {row} | " + " | ".join(f"{c / max(n, 1):.3f} ({n})" for c, n in acc.values()) + " |\n"
@@ -276,7 +276,7 @@ def evaluate_logged(run, config, values, ckpt, rows, args):
     """A real-data run: greedy logged-context rollouts on the test split (the world is rebuilt from
     the training split exactly as train.py built it), scored with the fitted event values, ESNDCG
     against the human strategies, GRE, and BLEU / ROUGE-L of the replies against the human ones."""
-    from realdata import logged
+    from worlds import logged
     try:
         splits = logged.load_splits(config["data"], config["data_path"])
     except (data.DataError, KeyError) as e:
@@ -344,7 +344,7 @@ def main(argv=None):
 def world_of(config, run):
     """The built-in world a run trained in (its config's --world and knobs; shop before --world existed)."""
     try:
-        return world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+        return worlds.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
     except ValueError as e:
         die(f"{run}/config.json: {e}")
 
@@ -362,7 +362,7 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         records[name] = [world.play(s, policy, seed=args.seed) for s in scenarios]
         results[name] = summarize(records[name], values, world)
     methods = [*rows, *world.POLICIES]
-    groups = {name: world_lib.group_accuracy(world, records[name]) for name in methods
+    groups = {name: worlds.group_accuracy(world, records[name]) for name in methods
               if name not in METHODS or not is_flat(name)}   # a flat agent is asked for no strategy
     if algo != "sft":   # rows[1]: the SFT model this run started from
         gap = (results[rows[0]]["tse"]["mean"] - results[rows[1]]["tse"]["mean"]) / \
@@ -374,7 +374,7 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n" \
               f"Paired on the same customers, TSE {rows[0]} - {rows[1]}: {paired[0]:+.3f} " \
               f"[{paired[1]:+.3f}, {paired[2]:+.3f}] (95% bootstrap CI)\n"
-    md += f"\nDecision accuracy against the {world_lib.label_policy(world).__name__} by kind of decision (share of " \
+    md += f"\nDecision accuracy against the {worlds.label_policy(world).__name__} by kind of decision (share of " \
           f"decisions, count) on each row's own dialogues:\n\n" + group_table(groups)
     print(md)
     with open(os.path.join(run, "eval.md"), "w") as f:

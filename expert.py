@@ -104,7 +104,7 @@ def collate(trajectories, pad_id, n_strategies):
 
 def trajectory_from_record(tok, rec, strategies, allowed, instructions):
     """A logged record -> the Expert's view of it: token ids, decisions, SOP masks. An agent turn
-    with a "label" (world.relabel) is trained toward the label; its context and every SOP mask stay
+    with a "label" (worlds.relabel) is trained toward the label; its context and every SOP mask stay
     those of the logged strategies."""
     ids, decisions, _ = lm.encode_dialogue(tok, rec["turns"], instructions)
     index = {z: i for i, z in enumerate(strategies)}

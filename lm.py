@@ -9,6 +9,9 @@ known exactly (no re-tokenization drift between rollout and scoring):
   - the Expert's decision at agent turn t is the strategy token: its log-prob comes from the
     logits one position earlier, restricted to the strategy tokens and masked to the SOP set;
   - the CS Agent's reply is the span after "\nA:" up to and including <|eot|>.
+
+This module stands on parallel.py (saving a sharded model, the SFT loop's gradient all-reduce and
+barrier); parallel.py never imports it (its docstring says why).
 """
 import contextlib
 import functools

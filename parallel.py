@@ -23,6 +23,11 @@ decisions, then the CS Agent's replies) and frees them after; inside, the forwar
 communication. Every rank runs every turn of the horizon, entering the gathers even with no
 dialogue left, so ranks that finish early just wait at the next turn's gather. Costs one unsharded
 copy of one model per rank while it generates (see the README's memory table).
+
+Imports run one way: lm.py (the models, their saving and the SFT loop) stands on this module, never
+the reverse. This is the bottom layer, torch.distributed and nothing of the project's, so the
+distributed code reads on its own; what is about a model (activation checkpointing) stays in lm.py
+and is applied by the caller before `shard`.
 """
 import contextlib
 import os
@@ -140,14 +145,12 @@ def all_reduce_grads(model, bucket_bytes=25 << 20):
             bucket, size = [], 0
 
 
-def shard(model, bf16=False, grad_ckpt=False):
-    """FSDP2 on each decoder block, then the root. Activation checkpointing (non-reentrant) is
-    applied to the blocks first, so each block is recomputed in backward from its input."""
+def shard(model, bf16=False):
+    """FSDP2 on each decoder block, then the root. Activation checkpointing, when wanted, is the
+    caller's (lm.activation_checkpointing, before this: checkpoint.place), so each sharded block is
+    recomputed in backward from its input."""
     global FSDP
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if grad_ckpt:
-        import lm
-        lm.activation_checkpointing(model)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     blocks = set(model._no_split_modules or [])

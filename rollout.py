@@ -24,7 +24,7 @@ import engine
 import expert as expert_lib
 import lm
 import parallel
-import shop
+from worlds import shop
 
 
 def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, greedy=False, seed=0,

@@ -39,7 +39,7 @@ import gopo
 import lm
 import parallel
 import tse
-import world as world_lib
+import worlds
 
 die, checked, positive, nonneg = cli.die, cli.checked, cli.positive, cli.nonneg
 EXPERT_SFT_DESK = (3e-3, 600)   # the desk's Expert SFT (lr, steps), measured by the ceilings probe (docs/ceilings.md)
@@ -65,10 +65,10 @@ g.add_argument("--max-nonfinite", type=positive(int), default=3,
 g = p.add_argument_group("data: logged dialogues of the behaviour (\"typical human agent\") policy, or a real dataset")
 g.add_argument("--data", default="shop", choices=["shop", "mgshop", "multiwoz", "records"],
                help="shop: a built-in simulated world (--world); mgshop, multiwoz: real logs with a logged-context "
-               "world (realdata/logged.py); records: your own dialogues in the common record schema "
+               "world (worlds/logged.py); records: your own dialogues in the common record schema "
                "(docs/real-data.md), with that world")
-g.add_argument("--world", default="shop", choices=list(world_lib.WORLDS),
-               help="the built-in world (world.py has the contract): shop, small and quick; desk, a service desk "
+g.add_argument("--world", default="shop", choices=list(worlds.WORLDS),
+               help="the built-in world (worlds/__init__.py has the contract): shop, small and quick; desk, a service desk "
                "with 1-3 requests per customer, hidden facts used turns later and SOP gates on the whole history")
 g.add_argument("--horizon", type=positive(int), default=None, help="desk: maximum agent turns; a customer brings at most one request per 8 "
                "turns (default: the world's, 24: 1-3 requests; 10: one request, about shop's length)")
@@ -77,11 +77,11 @@ g.add_argument("--paraphrases", type=positive(int), default=None,
 g.add_argument("--data-path", default=None,
                help="mgshop: the MGShopDial.json file; multiwoz: the official MultiWOZ 2.2 folder, or its Hugging "
                "Face copy (a save_to_disk folder, or a hub id with --no-offline); records: a JSONL file or a Hugging "
-               "Face dataset (a save_to_disk folder, e.g. from python -m realdata.export, or a hub id with --no-offline)")
+               "Face dataset (a save_to_disk folder, e.g. from python -m worlds.export, or a hub id with --no-offline)")
 g.add_argument("--n-logs", type=positive(int), default=1200, help="logged training dialogues to simulate")
 g.add_argument("--logs", default=None,
                help="read the logged dialogues (common schema) from this JSONL file, or from a Hugging Face dataset: a "
-               "save_to_disk folder (python -m realdata.export writes one) or a hub id with --no-offline")
+               "save_to_disk folder (python -m worlds.export writes one) or a hub id with --no-offline")
 # ---- model
 g = p.add_argument_group("model")
 g.add_argument("--model", default="tiny", help="backbone of both agents: 'tiny' (built from config, "
@@ -227,7 +227,7 @@ def world_defaults(args):
     records the values used: the desk's knobs, and the SFT budget. Returns args."""
     desk = args.data == "shop" and args.world == "desk"
     if desk:
-        default = world_lib.load("desk")
+        default = worlds.load("desk")
         args.horizon, args.paraphrases = args.horizon or default.HORIZON, args.paraphrases or default.PARAPHRASES
     args.sft_batch = args.sft_batch or (16 if args.data == "shop" else 4)
     args.agent_sft_steps = args.agent_sft_steps or args.sft_steps * (3 if desk else 1)
@@ -242,8 +242,8 @@ def open_run(args, device):
     file loses nothing), and the folder (--resume: the killed run's, with its flags); samplers seeded."""
     run_dir, args = checkpoint.resume_run(args, p) if args.resume else (None, args)
     try:   # on --resume the run's own logs.jsonl is read later, not --logs
-        world, logs, splits = data.load_world(args.data, args.data_path, args.world, args.horizon, args.paraphrases,
-                                              None if args.resume else args.logs)
+        world, logs, splits = worlds.load_world(args.data, args.data_path, args.world, args.horizon, args.paraphrases,
+                                                None if args.resume else args.logs)
     except data.DataError as e:
         die(str(e))
     if (len(logs) if logs is not None else args.n_logs) + args.iters * args.scenarios > data.TEST_SEED_BASE:

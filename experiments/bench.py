@@ -48,8 +48,8 @@ import expert as expert_lib
 import gopo
 import lm
 import rollout as rollout_lib
-import shop
-import world as world_lib
+import worlds
+from worlds import shop
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -126,7 +126,7 @@ def run_world(run):
     """(config.json, its world with the run's knobs) of a run folder."""
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
-    return config, world_lib.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+    return config, worlds.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
 
 
 def sft_speedup(run, repeats, batch_size=16, n_batches=4):

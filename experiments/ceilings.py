@@ -5,7 +5,7 @@
     python -m experiments.ceilings out/desk --lr 3e-3 --steps 600   # the same probe, another SFT budget
 
 For a run of train.py on a built-in world it reports:
-  the Expert ceiling   the run's logs relabelled with the world's label policy (world.relabel: the
+  the Expert ceiling   the run's logs relabelled with the world's label policy (worlds.relabel: the
                        "disclosed" oracle, which reads only what the dialogue has told, where the world
                        has one; else the oracle), DAgger-style: each logged history keeps its text and
                        its strategies, only the target changes. An Expert of the run's architecture,
@@ -35,7 +35,7 @@ import lm
 import parallel
 import rollout as rollout_lib
 import tse
-import world as world_lib
+import worlds
 
 die = cli.die
 
@@ -48,7 +48,7 @@ class OracleDialogues(rollout_lib.ExpertDialogues):
     def decide(self, logits, allowed, uniforms, live):
         w = self.world
         probe = {"role": "agent", "text": "", "strategy": None}   # the decision due now: the last one read
-        out = [w.STRATEGIES.index(world_lib.decisions(w, {"turns": self.trajs[i]["turns"] + [probe],
+        out = [w.STRATEGIES.index(worlds.decisions(w, {"turns": self.trajs[i]["turns"] + [probe],
                                                           "scenario": self.scenarios[i]},
                                                       w.POLICIES[self.policy])[-1][2]) for i in live]
         return torch.tensor(out), torch.zeros(len(out))
@@ -118,7 +118,7 @@ def train_ceiling(run, config, w, logs, budget):
     model, tok = lm.load(os.path.join(run, init))
     if init == "expert_sft":
         die(f"{run}: a pretrained backbone; this probe retrains tiny Experts only")
-    losses = expert_lib.sft(model, tok, world_lib.relabel(w, logs), w.STRATEGIES, w.allowed, w.INSTRUCTIONS,
+    losses = expert_lib.sft(model, tok, worlds.relabel(w, logs), w.STRATEGIES, w.allowed, w.INSTRUCTIONS,
                             budget["steps"], budget["batch"], budget["lr"], budget["seed"], desc="SFT ceiling")
     lm.save(model, tok, os.path.join(run, "expert_ceiling"))
     return model, tok, losses[-1]
@@ -190,14 +190,14 @@ def main(argv=None):
     m_oracle, _ = metrics(oracle, values, w)
     sft_row = rows[-1]
     m_sft, tse_sft = metrics(played[sft_row], values, w)
-    accuracy = {"sft": world_lib.group_accuracy(w, played[sft_row]),
-                **({"method": world_lib.group_accuracy(w, played[rows[0]])} if algo != "sft" else {}),
-                "ceiling": world_lib.group_accuracy(w, played["ceiling"]),
-                "ceiling, template replies": world_lib.group_accuracy(w, template)}
-    label_vs_oracle = world_lib.group_accuracy(w, [w.play(sc, world_lib.label_policy(w)) for sc in scenarios],
+    accuracy = {"sft": worlds.group_accuracy(w, played[sft_row]),
+                **({"method": worlds.group_accuracy(w, played[rows[0]])} if algo != "sft" else {}),
+                "ceiling": worlds.group_accuracy(w, played["ceiling"]),
+                "ceiling, template replies": worlds.group_accuracy(w, template)}
+    label_vs_oracle = worlds.group_accuracy(w, [w.play(sc, worlds.label_policy(w)) for sc in scenarios],
                                                w.POLICIES["oracle"])
     report = {
-        "run": run, "n": args.n, "budget": budget, "label_policy": world_lib.label_policy(w).__name__,
+        "run": run, "n": args.n, "budget": budget, "label_policy": worlds.label_policy(w).__name__,
         "expert_ceiling": {"tse": m_ceiling["tse"]["mean"], "tse_ci95": m_ceiling["tse"]["ci95"],
                            "success": m_ceiling["success"]["mean"], "sop_ok": m_ceiling["sop_ok"]["mean"],
                            "tse_template": m_template["tse"]["mean"], "tse_template_ci95": m_template["tse"]["ci95"],

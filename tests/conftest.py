@@ -34,8 +34,8 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))   # 1: how te
 
 import data  # noqa: E402
 import lm  # noqa: E402
-import shop  # noqa: E402
 import tse  # noqa: E402
+from worlds import shop  # noqa: E402
 
 N_LOGS = 60
 TINY = dict(d_model=32, n_layer=2, n_head=2)

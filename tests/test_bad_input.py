@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import lm
-import shop
+from worlds import shop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -42,7 +42,7 @@ root, jobs_path, results_path = sys.argv[1:4]
 os.chdir(root)
 sys.path.insert(0, root)
 import torch, transformers  # noqa: F401  the heavy imports every CLI does, paid once here
-import agent, data, expert, gopo, lm, rollout, shop, tse  # noqa: F401  and the repo modules they import
+import agent, data, expert, gopo, lm, rollout, tse, worlds.shop  # noqa: F401  and the repo modules they import
 jobs = json.load(open(jobs_path))
 running = {}
 for name, job in jobs.items():

@@ -64,8 +64,8 @@ import data  # noqa: E402
 import expert as expert_lib  # noqa: E402
 import gopo  # noqa: E402
 import lm  # noqa: E402
-import shop  # noqa: E402
 import tse  # noqa: E402
+from worlds import shop  # noqa: E402
 
 
 def rule_dialogues(n=60):

@@ -8,7 +8,7 @@ import torch
 import data
 import engine
 import rollout as rollout_lib
-import shop
+from worlds import shop
 
 
 def test_context_logits_match_full_reencoding(models, tok):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import data
-import desk
 import expert as expert_lib
 import lm
-import world as world_lib
+import worlds
+from worlds import desk
 from conftest import ROOT, hf_env
 from experiments import ceilings
 
@@ -46,7 +46,7 @@ def test_disclosed_policy_reads_no_scenario_and_misses_the_oracle_only_where_the
 
 
 def test_relabelled_targets_are_the_label_policys_choices_sop_allowed_on_the_logged_history():
-    relabelled = world_lib.relabel(desk, LOGS)
+    relabelled = worlds.relabel(desk, LOGS)
     changed = 0
     for rec, logged in zip(relabelled, LOGS):
         assert [{k: v for k, v in t.items() if k != "label"} for t in rec["turns"]] == logged["turns"]
@@ -71,16 +71,16 @@ def test_relabelled_targets_are_the_label_policys_choices_sop_allowed_on_the_log
 
 def test_the_group_table_adds_up_to_the_overall_decision_accuracy():
     records = [desk.play(sc, policy) for sc in HELD_OUT[:60] for policy in desk.POLICIES.values()]
-    acc = world_lib.group_accuracy(desk, records)
+    acc = worlds.group_accuracy(desk, records)
     assert list(acc) == [*desk.DECISION_GROUPS, "all"]
     assert acc["all"] == [sum(acc[g][0] for g in desk.DECISION_GROUPS), sum(acc[g][1] for g in desk.DECISION_GROUPS)]
-    flat = [taken == label for rec in records for _, taken, label in world_lib.decisions(desk, rec)]
+    flat = [taken == label for rec in records for _, taken, label in worlds.decisions(desk, rec)]
     assert acc["all"] == [sum(flat), len(flat)] and 0 < sum(flat) < len(flat)
     assert acc["all"][1] == sum(len(agent_turns(r)) for r in records)
-    oracle = world_lib.group_accuracy(desk, [desk.play(sc, desk.disclosed_policy) for sc in HELD_OUT[:60]])
+    oracle = worlds.group_accuracy(desk, [desk.play(sc, desk.disclosed_policy) for sc in HELD_OUT[:60]])
     assert all(c == n for c, n in oracle.values())   # the label policy agrees with itself
-    import shop   # a world without groups has one
-    assert list(world_lib.group_accuracy(shop, [shop.play(shop.make_scenario(0), shop.oracle_policy)])) == ["all"]
+    from worlds import shop   # a world without groups has one
+    assert list(worlds.group_accuracy(shop, [shop.play(shop.make_scenario(0), shop.oracle_policy)])) == ["all"]
 
 
 def test_template_play_is_the_worlds_own_dialogue_with_the_experts_choices():
@@ -106,14 +106,14 @@ def test_template_play_is_the_worlds_own_dialogue_with_the_experts_choices():
 
 
 def teacher_forced(model, tok, w, records):
-    """world.group_accuracy's counts for the model's greedy choice on each relabelled history."""
+    """worlds.group_accuracy's counts for the model's greedy choice on each relabelled history."""
     ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in w.STRATEGIES]
-    counts = {g: [0, 0] for g in world_lib.groups(w)}
+    counts = {g: [0, 0] for g in worlds.groups(w)}
     with torch.no_grad():
         trajs = [expert_lib.trajectory_from_record(tok, r, w.STRATEGIES, w.allowed, w.INSTRUCTIONS) for r in records]
         pred = expert_lib.decision_dists(model, expert_lib.collate(trajs, tok.pad_token_id, len(ids)), ids).argmax(-1)
     for j, rec in enumerate(records):
-        for t, (g, _, label) in enumerate(world_lib.decisions(w, rec)):
+        for t, (g, _, label) in enumerate(worlds.decisions(w, rec)):
             counts[g][0] += int(pred[j, t]) == w.STRATEGIES.index(label)
             counts[g][1] += 1
     return {g: c / max(n, 1) for g, (c, n) in counts.items()}
@@ -129,10 +129,10 @@ def test_the_ceiling_expert_beats_the_sft_expert_on_its_groups():
     0.784, request stack 0.980 -> 1.000."""
     w = desk.make_world(horizon=10, paraphrases=2)
     logs = [w.play(w.make_scenario(s), w.behaviour_policy) for s in data.train_seeds(300)]
-    held = world_lib.relabel(w, [w.play(w.make_scenario(s), w.behaviour_policy) for s in data.test_seeds(150)])
+    held = worlds.relabel(w, [w.play(w.make_scenario(s), w.behaviour_policy) for s in data.test_seeds(150)])
     tok = desk_tok(logs)
     acc = {}
-    for name, train in (("sft", logs), ("ceiling", world_lib.relabel(w, logs))):
+    for name, train in (("sft", logs), ("ceiling", worlds.relabel(w, logs))):
         torch.manual_seed(0)
         model = lm.build_tiny_model(tok, d_model=64, n_layer=2, n_head=2, max_len=4096, seed=0)
         lm.add_strategy_tokens(model, tok, w.STRATEGIES)

@@ -161,7 +161,7 @@ def test_compare_refuses_unequal_budgets_and_mixed_folders(runs, cli_env, tmp_pa
 
 def test_sop_ok_reads_the_recognised_acts():
     import eval as eval_lib
-    import shop
+    from worlds import shop
     turn = lambda role, text: {"role": role, "text": text, "strategy": None, "event": None}
     ok = {"turns": [turn("customer", "Hi."), turn("agent", "Hello and welcome to our shop!"),
                     turn("customer", "Hi."), turn("agent", "What are you looking for today?")]}

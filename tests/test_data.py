@@ -1,6 +1,6 @@
 """The record schema survives the JSONL round trip; seeds never overlap."""
 import data
-import shop
+from worlds import shop
 
 
 def test_jsonl_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""The service-desk world (desk.py): the properties that make strategy a planning problem there.
+"""The service-desk world (worlds/desk/): the properties that make strategy a planning problem there.
 
 Measured on held-out scenarios (data.test_seeds), so the myopic table, fitted on training seeds,
 is judged out of sample. One module-scoped run of every rule policy serves most tests.
@@ -11,8 +11,7 @@ from collections import Counter
 import pytest
 
 import data
-import desk
-import shop
+from worlds import desk, shop
 
 N = 600
 SCENARIOS = [desk.make_scenario(s) for s in data.test_seeds(N)]

@@ -20,7 +20,7 @@ import expert as expert_lib
 import gopo
 import lm
 import rollout as rollout_lib
-import shop
+from worlds import shop
 from conftest import ROOT, hf_env
 
 Z = len(shop.STRATEGIES)

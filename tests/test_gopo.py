@@ -1,5 +1,5 @@
 """Tests of the GOPO loss, the Expert's trajectory scoring, the SOP mask, the simulator, checkpoints
-and a short end-to-end learning run (gopo.py, expert.py, rollout.py, shop.py, lm.py)."""
+and a short end-to-end learning run (gopo.py, expert.py, rollout.py, worlds/shop.py, lm.py)."""
 import copy
 import math
 from types import SimpleNamespace
@@ -14,7 +14,7 @@ import expert as expert_lib
 import gopo
 import lm
 import rollout as rollout_lib
-import shop
+from worlds import shop
 from conftest import build_models, gopo_against_swapped
 
 Z = len(shop.STRATEGIES)

@@ -9,10 +9,11 @@ import sys
 import pytest
 
 import data
-import desk
-import shop
+import worlds
+from worlds import desk
+from worlds import shop
 from conftest import ROOT, hf_env
-from realdata import corpora, hf, logged
+from worlds import corpora, hf, logged
 
 try:
     import datasets
@@ -34,7 +35,7 @@ def run_logs(tmp_path_factory):
 
 
 def export(*args):
-    return subprocess.run([sys.executable, "-m", "realdata.export", *map(str, args)], cwd=ROOT, env=hf_env(),
+    return subprocess.run([sys.executable, "-m", "worlds.export", *map(str, args)], cwd=ROOT, env=hf_env(),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -71,10 +72,10 @@ def test_dataset_folder_feeds_the_loaders(run_logs, tmp_path):
     run, recs = run_logs
     folder = tmp_path / "shop"
     hf.to_dataset(recs[:6]).save_to_disk(str(folder))
-    world, logs, splits = data.load_world("shop", logs=str(folder))
+    world, logs, splits = worlds.load_world("shop", logs=str(folder))
     assert logs == recs[:6] and splits is None
     with pytest.raises(data.DataError, match="unknown (strategy|event)"):   # checked against the world, as JSONL is
-        data.load_world("shop", world="desk", logs=str(folder))
+        worlds.load_world("shop", world="desk", logs=str(folder))
 
     every = tmp_path / "every"
     hf.to_dataset(recs).save_to_disk(str(every))
@@ -84,7 +85,7 @@ def test_dataset_folder_feeds_the_loaders(run_logs, tmp_path):
     datasets.DatasetDict({"train": hf.to_dataset(recs[:8]), "validation": hf.to_dataset(recs[8:10]),
                           "test": hf.to_dataset(recs[10:])}).save_to_disk(str(split))
     assert logged.load_splits("records", str(split)) == {"train": recs[:8], "dev": recs[8:10], "test": recs[10:]}
-    assert data.read_logs(str(split)) == recs[:8]   # --logs of a DatasetDict: its train split
+    assert worlds.read_logs(str(split)) == recs[:8]   # --logs of a DatasetDict: its train split
 
 
 def hub_layout(folder):
@@ -166,25 +167,25 @@ def test_bad_folders_and_rows(tmp_path, run_logs, monkeypatch):
     (plain / "notes.txt").write_text("hello\n")
     with pytest.raises(data.DataError, match=r"neither the MultiWOZ 2\.2 folder .* nor a Hugging Face dataset"):
         logged.load_splits("multiwoz", str(plain))
-    for load in (lambda p: logged.load_splits("records", p), data.read_logs):
+    for load in (lambda p: logged.load_splits("records", p), worlds.read_logs):
         with pytest.raises(data.DataError, match="is a directory but not a Hugging Face dataset folder"):
             load(str(plain))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(data.DataError, match="hub id needs --no-offline"):
         logged.load_splits("records", "someone/their_corpus")
     with pytest.raises(data.DataError, match="no such file$"):   # a missing JSONL keeps its old message
-        data.read_logs(str(tmp_path / "nope.jsonl"))
+        worlds.read_logs(str(tmp_path / "nope.jsonl"))
 
     wrong = tmp_path / "wrong"
     datasets.Dataset.from_list([{"text": "hi"}]).save_to_disk(str(wrong))
     with pytest.raises(data.DataError, match=r"no column 'id', 'source'.*common record schema"):
-        data.read_logs(str(wrong))
+        worlds.read_logs(str(wrong))
     _, recs = run_logs
     bad = tmp_path / "bad_json"
     ds = hf.to_dataset(recs[:2]).map(lambda row, i: {"scenario": "{" if i else row["scenario"]}, with_indices=True)
     ds.save_to_disk(str(bad))
     with pytest.raises(data.DataError, match=r"row 1: column 'scenario' is not valid JSON"):
-        data.read_logs(str(bad))
+        worlds.read_logs(str(bad))
     with pytest.raises(data.DataError, match=r"record 0: turns\[0\] has keys beyond"):   # refused, not dropped
         hf.to_dataset([{**recs[0], "turns": [{**recs[0]["turns"][0], "mood": "calm"}]}])
     no_strategy = [{**r, "turns": [{**t, "strategy": None} for t in r["turns"]]} for r in recs]
@@ -198,7 +199,7 @@ import runpy, sys
 for name in ("datasets", "pyarrow", "pandas"):   # as on a GPU image that has none of them
     sys.modules[name] = None                      # `import datasets` raises ImportError; find_spec says absent
 sys.path.insert(0, ".")
-import data, eval, train, world, realdata.corpora, realdata.hf, realdata.logged, realdata.export  # noqa
+import data, eval, train, worlds, worlds.corpora, worlds.hf, worlds.logged, worlds.export  # noqa
 import experiments.baselines  # noqa
 dataset_folder, tiny = sys.argv[1], sys.argv[2:]
 for argv in (["train.py", "--help"], ["train.py", *tiny]):   # the help, then a tiny built-in run
@@ -208,7 +209,7 @@ for argv in (["train.py", "--help"], ["train.py", *tiny]):   # the help, then a 
     except SystemExit as e:
         assert not e.code, e.code
 try:
-    data.read_logs(dataset_folder)
+    worlds.read_logs(dataset_folder)
 except data.DataError as e:
     print("ERROR", e)
 assert sys.modules["datasets"] is None

@@ -1,4 +1,4 @@
-"""Real data: the logged-context world (realdata/logged.py) and the --data pipeline through train.py and eval.py."""
+"""Real data: the logged-context world (worlds/logged.py) and the --data pipeline through train.py and eval.py."""
 import json
 import os
 import random
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from realdata import logged
+from worlds import logged
 from conftest import ROOT, hf_env
 
 MGSHOP = os.path.join(ROOT, "..", "shared", "data", "MGShopDial.json")

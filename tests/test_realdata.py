@@ -1,4 +1,4 @@
-"""Tests of the MG-ShopDial and MultiWOZ 2.2 loaders (realdata/corpora.py)."""
+"""Tests of the MG-ShopDial and MultiWOZ 2.2 loaders (worlds/corpora.py)."""
 import json
 import os
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from data import DataError, validate_record
-from realdata.corpora import (load_mgshop, load_multiwoz, majority_intent, mgshop_counts, mgshop_split,
-                      multiwoz_success, turn_label)
+from worlds.corpora import (load_mgshop, load_multiwoz, majority_intent, mgshop_counts, mgshop_split,
+                            multiwoz_success, turn_label)
 
 MGSHOP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "MGShopDial.json")
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "multiwoz")

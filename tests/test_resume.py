@@ -121,7 +121,7 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_last_state_intact(tmp_p
 def test_resume_reads_the_runs_own_logs_not_the_original_logs_file(tmp_path, cli_env):
     """A run trained on --logs FILE resumes after FILE is gone: the run keeps its own logs.jsonl."""
     import data
-    import shop
+    from worlds import shop
     logs = tmp_path / "mine.jsonl"
     data.write_jsonl([shop.play(shop.make_scenario(s), shop.behaviour_policy) for s in range(30)], str(logs))
     short = ["--sft-steps", "2", "--sft-window-steps", "1", "--iters", "1", "--scenarios", "2", "--k", "2",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lm
-import shop
+from worlds import shop
 from conftest import ROOT, hf_env
 
 SMALL = ["--n-logs", "60", "--d-model", "32", "--sft-steps", "4", "--sft-window-steps", "2", "--iters", "2",
@@ -125,7 +125,8 @@ def test_gathered_reshards_every_block_and_an_idle_rank_joins_every_gather(tmp_p
 import sys, torch
 sys.path.insert(0, {ROOT!r})
 from torch.distributed.tensor import DTensor
-import data, lm, parallel, rollout, shop
+import data, lm, parallel, rollout
+from worlds import shop
 parallel.init("cpu")
 logs = [shop.play(shop.make_scenario(s), shop.behaviour_policy) for s in range(20)]
 tok = lm.train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(shop.INSTRUCTIONS.values()),

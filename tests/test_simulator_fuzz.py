@@ -10,7 +10,7 @@ import random
 import string
 from collections import Counter
 
-import shop
+from worlds import shop
 
 N_CASES = 2000
 MAX_REPLIES = 40   # a customer may never finish (re-naming the liked product costs no patience)

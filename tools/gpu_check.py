@@ -31,8 +31,8 @@ import expert as expert_lib  # noqa: E402
 import gopo  # noqa: E402
 import lm  # noqa: E402
 import rollout as rollout_lib  # noqa: E402
-import shop  # noqa: E402
 import tse  # noqa: E402
+from worlds import shop  # noqa: E402
 
 DRY = os.environ.get("DRY_RUN") == "1"
 DEV = torch.device("cpu" if DRY else "cuda")

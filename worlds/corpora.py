@@ -3,7 +3,7 @@
 MG-ShopDial (SIGIR 2023): one JSON list of e-commerce conversations between a "Wizard" (the shop
 assistant) and a "Client", every utterance annotated with scored intents.
 MultiWOZ 2.2: the official folder, `{train,dev,test}/dialogues_*.json` plus `dialog_acts.json`; or
-the rows of its Hugging Face copy (multi_woz_v22), which realdata/hf.py reads.
+the rows of its Hugging Face copy (multi_woz_v22), which worlds/hf.py reads.
 
 Every rule below is a documented choice of ours (the corpora do not define strategies or events).
 Each loader returns records that pass `data.validate_record`; bad input raises `DataError` with a

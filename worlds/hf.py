@@ -172,7 +172,7 @@ def multiwoz_splits(path):
     """train.py --data multiwoz --data-path DIR|HUB_ID for the Hugging Face MultiWOZ 2.2
     (multi_woz_v22: splits train / validation / test, a dialogue per row, its turns a dict of lists):
     {"train", "dev", "test"} records by the rules of corpora.load_multiwoz."""
-    from realdata import corpora
+    from worlds import corpora
     splits = load(path)
     names = {"train": "train", "dev": "validation" if "validation" in splits else "dev", "test": "test"}
     if any(n not in splits for n in names.values()):

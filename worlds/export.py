@@ -1,13 +1,13 @@
 """Write a run's training dialogues (logs.jsonl) as a Hugging Face dataset, the form other labs share.
 
-    python -m realdata.export out/gopo                     # -> out/gopo/logs_dataset/
-    python -m realdata.export out/gopo --out shop_logs     # anywhere else
+    python -m worlds.export out/gopo                     # -> out/gopo/logs_dataset/
+    python -m worlds.export out/gopo --out shop_logs     # anywhere else
     python -c "import datasets; print(datasets.load_from_disk('shop_logs')[0])"
     python train.py --logs shop_logs                       # a built-in world trains on them again
     python train.py --data records --data-path shop_logs   # or a logged-context world does
 
-The folder is `Dataset.save_to_disk`'s, one row per dialogue in the schema of realdata/hf.py;
-`datasets.load_from_disk` reads it back and realdata.hf turns the rows into records equal to the
+The folder is `Dataset.save_to_disk`'s, one row per dialogue in the schema of worlds/hf.py;
+`datasets.load_from_disk` reads it back and worlds.hf turns the rows into records equal to the
 logs.jsonl ones. (`datasets.load_dataset` refuses save_to_disk folders by design; to share on the
 hub, `load_from_disk(DIR).push_to_hub(ID)`, then `load_dataset(ID)` or `--logs ID --no-offline`.)
 """
@@ -16,12 +16,12 @@ import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:   # python realdata/export.py works as well as python -m realdata.export
+if ROOT not in sys.path:   # python worlds/export.py works as well as python -m worlds.export
     sys.path.insert(0, ROOT)
 
 import cli  # noqa: E402
 import data  # noqa: E402
-from realdata import hf  # noqa: E402
+from worlds import hf  # noqa: E402
 
 p = cli.Parser(__doc__)
 p.add_argument("run", help="run folder written by train.py (holds logs.jsonl)")

@@ -1,6 +1,7 @@
 """The world contract: what GOPO trains against. To take GOPO to your own domain, write a module
-that provides these names (shop.py is the small example, desk.py the long-horizon one, realdata/logged.py
-builds one from real logs), and pass it where `shop` or `desk` is passed.
+that provides these names (worlds/shop.py is the small example, worlds/desk/ the long-horizon one,
+worlds/logged.py builds one from real logs, read by worlds/corpora.py), and pass it where `shop` or
+`desk` is passed.
 
   STRATEGIES             strategy names: the Expert's action space (one new token each)
   INSTRUCTIONS           strategy -> one short line the CS Agent follows (it is in every turn)
@@ -31,8 +32,14 @@ builds one from real logs), and pass it where `shop` or `desk` is passed.
                          "ref_strategies", "order_value"}; reference(scenario) -> z*
 
 Held-out scenarios come from seeds training never samples (data.test_seeds).
+
+Imports run one way: a world imports the record schema (data.py), never the reverse, and this
+module is the one place that loads worlds by name (`load`, and `load_world` for train.py's --data).
 """
+import os
 import random
+
+import data
 
 WORLDS = ("shop", "desk")
 
@@ -43,13 +50,37 @@ def load(name, horizon=None, paraphrases=None):
     if name == "shop":
         if horizon is not None or paraphrases is not None:
             raise ValueError("--horizon and --paraphrases are knobs of the desk world (--world desk)")
-        import shop
+        from worlds import shop
         return shop
     if name == "desk":
-        import desk
+        from worlds import desk
         knobs = (horizon or desk.HORIZON, paraphrases or desk.PARAPHRASES)
         return desk if knobs == (desk.HORIZON, desk.PARAPHRASES) else desk.make_world(*knobs)
     raise ValueError(f"unknown world {name!r} (built-in: {', '.join(WORLDS)})")
+
+
+def read_logs(path, strategies=None, events=None):
+    """train.py --logs PATH: a JSONL file (data.read_jsonl), or a Hugging Face dataset in the record
+    schema, a save_to_disk folder or a hub id (worlds/hf.py, the only place that imports `datasets`)."""
+    if path.endswith(".jsonl") or os.path.isfile(path):
+        return data.read_jsonl(path, strategies, events)
+    from worlds import hf
+    return hf.logs(path, strategies, events)
+
+
+def load_world(source, path=None, world="shop", horizon=None, paraphrases=None, logs=None):
+    """(world, training logs or None, splits or None) of train.py's --data SOURCE. The built-in shop
+    (--world, its knobs) simulates its logs later, or reads them from `logs` (`read_logs`: JSONL or a
+    Hugging Face dataset); a real dataset's training split is the logs, and its world is a
+    logged-context one (worlds/logged.py)."""
+    if source == "shop":
+        w = load(world, horizon, paraphrases)
+        return w, read_logs(logs, w.STRATEGIES, w.EVENTS) if logs else None, None
+    from worlds import logged
+    splits = logged.load_splits(source, path)
+    if not splits["train"] or not splits["test"]:
+        raise data.DataError(f"--data-path {path}: the {source} data has an empty train or test split")
+    return logged.make_world(splits["train"], [r for v in splits.values() for r in v]), splits["train"], splits
 
 
 def label_policy(w):

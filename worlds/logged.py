@@ -122,7 +122,7 @@ def human_strategies(rec):
 
 
 def make_world(train, all_records, max_turns=None):
-    """A world (the interface of shop.py that rollout/gopo/train use) from a training split.
+    """A world (the contract of worlds/__init__.py that rollout/gopo/train use) from a training split.
 
     all_records (every split) only names the labels: strategies and events of the annotation scheme.
     """
@@ -164,19 +164,19 @@ def make_world(train, all_records, max_turns=None):
 
 
 def load_splits(name, path, split_seed=0):
-    """{"train", "dev", "test"} record lists of a dataset (see realdata/corpora.py for the rules).
+    """{"train", "dev", "test"} record lists of a dataset (see worlds/corpora.py for the rules).
 
     mgshop: the MGShopDial.json file. multiwoz: the official folder (it holds dialog_acts.json), or
-    the Hugging Face copy (a save_to_disk folder or a hub id; realdata/hf.py). records: the common
+    the Hugging Face copy (a save_to_disk folder or a hub id; worlds/hf.py). records: the common
     record schema, a JSONL file or a Hugging Face dataset; its own train / test splits if it has
     them, else split by MG-ShopDial's seeded rule (corpora.mgshop_split: 1/8 test, 1/8 dev)."""
-    from realdata import corpora as realdata
-    from realdata import hf   # imports `datasets` only when it reads a dataset
+    from worlds import corpora
+    from worlds import hf   # imports `datasets` only when it reads a dataset
     if name == "mgshop":
-        return realdata.mgshop_split(realdata.load_mgshop(path), seed=split_seed)
+        return corpora.mgshop_split(corpora.load_mgshop(path), seed=split_seed)
     if name == "multiwoz":
         if os.path.isfile(os.path.join(path, "dialog_acts.json")):
-            return realdata.load_multiwoz(path)
+            return corpora.load_multiwoz(path)
         if os.path.isdir(path) and not hf.is_dataset_folder(path):
             raise data.DataError(f"{path}: neither the MultiWOZ 2.2 folder (no dialog_acts.json) nor a Hugging "
                                  "Face dataset folder (no state.json or dataset_dict.json, which save_to_disk writes)")
@@ -185,7 +185,7 @@ def load_splits(name, path, split_seed=0):
         jsonl = path.endswith(".jsonl") or os.path.isfile(path)
         splits = {"all": data.read_jsonl(path)} if jsonl else hf.record_splits(path)
         if "all" in splits:
-            splits = realdata.mgshop_split(splits["all"], seed=split_seed)
+            splits = corpora.mgshop_split(splits["all"], seed=split_seed)
         for split, recs in splits.items():   # the logged-context world learns from the agents' strategies
             for rec in recs:
                 for i, t in enumerate(rec["turns"]):
