@@ -371,7 +371,8 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
         table(results, methods)
     if algo != "sft":   # the same customers for both rows: a paired difference is the sharper test
         paired = tse.paired_diff_ci(*(per_dialogue(records[r], values, world)["tse"] for r in rows[:2]))
-        md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f}\n" \
+        md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f} (the oracle is a clairvoyant " \
+              f"rule policy that defines z*, not an upper bound: above 1 means {rows[0]} passed it)\n" \
               f"Paired on the same customers, TSE {rows[0]} - {rows[1]}: {paired[0]:+.3f} " \
               f"[{paired[1]:+.3f}, {paired[2]:+.3f}] (95% bootstrap CI)\n"
     md += f"\nDecision accuracy against the {worlds.label_policy(world).__name__} by kind of decision (share of " \

@@ -215,7 +215,7 @@ def test_eval_smoke_writes_report(smoke_run):
             assert v["ci95"][0] <= v["mean"] + 1e-9 <= v["ci95"][1] + 2e-9
         for metric in ("tse", "success", "esndcg", "gre"):
             assert metric in ev[method]
-    # the oracle is the world's upper bound on TSE; the random-valid policy is not above it
+    # the clairvoyant oracle (it defines z*) does not score below the random-valid policy
     assert ev["oracle"]["tse"]["mean"] >= ev["random"]["tse"]["mean"]
     md = (run / "eval.md").read_text()
     assert all(m in md for m in ("gopo", "sft", "behaviour", "random", "oracle"))

@@ -353,7 +353,9 @@ def read(turns):
 
 
 def oracle_policy(tr, scenario, rng):
-    """The ideal SOP run for this customer: it defines z* and the world's practical upper bound."""
+    """A clairvoyant rule policy (it reads the hidden concern and whether an upsell is open): it
+    defines z*. It is not an upper bound on TSE: it upsells every open customer, an extra turn for
+    order value, so a learnt Expert can end above it."""
     if tr.prev is None:
         return "greet"
     if tr.in_cart:
