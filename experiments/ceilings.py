@@ -190,6 +190,7 @@ def main(argv=None):
     m_oracle, _ = metrics(oracle, values, w)
     sft_row = rows[-1]
     m_sft, tse_sft = metrics(played[sft_row], values, w)
+    m_method = metrics(played[rows[0]], values, w)[0] if algo != "sft" else None
     accuracy = {"sft": worlds.group_accuracy(w, played[sft_row]),
                 **({"method": worlds.group_accuracy(w, played[rows[0]])} if algo != "sft" else {}),
                 "ceiling": worlds.group_accuracy(w, played["ceiling"]),
@@ -216,7 +217,6 @@ def main(argv=None):
         for g in report["groups"].values():
             g["method"] = g["sft"]
     if algo != "sft":
-        m_method, tse_method = metrics(played[rows[0]], values, w)
         report["method"] = {"tse": m_method["tse"]["mean"], "tse_ci95": m_method["tse"]["ci95"],
                             "success": m_method["success"]["mean"]}
         gap = m_ceiling["tse"]["mean"] - m_sft["tse"]["mean"]
@@ -228,7 +228,7 @@ def main(argv=None):
     print("| what | TSE | success | sop_ok |\n|---|---|---|---|")
     lines = [("Expert ceiling, the run's CS Agent", m_ceiling), ("Expert ceiling, template replies", m_template),
              ("CS ceiling (oracle strategies, the run's CS Agent)", m_cs), (f"{sft_row} (the SFT start)", m_sft),
-             *([(rows[0], metrics(played[rows[0]], values, w)[0])] if algo != "sft" else []),
+             *([(rows[0], m_method)] if algo != "sft" else []),
              ("oracle (template replies)", m_oracle)]
     for name, m in lines:
         print(f"| {name} | {ci(m)} | {m['success']['mean']:.3f} | {m['sop_ok']['mean']:.3f} |")
