@@ -74,23 +74,24 @@ def template_play(expert_model, tok, w, scenarios, seed=0):
     strategy_ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in w.STRATEGIES]
     prefixes, live = [[] for _ in scenarios], list(range(len(scenarios)))
     while live:
-        trajs = []
-        for i in live:
-            turns, _ = follow(w, scenarios[i], prefixes[i], seed)
-            probe = {"role": "agent", "text": "", "strategy": w.allowed(prefixes[i])[0]}   # marks the next decision
-            trajs.append(expert_lib.trajectory_from_record(tok, {"turns": turns + [probe]}, w.STRATEGIES,
-                                                           w.allowed, w.INSTRUCTIONS))
+        played = {i: follow(w, scenarios[i], prefixes[i], seed) for i in live}   # i -> (turns, ended)
+        live = [i for i in live if not played[i][1] and len(prefixes[i]) < w.HORIZON]
+        if not live:
+            break
+        probe = lambda i: {"role": "agent", "text": "", "strategy": w.allowed(prefixes[i])[0]}   # the next decision
+        trajs = [expert_lib.trajectory_from_record(tok, {"turns": played[i][0] + [probe(i)]}, w.STRATEGIES,
+                                                   w.allowed, w.INSTRUCTIONS) for i in live]
         batch = expert_lib.collate(trajs, tok.pad_token_id, len(w.STRATEGIES))
         logps = expert_lib.decision_dists(expert_model, batch, strategy_ids)               # (B, T, Z)
         last = batch["step_mask"].sum(1) - 1                                                  # (B,)
-        choice = logps[torch.arange(len(live)), last].argmax(-1).tolist()                     # (B,)
-        still = []
-        for i, k in zip(live, choice):
+        for i, k in zip(live, logps[torch.arange(len(live)), last].argmax(-1).tolist()):    # (B,) greedy
             prefixes[i].append(w.STRATEGIES[k])
-            if len(prefixes[i]) < w.HORIZON and not follow(w, scenarios[i], prefixes[i], seed)[1]:
-                still.append(i)
-        live = still
     return [w.play(sc, _fixed(z), seed=seed) for sc, z in zip(scenarios, prefixes)]
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _fixed(zs):
@@ -163,7 +164,7 @@ def main(argv=None):
 
     budget = sft_budget(config, args.lr, args.steps)
     stamp = os.path.join(run, "expert_ceiling", "budget.json")
-    if not args.retrain and os.path.exists(stamp) and json.load(open(stamp)) == budget:
+    if not args.retrain and os.path.exists(stamp) and _read(stamp) == budget:
         ceiling, tok_e = lm.load(os.path.join(run, "expert_ceiling"))
         print(f"ceiling Expert: loaded {run}/expert_ceiling ({budget})")
     else:
