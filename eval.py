@@ -218,7 +218,8 @@ def plot(results, methods, path, title, ax=None):
 
 def plot_curves(run_dir):
     """curves.png of a run (train.py writes it): SFT losses and the per-iteration metrics of the
-    method (none for --algo sft)."""
+    method (none for --algo sft): the rollouts' scores, the update, DPO's implicit rewards, and per
+    decision group (gopo.decision_stats) the rollouts' accuracy and the groups the pairs first differ at."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -227,9 +228,13 @@ def plot_curves(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     dpo = bool(rows) and "rewards/margins" in rows[-1]
-    fig, ax = plt.subplots(1, (4 if dpo else 3) if rows else 1, figsize=((20 if dpo else 15) if rows else 5, 4),
-                           squeeze=False)
-    ax = ax[0]
+    by_group = {prefix: [k for k in rows[0] if k.startswith(prefix)] if rows else [] for prefix in ("acc/", "pairs/")}
+    n = 1 + bool(rows) * (2 + dpo + sum(bool(keys) for keys in by_group.values()))
+    cols = n if n <= 4 else 3
+    fig, ax = plt.subplots((n + cols - 1) // cols, cols, figsize=(5 * cols, 4 * ((n + cols - 1) // cols)), squeeze=False)
+    ax = ax.flatten()
+    for extra in ax[n:]:
+        extra.axis("off")
     labels = {"expert_loss": "Expert (decision NLL)", "agent_loss": "CS Agent (reply-token NLL)",
               "flat_loss": "flat agent (reply-token NLL)"}
     for key, curve in sft.items():
@@ -238,23 +243,35 @@ def plot_curves(run_dir):
     ax[0].legend()
     if rows:
         its = [r["iter"] for r in rows]
+        series = lambda key: [r.get(key) if r.get(key) is not None else float("nan") for r in rows]  # noqa: E731
         for key in ("R", "tse", "esndcg", "gre", "success"):
             if key in rows[0]:
-                ax[1].plot(its, [r[key] for r in rows], label=key)
+                ax[1].plot(its, series(key), label=key)
         ax[1].set(title="rollouts (training scenarios, sampled)", xlabel="iteration")
         ax[1].legend()
         for key, label in (("loss", "loss"), ("value_loss", "value loss"), ("pairs", "pairs"),
                            ("cases", "cases in the bank")):
             if key in rows[0]:
-                ax[2].plot(its, [r[key] if r[key] is not None else float("nan") for r in rows], label=label)
+                ax[2].plot(its, series(key), label=label)
         ax[2].set(title="update", xlabel="iteration", yscale="log")
         ax[2].legend()
+        i = 3
         if dpo:   # what the Expert's update did to the pairs, in the terms DPO trainers log
             for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl_to_sft"):
-                ax[3].plot(its, [r.get(key, float("nan")) for r in rows], label=key)
-            ax[3].axhline(0, color="grey", lw=0.5)
-            ax[3].set(title="Expert update: beta (S - S_ref) after it", xlabel="iteration")
-            ax[3].legend(fontsize=8)
+                ax[i].plot(its, series(key), label=key)
+            ax[i].axhline(0, color="grey", lw=0.5)
+            ax[i].set(title="Expert update: beta (S - S_ref) after it", xlabel="iteration")
+            ax[i].legend(fontsize=8)
+            i += 1
+        titles = {"acc/": "decisions matching the label, by group (rollouts)",
+                  "pairs/": "pairs: group of the first differing decision"}
+        for prefix, keys in by_group.items():
+            if keys:   # which decisions the Expert is learning, and which ones its pairs reach
+                for key in keys:
+                    ax[i].plot(its, series(key), label=key[len(prefix):], lw=2.5 if key == "acc/all" else 1.5)
+                ax[i].set(title=titles[prefix], xlabel="iteration", ylim=(-0.02, 1.02))
+                ax[i].legend(fontsize=8)
+                i += 1
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "curves.png"), dpi=100)
     plt.close(fig)

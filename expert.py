@@ -76,6 +76,12 @@ def decision_logps(model, batch, strategy_ids):
     return torch.where(step_mask, taken, torch.zeros_like(taken))
 
 
+def entropy(logps):
+    """H(pi(. | h)) in nats: logps (..., Z), -inf where the SOP forbids a strategy -> (...,).
+    Forbidden strategies add nothing (0 log 0 = 0)."""
+    return -torch.where(torch.isfinite(logps), logps.exp() * logps, torch.zeros_like(logps)).sum(-1)
+
+
 def decision_kl(logps, ref_logps, allowed, step_mask):
     """sum_t KL(pi(. | h_t) || pi_ref(. | h_t)) per trajectory, exact over the Z strategies (Z is
     small, so no sampled estimate is needed): logps, ref_logps (B, T, Z), allowed (B, T, Z),

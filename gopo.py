@@ -28,6 +28,7 @@ import lm
 import parallel
 import rollout as rollout_lib
 import tse
+import worlds
 
 
 # ----------------------------------------------------------------------------- losses (pure functions)
@@ -100,7 +101,13 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     row = {i: k for k, i in enumerate(used)}
     batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
     step_logps = expert_lib.decision_logps(model, batch, strategy_ids)            # (N, T)
-    S = trajectory_logps(step_logps, batch["step_mask"].to(step_logps.device).float())   # (N,)
+    # --rollouts branch: the decisions before the group's branch point are the same tokens in both
+    # dialogues of a pair, so their terms cancel in every margin; they are dropped (from the NLL too).
+    # Their tokens stay in the forward: they are the context of the decisions that follow.
+    T = batch["step_mask"].shape[1]
+    branch = torch.tensor([trajs[i].get("branch", 0) for i in used])              # (N,)
+    scored = batch["step_mask"] & (torch.arange(T)[None, :] >= branch[:, None])   # (N, T)
+    S = trajectory_logps(step_logps, scored.to(step_logps.device).float())        # (N,)
     # S_ref, --ref rollout: this same scoring forward, the first time a trajectory is scored in its
     # iteration (no step taken yet: the policy is the one that sampled it), so the margin starts at
     # exactly 0 in bf16 too; the rollout's recorded ref_logps are the same numbers up to rounding
@@ -109,11 +116,11 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     if ref_model is not None and any("S_ref" not in trajs[i] for i in used):
         with torch.no_grad():
             first = trajectory_logps(expert_lib.decision_logps(ref_model, batch, strategy_ids),
-                                     batch["step_mask"].to(S.device).float())                 # (N,)
+                                     scored.to(S.device).float())                             # (N,)
     for i in used:
         trajs[i].setdefault("S_ref", first[row[i]].detach())
     S_ref = torch.stack([trajs[i]["S_ref"] for i in used])                       # (N,)
-    n_steps = batch["step_mask"].sum(-1).to(S.device)                            # (N,)
+    n_steps = scored.sum(-1).to(S.device)                                        # (N,) decisions scored
     if args.listwise:
         idx = torch.tensor([[row[i] for i in g] for g in mine], device=S.device)  # (G, K)
         R = torch.tensor([[rewards[i] for i in g] for g in mine], device=S.device)
@@ -200,12 +207,14 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     sft_expert: the frozen SFT Expert: pi_ref when args.ref == "sft", and the KL metric's reference."""
     t0 = time.time()
     rng = random.Random(seed)
-    # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded)
-    batch = [s for s in scenarios for _ in range(args.k)]
-    mine = parallel.share(list(range(len(batch))))          # distributed: each rank plays its share
-    trajs = rollout_lib.ExpertDialogues(expert_model, agent_model, tok_e, tok_a, [batch[i] for i in mine], world,
-                                        seed, index=mine).play(False, args.agent_temperature, args.max_reply_tokens)
-    trajs = parallel.gather(trajs)                          # every rank: the whole batch, in order
+    # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded):
+    #    independent dialogues, or continuations of one dialogue from a branch decision (--rollouts)
+    def make(batch, index, **kw):
+        return rollout_lib.ExpertDialogues(expert_model, agent_model, tok_e, tok_a, batch, world, seed, index=index, **kw)
+    mine = parallel.share(list(range(len(scenarios))))      # distributed: each rank plays its scenarios' groups
+    trajs = [tr for group in parallel.gather(rollout_lib.play_groups(
+        make, [scenarios[i] for i in mine], args.k, mine, seed, args.rollouts, args.branch_at,
+        args.agent_temperature, args.max_reply_tokens)) for tr in group]   # every rank: the whole batch, in order
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     # 2. score with R and build pairs within each scenario
     scores = [joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
@@ -242,8 +251,36 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
             "esndcg": mean(m["esndcg"] for m in scores), "success": mean(m["success"] for m in scores),
             "gre": mean(gre(r, world.recognise) for r in recs),
             "loss": mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
-            "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats,
+            "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats, **decision_stats(trajs, pairs, world),
             "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None, "seconds": round(time.time() - t0, 2)}
+
+
+def decision_stats(trajs, pairs, world):
+    """Which decisions an iteration's rollouts get right, and which its pairs contrast, per decision
+    group (worlds.decisions: the kind of decision, the strategy taken, the label policy's choice):
+      acc/<group>    share of the rollouts' decisions that match the label: each sampled decision
+                     once (a fork's copied turns count in the dialogue they were copied from);
+      pairs/<group>  share of the preference pairs whose first differing decision is of that group
+                     (the winner's); pairs/same: the two dialogues chose the same strategies throughout.
+    {} for a world without a tracker to read its dialogues (logged data)."""
+    if not hasattr(world, "read"):
+        return {}
+    seen = [worlds.decisions(world, tr["record"]) for tr in trajs]              # [(group, taken, label)] each
+    names = list(worlds.groups(world))
+    counts = {g: [0, 0] for g in names + ["all"]}
+    for tr, decisions in zip(trajs, seen):
+        for g, taken, label in decisions[tr["branch"] if tr.get("fork") else 0:]:
+            for key in (g, "all"):
+                counts[key][0] += taken == label
+                counts[key][1] += 1
+    first = {g: 0 for g in names + ["same"]}
+    for w, l in pairs:
+        zw, zl = [z for _, z, _ in seen[w]], [z for _, z, _ in seen[l]]
+        t = next((t for t, (a, b) in enumerate(zip(zw, zl)) if a != b), None)
+        t = t if t is not None or len(zw) == len(zl) else min(len(zw), len(zl))   # one ended before the other
+        first["same" if t is None else (seen[w][t] if t < len(zw) else seen[l][t])[0]] += 1
+    return {**{f"acc/{g}": c / n if n else None for g, (c, n) in counts.items()},
+            **{f"pairs/{g}": n / len(pairs) for g, n in first.items() if pairs}}
 
 
 def gre(rec, recognise):

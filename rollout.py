@@ -17,7 +17,23 @@ equal it up to float rounding (tested, in bf16 too).
 The loop is `Dialogues.play`; what the CS Agent is asked for each turn is a subclass: the Expert's
 decision (`ExpertDialogues`, what `rollout` plays). experiments/baselines.py adds its own: the flat
 agent (no Expert) and Memento (a case bank decides).
+
+K rollouts per scenario, the groups GOPO's pairs come from (`play_groups`), are played one of two ways:
+
+  independent  K whole dialogues from the customer's opening line. Two of them part at the first
+               decision the dice make differently, mostly an early, easy one, and differ at almost
+               every decision after it: a pair's credit is spread over the whole dialogue.
+  branch       one dialogue, then K - 1 continuations of it from one of its decisions b (picked by
+               `branch_point`): each continuation starts from a copy of the customer and of both
+               models' contexts at b (`Dialogues.fork`) and plays on with its own dice. The K
+               dialogues share their first b decisions token for token, so in a pair's DPO margin
+               those terms cancel exactly (the loss drops them: gopo.expert_loss) and the preference
+               falls on decision b and what followed it. As in SDPO (Kong et al. 2025), the
+               alternatives are sampled from the point where the dialogues part.
 """
+import copy
+import random
+
 import torch
 
 import engine
@@ -35,7 +51,8 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
       record: the dialogue in the common schema (plus order_value),
       ids: the Expert's token ids, decisions: [(strategy-token position, strategy index)],
       allowed: (T, Z) SOP masks, ref_logps: [log pi_E(z_t|h_t) at sampling time],
-      agent_ids: the CS Agent's token ids, replies: [(start, end)] reply spans in agent_ids.
+      agent_ids: the CS Agent's token ids, replies: [(start, end)] reply spans in agent_ids,
+      entropy: [H(pi_E(. | h_t))], the entropy of each decision's masked distribution.
     greedy: argmax decisions and replies; else sampled (replies at agent_temperature).
     Dialogue i's customer and random stream are seeded by (seed, i) alone (ExpertDialogues' index: a
     share of a batch played on one of several ranks keeps each dialogue's whole-batch number).
@@ -44,34 +61,91 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
         greedy, agent_temperature, max_reply_tokens)
 
 
+def play_groups(make, scenarios, k, index, seed, rollouts="independent", branch_at="entropy", temperature=0.7,
+                max_reply_tokens=32):
+    """K sampled dialogues for each scenario: a list of groups, one per scenario, of K trajectories.
+
+    make(scenarios, index, starts=None, snapshots=False) -> a Dialogues of this method (ExpertDialogues,
+    FlatDialogues), seeded with `seed`; index: each scenario's number in the whole batch (a rank's
+    share keeps the numbers, and so the dialogues, it would have in one process).
+    rollouts: "independent" (K dialogues from the opening line) or "branch" (one dialogue, then K - 1
+    continuations of it from its decision `branch_point`: see the module docstring).
+    Each trajectory gets "branch", the decisions its group shares (0: none), and "fork", True where
+    its first `branch` turns are a copy of the group's first dialogue."""
+    if rollouts == "independent":
+        trajs = make([s for s in scenarios for _ in range(k)], [g * k + j for g in index for j in range(k)]).play(
+            False, temperature, max_reply_tokens)
+        for tr in trajs:
+            tr["branch"], tr["fork"] = 0, False
+        return [trajs[n * k:(n + 1) * k] for n in range(len(scenarios))]
+    first = make(scenarios, [g * k for g in index], snapshots=True)
+    firsts = first.play(False, temperature, max_reply_tokens)
+    points = [branch_point(tr, branch_at, random.Random(f"branch/{seed}/{g}")) for tr, g in zip(firsts, index)]
+    forks = make([s for s in scenarios for _ in range(k - 1)], [g * k + j for g in index for j in range(1, k)],
+                 starts=[st for n, b in enumerate(points) for st in first.fork(n, b, k - 1)]).play(
+        False, temperature, max_reply_tokens)
+    groups = []
+    for n, (tr, b) in enumerate(zip(firsts, points)):
+        group = [tr] + forks[n * (k - 1):(n + 1) * (k - 1)]
+        for m, member in enumerate(group):
+            member["branch"], member["fork"] = b, m > 0
+        groups.append(group)
+    return groups
+
+
+def branch_point(tr, branch_at, rng):
+    """The turn b in [0, T) of a played dialogue to branch at. "uniform": any of its T turns.
+    "entropy": turn t with probability proportional to the entropy of the Expert's SOP-masked
+    distribution there, H(pi_E(. | h_t)): a turn with one allowed strategy, or where the Expert is
+    sure, gives K continuations that make the same choice, and so no contrast at b. A dialogue with
+    no decision entropies (the flat agent: its reply's entropy is mostly wording), or none above 0,
+    is branched uniformly."""
+    T = len(tr["replies"])
+    weights = tr.get("entropy") or []
+    if branch_at == "uniform" or sum(weights) <= 0:
+        return rng.randrange(T)
+    return rng.choices(range(T), weights=weights)[0]
+
+
 class Dialogues:
     """A batch of dialogues in lockstep: each one's customer and random stream, the CS Agent's context
     and the trajectories. A subclass says what the agent is asked to write each turn (`prompt`) and
     what a turn adds to a trajectory (`heard`). cache=False re-encodes every history each turn (the
     reference path; same dialogues)."""
 
-    def __init__(self, agent_model, tok_a, scenarios, world=shop, seed=0, index=None, cache=True):
+    def __init__(self, agent_model, tok_a, scenarios, world=shop, seed=0, index=None, cache=True, starts=None,
+                 snapshots=False):
+        """starts: one state per dialogue from `fork` (it goes on from there), or None (from the
+        customer's opening line); snapshots: keep a copy of each customer at every turn, to fork later."""
         index = list(range(len(scenarios))) if index is None else index
         self.agent_model, self.tok_a, self.scenarios, self.world = agent_model, tok_a, scenarios, world
-        self.customers = [world.Customer(s, seed=seed * 1_000_003 + i) for i, s in zip(index, scenarios)]
         self.keys = torch.tensor([seed * 1_000_003 + i for i in index], dtype=torch.int64)   # each dialogue's dice
-        self.opening = [c.opening() for c in self.customers]
-        self.agent_ctx = engine.Context(agent_model, [lm.start_ids(tok_a) + lm.customer_ids(tok_a, o)
-                                                      for o in self.opening], tok_a.pad_token_id, cache,
-                                        n_vocab=len(tok_a))
-        # the contexts' id lists grow in place, so each trajectory holds its own rows
-        self.trajs = [{"turns": [{"role": "customer", "text": o, "strategy": None, "event": None}],
-                       "ids": [], "agent_ids": a, "decisions": [], "ref_logps": [], "replies": []}
-                      for o, a in zip(self.opening, self.agent_ctx.ids)]
+        if starts is None:
+            self.customers = [world.Customer(s, seed=seed * 1_000_003 + i) for i, s in zip(index, scenarios)]
+            self.trajs = [{"turns": [{"role": "customer", "text": o, "strategy": None, "event": None}], "ids": [],
+                           "agent_ids": lm.start_ids(tok_a) + lm.customer_ids(tok_a, o), "decisions": [],
+                           "ref_logps": [], "entropy": [], "replies": []} for o in (c.opening() for c in self.customers)]
+        else:
+            self.customers, self.trajs = [st["customer"] for st in starts], [st["traj"] for st in starts]
+        self.first_turn = [len(tr["replies"]) for tr in self.trajs]   # 0, or the turn a fork goes on from
+        self.snapshots = [[] for _ in self.trajs] if snapshots else None   # [(agent ids, Expert ids, customer)]
+        self.agent_ctx = engine.Context(agent_model, [tr["agent_ids"] for tr in self.trajs], tok_a.pad_token_id,
+                                        cache, n_vocab=len(tok_a))
+        for tr, ids in zip(self.trajs, self.agent_ctx.ids):   # the contexts' id lists grow in place, so each
+            tr["agent_ids"] = ids                              # trajectory holds its own rows
 
     def play(self, greedy=False, temperature=0.7, max_reply_tokens=32):
         """Every turn: the prompts, the agent's replies, the customers' answers. Returns the trajectories."""
         assert max_reply_tokens < 1 << 12
         eot, tok_a = self.tok_a.eos_token_id, self.tok_a
         live = list(range(len(self.trajs)))         # dialogue index of each batch row
-        for t in range(self.world.HORIZON):
+        for t in range(self.world.HORIZON):         # step t of this play: dialogue i is at its turn first_turn[i] + t
             if not live and parallel.world() == 1:
                 break      # distributed: a rank with no dialogue left still joins each turn's gathers
+            if self.snapshots is not None:
+                for i in live:
+                    tr = self.trajs[i]
+                    self.snapshots[i].append((len(tr["agent_ids"]), len(tr["ids"]), copy.deepcopy(self.customers[i])))
             names = self.prompt(t, live, greedy)   # the strategy each live dialogue's agent is asked for
             starts = [len(ids) for ids in self.agent_ctx.ids]
             with parallel.gathered(self.agent_model):   # counter (2t + 1) << 12 + s: token s of turn t's reply
@@ -84,12 +158,13 @@ class Dialogues:
                     tr["agent_ids"].append(eot)
                 text = tok_a.decode(tr["agent_ids"][starts[j]:-1], skip_special_tokens=True).strip()
                 tr["replies"].append((starts[j], len(tr["agent_ids"])))
-                utterance, event, done = self.customers[i].reply(text, t)
+                turn = self.first_turn[i] + t
+                utterance, event, done = self.customers[i].reply(text, turn)
                 name = names[j] or self.world.recognise(text)   # asked for none: the act the world recognises
                 tr["turns"].append({"role": "agent", "text": text, "strategy": name, "event": None})
                 tr["turns"].append({"role": "customer", "text": utterance, "strategy": None, "event": event})
                 tr["agent_ids"] += lm.customer_ids(tok_a, utterance)
-                if self.heard(j, tr, name, text, utterance, done):
+                if self.heard(j, tr, name, text, utterance, done) and turn + 1 < self.world.HORIZON:
                     keep.append(j)
             live = [live[j] for j in keep]
             self.keep(keep)
@@ -97,7 +172,7 @@ class Dialogues:
 
     def prompt(self, t, live, greedy):
         """Extend the agent's context of each live dialogue with its turn prompt; return the strategy
-        each is asked for (None: none)."""
+        each is asked for (None: none). t: the step of this play (its dice counter), not the turn."""
         raise NotImplementedError
 
     def heard(self, j, tr, name, text, utterance, done):
@@ -112,18 +187,30 @@ class Dialogues:
         tr["record"] = self.world.record(scenario, tr.pop("turns"), customer, source="rollout")
         return tr
 
+    def fork(self, i, b, n):
+        """n start states for `starts`: copies of finished dialogue i as it stood before its turn b
+        (its customer then, both contexts' ids and the trajectory up to there). Needs snapshots=True."""
+        n_agent, n_ids, customer = self.snapshots[i][b]
+        tr = self.trajs[i]
+        return [{"customer": copy.deepcopy(customer),
+                 "traj": {"turns": copy.deepcopy(tr["record"]["turns"][:1 + 2 * b]), "ids": tr["ids"][:n_ids],
+                          "agent_ids": tr["agent_ids"][:n_agent], "decisions": tr["decisions"][:b],
+                          "ref_logps": tr["ref_logps"][:b], "entropy": tr["entropy"][:b], "replies": tr["replies"][:b]}}
+                for _ in range(n)]
+
 
 class ExpertDialogues(Dialogues):
     """GOPO's two agents: each turn the Expert decides (`decide`) from its own context, SOP-masked, and
     the CS Agent writes the reply that carries out the decision."""
 
     def __init__(self, expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, seed=0, index=None,
-                 cache=True):
-        super().__init__(agent_model, tok_a, scenarios, world, seed, index, cache)
+                 cache=True, starts=None, snapshots=False):
+        super().__init__(agent_model, tok_a, scenarios, world, seed, index, cache, starts, snapshots)
         self.expert_model, self.tok_e = expert_model, tok_e
         self.strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
-        self.expert_ctx = engine.Context(expert_model, [lm.start_ids(tok_e) + lm.customer_ids(tok_e, o)
-                                                        for o in self.opening], tok_e.pad_token_id, cache)
+        self.expert_ctx = engine.Context(expert_model, [tr["ids"] if starts is not None else lm.start_ids(tok_e) +
+                                                        lm.customer_ids(tok_e, tr["turns"][0]["text"])
+                                                        for tr in self.trajs], tok_e.pad_token_id, cache)
         for tr, ids in zip(self.trajs, self.expert_ctx.ids):
             tr["ids"] = ids
 
@@ -139,6 +226,7 @@ class ExpertDialogues(Dialogues):
                                                        len(strategies))                 # (B, Z)
         allowed = expert_lib.sop_mask(self.histories, strategies, self.world.allowed)   # (B, Z)
         self.z, self.logp = self.decide(logits, allowed, uniforms, live)
+        self.entropy = expert_lib.entropy(expert_lib.masked_logps(logits, self.strategy_ids, allowed)).tolist()
         names = [strategies[k] for k in self.z.tolist()]
         self.agent_ctx.extend([lm.agent_prompt_ids(self.tok_a, name, self.world.INSTRUCTIONS[name]) for name in names])
         return names
@@ -151,6 +239,7 @@ class ExpertDialogues(Dialogues):
     def heard(self, j, tr, name, text, utterance, done):
         tr["decisions"].append((len(tr["ids"]), self.z[j].item()))
         tr["ref_logps"].append(self.logp[j].item())
+        tr["entropy"].append(self.entropy[j])
         tr["ids"] += lm.agent_prompt_ids(self.tok_e, name, self.world.INSTRUCTIONS[name]) + \
             lm.reply_ids(self.tok_e, text) + lm.customer_ids(self.tok_e, utterance)
         return not done and bool(self.world.allowed(self.histories[j] + [name]))   # nothing may follow: it ends

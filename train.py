@@ -141,6 +141,15 @@ g.add_argument("--alpha", type=checked(float, 0, True, 1), default=0.5, help="R 
 g.add_argument("--delta", type=positive(float), default=0.05, help="min reward gap for a preference pair")
 g.add_argument("--max-pairs", type=positive(int), default=4, help="pairs per scenario, at most")
 g.add_argument("--listwise", action="store_true", help="Plackett-Luce over the K rollouts instead of pairs")
+g.add_argument("--rollouts", default="independent", choices=["independent", "branch"],
+               help="how the K rollouts of a scenario are played: independent, K dialogues from the opening line; branch, "
+               "one dialogue, then K-1 continuations of it from one of its decisions (copies of the customer and the "
+               "contexts there), so a pair's dialogues share every decision before it and the preference falls on "
+               "the branch (rollout.py; docs/branching.md). gopo and gopo-noexpert")
+g.add_argument("--branch-at", default="entropy", choices=["entropy", "uniform"],
+               help="--rollouts branch: which decision to branch at: entropy, drawn in proportion to the entropy of the "
+               "Expert's SOP-masked distribution there (a forced or sure decision gives no contrast); uniform, any of "
+               "the dialogue's decisions (the flat agent always: it has no decision distribution)")
 g.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
 g.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
 g.add_argument("--ref", default="rollout", choices=["rollout", "sft"],
@@ -172,6 +181,9 @@ def check_flags(args):
         die("--resume runs in one process without --fsdp; resume without torchrun")
     if args.d_model % 4:
         die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
+    if args.rollouts == "branch" and args.k < 2:
+        die(f"--rollouts branch plays --k continuations from a branch point and compares them: --k must be >= 2, "
+            f"got {args.k}")
     if args.algo == "gopo" and args.k < 2:   # with one rollout per scenario build_pairs finds no pair: nothing learnt
         die(f"--k must be >= 2 for --algo gopo: a preference pair compares two rollouts of one scenario, got {args.k}")
     if args.data != "shop" and not args.data_path:

@@ -133,10 +133,13 @@ def returns_to_go(rec, values, horizon, gamma=0.9):
 
 
 # ----------------------------------------------------------------------------- the flat agent
-def flat_batch(trajs, pad_id):
-    """Flat-agent trajectories -> ids, attn, reply-token mask, all (B, L), right-padded."""
+def flat_batch(trajs, pad_id, after_branch=False):
+    """Flat-agent trajectories -> ids, attn, reply-token mask, all (B, L), right-padded.
+    after_branch: the mask keeps only the replies from each trajectory's branch turn on (--rollouts
+    branch: the replies before it are the same tokens in both dialogues of a pair, and cancel)."""
     ids, attn = lm.pad([t["agent_ids"] for t in trajs], pad_id)
-    mask, _ = lm.pad([agent_lib.reply_mask(len(t["agent_ids"]), t["replies"]) for t in trajs], 0)
+    mask, _ = lm.pad([agent_lib.reply_mask(len(t["agent_ids"]), t["replies"][t["branch"] if after_branch else 0:])
+                      for t in trajs], 0)
     return ids, attn, mask.float()
 
 
@@ -160,18 +163,24 @@ class FlatDialogues(rollout_lib.Dialogues):
         return [None] * len(live)
 
 
-def flat_rollout(model, tok, scenarios, world, args, seed):
-    """K sampled dialogues of the flat agent per scenario (the same batch layout as GOPO's)."""
-    batch = [s for s in scenarios for _ in range(args.k)]
-    return FlatDialogues(model, tok, batch, world, seed).play(False, args.agent_temperature, args.max_reply_tokens)
+def flat_rollout(model, tok, scenarios, world, args, seed, rollouts="independent"):
+    """K sampled dialogues of the flat agent per scenario (the same batch layout as GOPO's), played as
+    GOPO's are (rollout.play_groups: independent, or --rollouts branch; branched at any turn, the flat
+    agent having no decision distribution to weight the turns by)."""
+    make = lambda batch, index, **kw: FlatDialogues(model, tok, batch, world, seed, index=index, **kw)  # noqa: E731
+    return [tr for group in rollout_lib.play_groups(make, scenarios, args.k, list(range(len(scenarios))), seed,
+                                                    rollouts, "uniform", args.agent_temperature, args.max_reply_tokens)
+            for tr in group]
 
 
-def rollout_metrics(trajs, values, world, args, t0, **extra):
-    """The metrics.jsonl line every method shares: R and what it is built from, on the rollouts."""
+def rollout_metrics(trajs, values, world, args, t0, pairs=(), **extra):
+    """The metrics.jsonl line every method shares: R and what it is built from, and the decision
+    groups' accuracy (gopo.decision_stats; a flat agent's decision is the act recognised in its
+    reply), on the rollouts; pairs: the preference pairs, if the method has any."""
     scores = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
     return {"R": gopo.mean(m["R"] for m in scores), "tse": gopo.mean(m["tse"] for m in scores),
             "esndcg": gopo.mean(m["esndcg"] for m in scores), "success": gopo.mean(m["success"] for m in scores),
-            **extra, "seconds": round(time.time() - t0, 2)}
+            **extra, **gopo.decision_stats(trajs, pairs, world), "seconds": round(time.time() - t0, 2)}
 
 
 def token_rewards(trajs, values, horizon, L):
@@ -244,7 +253,7 @@ def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed
     """The no-Expert ablation: GOPO's rollout -> R -> pairs -> trajectory DPO, on the flat agent's
     reply tokens. S(tau) = sum of its reply-token log-probs; the reference is the agent that sampled."""
     t0 = time.time()
-    trajs = flat_rollout(model, tok, scenarios, world, args, seed)
+    trajs = flat_rollout(model, tok, scenarios, world, args, seed, args.rollouts)
     rewards = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha)["R"] for tr in trajs]
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     pairs = gopo.build_pairs(rewards, groups, args.delta, args.max_pairs)
@@ -252,7 +261,8 @@ def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed
     if pairs:
         used = sorted({i for p in pairs for i in p})
         row = {i: r for r, i in enumerate(used)}
-        ids, attn, mask = (x.to(model.device) for x in flat_batch([trajs[i] for i in used], tok.pad_token_id))
+        ids, attn, mask = (x.to(model.device) for x in flat_batch([trajs[i] for i in used], tok.pad_token_id,
+                                                                  after_branch=True))
         n_tokens = mask.sum(-1)                                                  # (N,)
         with torch.no_grad():
             S_ref = agent_lib.reply_logps(model, ids, attn, mask)                # (N,)
@@ -269,7 +279,7 @@ def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed
                 skipped += 1
         model.eval()
     return {"iter": it, **rollout_metrics(trajs, values, world, args, t0, loss=gopo.mean(losses) if losses else None,
-                                          pairs=len(pairs), nonfinite_steps=skipped)}
+                                          nonfinite_steps=skipped, pairs=pairs), "pairs": len(pairs)}
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -309,6 +319,9 @@ def check_flags(args):
     if args.resume:
         cli.die(f"--resume continues train.py's gopo and sft runs only; start the {args.algo} run again "
                 "(baselines take a few minutes)")
+    if args.rollouts == "branch" and args.algo != "gopo-noexpert":
+        cli.die(f"--rollouts branch is for GOPO's preference pairs (gopo, gopo-noexpert); --algo {args.algo} "
+                "plays independent rollouts")
     if args.algo == "gopo-noexpert" and args.k < 2:   # ppo and memento learn from one rollout per scenario too
         cli.die(f"--k must be >= 2 for --algo gopo-noexpert: a preference pair compares two rollouts of one "
                 f"scenario, got {args.k}")

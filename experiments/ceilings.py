@@ -17,7 +17,8 @@ For a run of train.py on a built-in world it reports:
   decision groups      accuracy against the label policy on held-out dialogues, per kind of decision
                        (world.decision_group): the SFT Expert, the run's trained Expert, the ceiling.
 Writes RUN/ceilings.json (or --json FILE): {"expert_ceiling": {"tse", "tse_template", "success", ...},
-"cs_ceiling": {"tse", "success"}, "groups": {group: {"sft", "method", "ceiling"}}, ...}.
+"cs_ceiling": {"tse", "success"}, "groups": {group: {"sft", "method", "ceiling"}}, "per_scenario_tse":
+{"ceiling", "sft", "method"}, ...}; experiments.compare reads the last to pool the gap GOPO closes over seeds.
 """
 import json
 import os
@@ -191,7 +192,7 @@ def main(argv=None):
     m_oracle, _ = metrics(oracle, values, w)
     sft_row = rows[-1]
     m_sft, tse_sft = metrics(played[sft_row], values, w)
-    m_method = metrics(played[rows[0]], values, w)[0] if algo != "sft" else None
+    m_method, tse_method = metrics(played[rows[0]], values, w) if algo != "sft" else (None, None)
     accuracy = {"sft": worlds.group_accuracy(w, played[sft_row]),
                 **({"method": worlds.group_accuracy(w, played[rows[0]])} if algo != "sft" else {}),
                 "ceiling": worlds.group_accuracy(w, played["ceiling"]),
@@ -213,6 +214,8 @@ def main(argv=None):
         "groups": {g: {row: acc[g][0] / max(acc[g][1], 1) for row, acc in accuracy.items()} |
                    {"n_ceiling": accuracy["ceiling"][g][1]} for g in accuracy["sft"]},
         "label_policy_vs_oracle": {g: c / max(n, 1) for g, (c, n) in label_vs_oracle.items()},
+        "per_scenario_tse": {"ceiling": tse_ceiling, "sft": tse_sft,   # experiments.compare pools the gap over seeds
+                             **({"method": tse_method} if algo != "sft" else {})},
     }
     if algo == "sft":
         for g in report["groups"].values():

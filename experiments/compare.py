@@ -25,6 +25,8 @@ import cli
 import data
 import eval as eval_lib
 import lm
+import tse
+import worlds
 from experiments import baselines  # noqa: F401  adds the baselines' methods to eval.py's (checkpoint.METHODS)
 
 p = cli.Parser(__doc__)
@@ -136,7 +138,7 @@ def main(argv=None):
     world = eval_lib.world_of(first_config, first_run)       # check_budget: every run has the same world
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     from tqdm import tqdm
-    pooled, per_seed, per_scenario, curves, seconds = {}, {}, {}, {}, {}
+    pooled, per_seed, per_scenario, curves, seconds, groups = {}, {}, {}, {}, {}, {}
     jobs = [(name, row, run) for name, runs in methods.items() for run, _ in runs for row in rows_of(name)]
     for name, row, run in tqdm(jobs, desc="compare", unit="run"):
         method = row if algo_of[name] == "sft" else algo_of[name]
@@ -148,6 +150,7 @@ def main(argv=None):
             pooled.setdefault(row, {}).setdefault(k, []).extend(per[k])
         per_seed.setdefault(row, []).append(sum(per["tse"]) / len(per["tse"]))
         per_scenario.setdefault(row, []).append(per["tse"])
+        add_groups(groups.setdefault(row, {}), worlds.group_accuracy(world, recs))
     for name, runs in methods.items():
         curves[name] = [read_curve(run) for run, _ in runs]
         seconds[name] = [read_seconds(run) for run, _ in runs]
@@ -157,6 +160,7 @@ def main(argv=None):
         per = eval_lib.per_dialogue(recs, values, world)
         pooled[name] = {k: per[k] for k in METRICS}
         per_scenario[name] = [per["tse"]]
+        groups[name] = worlds.group_accuracy(world, recs)
     results = {m: eval_lib.summary(pooled[m]) for m in pooled}
     mean_over_seeds = {m: [sum(col) / len(col) for col in zip(*rows)] for m, rows in per_scenario.items()}
     gopo_rows = [r for r in pooled if algo_of.get(r) == "gopo"]       # gopo, and variants like gopo-alpha1
@@ -164,6 +168,9 @@ def main(argv=None):
                for g in gopo_rows}
     rel = rel_all.get("gopo", {})
     rows = [r for r in pooled if r not in ("behaviour", "oracle")] + ["behaviour", "oracle"]
+    gaps = {g: ceiling_gap(methods[g], per_scenario[g], per_scenario.get("sft"), args.n_scenarios, args.bootstrap)
+            for g in gopo_rows if "sft" in per_scenario}
+    gaps = {g: x for g, x in gaps.items() if x is not None}
 
     md = [f"Comparison on {args.n_scenarios} held-out scenarios (greedy; mean [95% CI] over seeds x scenarios).",
           "",
@@ -183,15 +190,57 @@ def main(argv=None):
                "| baseline | " + " | ".join(f"{g} / baseline" for g in gopo_rows) + " |",
                "|---|" + "---|" * len(gopo_rows)]
         md += [f"| {b} | " + " | ".join(cell(rel_all[g][b]) for g in gopo_rows) + " |" for b in rel_all[gopo_rows[0]]]
+    for g, x in gaps.items():
+        md += ["", f"Share of the SFT -> Expert-ceiling TSE gap closed by {g} (experiments.ceilings of each seed's {g} "
+               f"run: the ceiling Expert with that run's CS Agent; pooled over seeds, paired bootstrap over scenarios): "
+               f"{x['mean']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]; {g} - sft {x['gain'][0]:+.3f} "
+               f"[{x['gain'][1]:+.3f}, {x['gain'][2]:+.3f}], ceiling - sft {x['ceiling_minus_sft'][0]:+.3f} TSE."]
+    md += ["", f"Decision accuracy against the {worlds.label_policy(world).__name__} by kind of decision, seeds pooled "
+           "(share of decisions, count; a flat agent's decision is the act recognised in its reply):", "",
+           eval_lib.group_table({r: groups[r] for r in rows}).rstrip()]
     text = "\n".join(md) + "\n"
     print(text)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump({**results, "budget": budget, "relative_tse": rel, "relative_tse_by_gopo_row": rel_all,
-                   "per_seed_tse": per_seed,
+                   "per_seed_tse": per_seed, "ceiling_gap_closed": gaps,
+                   "decision_groups": {r: {g: c / max(n, 1) for g, (c, n) in acc.items()} for r, acc in groups.items()},
                    "train_seconds": seconds, "n_scenarios": args.n_scenarios}, f, indent=2)
     plot(results, rows, curves, os.path.join(out, "compare.png"), args.n_scenarios)
+
+
+def add_groups(total, counts):
+    """Pool worlds.group_accuracy counts ({group: [right, n]}) into total."""
+    for g, (c, n) in counts.items():
+        total.setdefault(g, [0, 0])
+        total[g][0] += c
+        total[g][1] += n
+
+
+def ceiling_gap(runs, method_tse, sft_tse, n, n_boot, seed=0):
+    """Share of the SFT -> Expert-ceiling TSE gap a method's runs close, where every run has a
+    ceilings.json (python -m experiments.ceilings RUN) on the same n held-out scenarios: sum(method -
+    sft) / sum(ceiling - sft) over scenarios (each averaged over seeds), a paired-bootstrap 95% CI, and
+    the paired method - sft and ceiling - sft TSE. None if a run lacks it. method_tse, sft_tse: one
+    (n,) list per seed, in the runs' order (sft: its own seeds' runs, pooled the same way)."""
+    ceilings = []
+    for run, _ in runs:
+        path = os.path.join(run, "ceilings.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            per = json.load(f).get("per_scenario_tse", {})
+        if len(per.get("ceiling", [])) != n:
+            return None
+        ceilings.append(per["ceiling"])
+    mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]   # noqa: E731  each scenario, over seeds
+    m, s, c = mean(method_tse), mean(sft_tse), mean(ceilings)
+    ratio = lambda idx: sum(m[i] - s[i] for i in idx) / max(1e-12, sum(c[i] - s[i] for i in idx))   # noqa: E731
+    rng = random.Random(seed)
+    boots = sorted(ratio([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
+    return {"mean": ratio(range(n)), "ci95": [boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]],
+            "gain": tse.paired_diff_ci(m, s), "ceiling_minus_sft": tse.paired_diff_ci(c, s)}
 
 
 def read_curve(run):

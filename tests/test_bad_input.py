@@ -206,6 +206,8 @@ def build_cases(tmp, checkpoint):
     ]:
         cases[name] = Case("train.py", args, needles)
     cases["k1"] = Case("train.py", ["--k", "1"], ["--k", ">= 2", "pair"])   # a valid int, but GOPO forms no pair
+    cases["rollouts_nonsense"] = Case("train.py", ["--rollouts", "nonsense"], ["--rollouts", "nonsense"])
+    cases["branch_k1"] = Case("train.py", ["--rollouts", "branch", "--k", "1"], ["--rollouts branch", "--k", ">= 2"])
     cases["alpha_nan"] = Case("train.py", ["--alpha", "nan"], ["--alpha", "nan"])
     cases["lr_inf"] = Case("train.py", ["--lr", "inf"], ["--lr", "inf"])
     cases["n_logs_past_train_range"] = Case("train.py", ["--n-logs", "1000001"], ["--n-logs"])
@@ -313,6 +315,9 @@ def build_cases(tmp, checkpoint):
         BASELINES, ["--algo", "ppo", "--sft-from", str(sft_from / "no_checkpoint")], ["flat_sft", "--algo sft"],
         keep=str(sft_from / "no_checkpoint"))
     cases["gopo_noexpert_k1"] = Case(BASELINES, ["--algo", "gopo-noexpert", "--k", "1"], ["--k", ">= 2", "gopo-noexpert"])
+    cases["noexpert_branch_k1"] = Case(BASELINES, ["--algo", "gopo-noexpert", "--rollouts", "branch", "--k", "1"],
+                                       ["--rollouts branch", "--k", ">= 2"])
+    cases["ppo_branch"] = Case(BASELINES, ["--algo", "ppo", "--rollouts", "branch"], ["--rollouts branch", "ppo"])
     cases["ppo_greedy_rollouts"] = Case(BASELINES, ["--algo", "ppo", "--agent-temperature", "0"],
                                         ["--agent-temperature"])
     cases["baseline_algo_in_train"] = Case("train.py", ["--algo", "ppo"], ["--algo", "ppo"])
@@ -468,7 +473,7 @@ ALL_CASES = [
                             "blank_lines", "list_line", "null_line", "role_bot", "turn_not_object",
                             "success_not_bool", "text_not_string", "deep_nesting", "huge_int", "not_utf8",
                             "missing_file", "directory", "parent_is_file"]),
-    "algo", "model", "k0", "k1", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
+    "algo", "model", "k0", "k1", "rollouts_nonsense", "branch_k1", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
     "alpha_nan", "lr_inf", "n_logs_past_train_range", "d_model_not_multiple_of_heads", "out_parent_is_file",
     *([] if torch.cuda.is_available() else ["cuda_without_gpu"]), "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
     "expert_model_missing", "data_without_path", "data_path_missing", "data_wrong_format", "data_with_logs_flag",
@@ -484,7 +489,7 @@ ALL_CASES = [
     "eval_values_not_numbers", "eval_expert_config_only", "eval_expert_empty_config",
     "eval_agent_sft_garbage_weights",
     "sft_from_missing", "sft_from_seed_clash", "sft_from_without_checkpoint", "ppo_greedy_rollouts",
-    "gopo_noexpert_k1",
+    "gopo_noexpert_k1", "noexpert_branch_k1", "ppo_branch",
     "resume_baseline_run", "resume_with_sft_from", "baseline_algo_in_train", "baseline_resume",
     "eval_run_and_compare", "eval_nothing_to_evaluate", "eval_unknown_algo", "eval_memento_bad_bank",
     "eval_baseline_run_in_eval_py",

@@ -350,21 +350,14 @@ def test_cs_ceiling_probe_puts_the_oracle_in_the_experts_seat(runs):
         assert turns[1]["strategy"] == "greet"
 
 
-def test_a_short_gopo_run_on_the_desk_follows_its_preferences(monkeypatch):
-    """Four GOPO iterations on 16 desk training scenarios, and the same four with every preference
-    pair swapped (the control): greedy R on those scenarios ends clearly higher after the real run.
-    Measured here (offsets 1000 and 2000): R 0.266 / 0.274 at the start, 0.271 / 0.263 after the
-    real run, 0.148 / 0.137 after the swapped one: gaps 0.122 / 0.127. At this budget GOPO holds R
-    where the control loses it; 10 iterations raise it (0.266 -> 0.289, control 0.141). The tiny
-    CS Agent here (200 SFT steps) cannot copy order numbers, so most of R comes from ESNDCG, the
-    Expert's own decisions; the CS Agent is frozen and greedy, so every change is the Expert's."""
-    from types import SimpleNamespace
+@pytest.fixture(scope="module")
+def sft_desk():
+    """A small SFT start on the desk for the learning tests: (expert, agent, tok, values)."""
     import torch
     import agent as agent_lib
     import expert as expert_lib
     import lm
     import tse
-    from conftest import gopo_against_swapped
     logs = [desk.play(desk.make_scenario(s), desk.behaviour_policy) for s in data.train_seeds(60)]
     values = tse.event_values(logs, desk.SUCCESS_EVENTS)
     tok = lm.train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(desk.INSTRUCTIONS.values()),
@@ -378,14 +371,31 @@ def test_a_short_gopo_run_on_the_desk_follows_its_preferences(monkeypatch):
                    batch_size=8, lr=1e-2, seed=0)
     agent_lib.sft(agent_model, tok, logs, desk.INSTRUCTIONS, steps=200, batch_size=8, lr=1e-2, seed=0,
                   window_steps=100)
+    return expert_model, agent_model, tok, values
+
+
+@pytest.mark.parametrize("rollouts", ["independent", "branch"])
+def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts, monkeypatch):
+    """Four GOPO iterations on 16 desk training scenarios, and the same four with every preference
+    pair swapped (the control): greedy R on those scenarios ends clearly higher after the real run,
+    with independent rollouts and with --rollouts branch (K continuations of one dialogue).
+    Independent, measured here (offsets 1000 and 2000): R 0.266 / 0.274 at the start, 0.271 / 0.263
+    after the real run, 0.148 / 0.137 after the swapped one: gaps 0.122 / 0.127. At this budget GOPO
+    holds R where the control loses it; 10 iterations raise it (0.266 -> 0.289, control 0.141).
+    Branch: see the LEARNS line (-rP). The tiny CS Agent here (200 SFT steps) cannot copy order
+    numbers, so most of R comes from ESNDCG, the Expert's own decisions; the CS Agent is frozen and
+    greedy, so every change is the Expert's."""
+    from types import SimpleNamespace
+    from conftest import gopo_against_swapped
+    expert_model, agent_model, tok, values = sft_desk
     scenarios = [desk.make_scenario(s) for s in data.train_seeds(16, offset=1000)]
     args = SimpleNamespace(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False,
                            gopo_epochs=2, agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=24,
-                           ref="rollout")
+                           ref="rollout", rollouts=rollouts, branch_at="entropy")
 
     R0, real, swapped = gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, desk, args, 4,
                                              1e-2, monkeypatch)
-    print(f"LEARNS gopo on the desk: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
-    assert real - swapped > 0.06, f"GOPO did not follow its preferences on the desk: start {R0:.3f}, " \
+    print(f"LEARNS gopo on the desk, {rollouts}: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
+    assert real - swapped > 0.06, f"GOPO ({rollouts}) did not follow its preferences on the desk: start {R0:.3f}, " \
         f"real {real:.3f}, swapped {swapped:.3f}"
-    assert real > R0 - 0.03, f"GOPO lost R on the desk: {R0:.3f} -> {real:.3f}"
+    assert real > R0 - 0.03, f"GOPO ({rollouts}) lost R on the desk: {R0:.3f} -> {real:.3f}"

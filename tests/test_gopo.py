@@ -370,7 +370,8 @@ def test_save_reload_gives_identical_logits_and_tokenization(models, tok, logs, 
 # and asserts on the gap, as tests/test_baselines.py explains: a before/after difference alone is
 # no larger than what another machine's float rounding changes.
 GOPO_ARGS = dict(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False, gopo_epochs=2,
-                 agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=32, ref="rollout")
+                 agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=32, ref="rollout",
+                 rollouts="independent", branch_at="entropy")
 
 
 def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
