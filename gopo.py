@@ -70,16 +70,19 @@ def joint_reward(rec, values, horizon, alpha=0.5, gamma=0.9):
     return m
 
 
-def build_pairs(rewards, groups, delta=0.05, max_pairs=4):
+def build_pairs(rewards, groups, delta=0.05, max_pairs=4, contrast=None):
     """Preference pairs within each scenario group: all (w, l) with R_w - R_l >= delta.
 
     rewards: list of floats; groups: list of index lists (the K rollouts of one scenario).
     Best-vs-worst comes first in each group, then the widest margins, capped at max_pairs.
+    contrast(w, l): if given, only pairs for which it is true (--segment: the two chose differently
+    at a scored decision; else their margin is 0 and the pair teaches nothing).
     """
     pairs = []
     for g in groups:
         cand = [(rewards[w] - rewards[l], w, l) for w in g for l in g
-                if rewards[w] - rewards[l] >= delta - 1e-9]   # tolerance: 0.15 - 0.10 < 0.05 in floats
+                if rewards[w] - rewards[l] >= delta - 1e-9   # tolerance: 0.15 - 0.10 < 0.05 in floats
+                and (contrast is None or contrast(w, l))]
         cand.sort(key=lambda c: -c[0])      # the widest margin is best-vs-worst
         pairs += [(w, l) for _, w, l in cand[:max_pairs]]
     return pairs
@@ -104,9 +107,8 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
     # --rollouts branch: the decisions before the group's branch point are the same tokens in both
     # dialogues of a pair, so their terms cancel in every margin; they are dropped (from the NLL too).
     # Their tokens stay in the forward: they are the context of the decisions that follow.
-    T = batch["step_mask"].shape[1]
-    branch = torch.tensor([trajs[i].get("branch", 0) for i in used])              # (N,)
-    scored = batch["step_mask"] & (torch.arange(T)[None, :] >= branch[:, None])   # (N, T)
+    scored = batch["step_mask"] & scored_steps([trajs[i] for i in used], batch["step_mask"].shape[1],
+                                               args.segment)                     # (N, T)
     S = trajectory_logps(step_logps, scored.to(step_logps.device).float())        # (N,)
     # S_ref, --ref rollout: this same scoring forward, the first time a trajectory is scored in its
     # iteration (no step taken yet: the policy is the one that sampled it), so the margin starts at
@@ -139,6 +141,22 @@ def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_st
                           "logps/chosen": mean(S[w].detach()), "logps/rejected": mean(S[l].detach())})
     nll = -S[winners] / n_steps[winners]                                         # (P,) eq. (4)
     return weight * (pref + args.nll_coef * nll).sum() / parallel.denominator(len(units))
+
+
+def scored_steps(trajs, T, segment=0):
+    """(N, T) bool: the decisions the loss scores, t >= the trajectory's branch (0: all), and with
+    --segment N > 0 only N of them, t < branch + N (as SDPO scores a segment from where the two
+    dialogues part: the reward difference is credited to the decisions that made it, not to every
+    decision after them)."""
+    t = torch.arange(T)[None, :]
+    branch = torch.tensor([tr.get("branch", 0) for tr in trajs])[:, None]      # (N, 1)
+    return (t >= branch) & ((t < branch + segment) if segment else True)
+
+
+def segment_strategies(tr, segment=0):
+    """The strategy indices of a trajectory's scored decisions (scored_steps)."""
+    b = tr.get("branch", 0)
+    return [z for _, z in tr["decisions"][b:b + segment if segment else None]]
 
 
 def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args,
@@ -219,7 +237,9 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     # 2. score with R and build pairs within each scenario
     scores = [joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
     rewards = [m["R"] for m in scores]
-    pairs = build_pairs(rewards, groups, args.delta, args.max_pairs)
+    contrast = (lambda w, l: segment_strategies(trajs[w], args.segment) != segment_strategies(trajs[l], args.segment)) \
+        if args.segment else None
+    pairs = build_pairs(rewards, groups, args.delta, args.max_pairs, contrast)
     # 3. Expert update on the trajectory-level preference loss
     strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
     expert_model.train()

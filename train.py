@@ -150,6 +150,10 @@ g.add_argument("--branch-at", default="entropy", choices=["entropy", "uniform"],
                help="--rollouts branch: which decision to branch at: entropy, drawn in proportion to the entropy of the "
                "Expert's SOP-masked distribution there (a forced or sure decision gives no contrast); uniform, any of "
                "the dialogue's decisions (the flat agent always: it has no decision distribution)")
+g.add_argument("--segment", type=nonneg(int), default=0,
+               help="--rollouts branch: the loss scores this many decisions from the branch on (0: all of them, to the "
+               "end); 1 puts each preference on the branch decision alone, as SDPO scores the segment where two "
+               "dialogues part. Pairs that chose the same at every scored decision are left out")
 g.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
 g.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
 g.add_argument("--ref", default="rollout", choices=["rollout", "sft"],
@@ -184,6 +188,9 @@ def check_flags(args):
     if args.rollouts == "branch" and args.k < 2:
         die(f"--rollouts branch plays --k continuations from a branch point and compares them: --k must be >= 2, "
             f"got {args.k}")
+    if args.segment and args.rollouts != "branch":
+        die(f"--segment {args.segment} scores decisions from a branch point: add --rollouts branch (independent "
+            "dialogues share no prefix, so nothing before their first difference cancels)")
     if args.algo == "gopo" and args.k < 2:   # with one rollout per scenario build_pairs finds no pair: nothing learnt
         die(f"--k must be >= 2 for --algo gopo: a preference pair compares two rollouts of one scenario, got {args.k}")
     if args.data != "shop" and not args.data_path:

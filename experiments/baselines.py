@@ -133,14 +133,21 @@ def returns_to_go(rec, values, horizon, gamma=0.9):
 
 
 # ----------------------------------------------------------------------------- the flat agent
-def flat_batch(trajs, pad_id, after_branch=False):
+def flat_batch(trajs, pad_id, after_branch=False, segment=0):
     """Flat-agent trajectories -> ids, attn, reply-token mask, all (B, L), right-padded.
-    after_branch: the mask keeps only the replies from each trajectory's branch turn on (--rollouts
-    branch: the replies before it are the same tokens in both dialogues of a pair, and cancel)."""
+    after_branch: the mask keeps only the replies the ablation's loss scores (scored_replies)."""
     ids, attn = lm.pad([t["agent_ids"] for t in trajs], pad_id)
-    mask, _ = lm.pad([agent_lib.reply_mask(len(t["agent_ids"]), t["replies"][t["branch"] if after_branch else 0:])
-                      for t in trajs], 0)
+    mask, _ = lm.pad([agent_lib.reply_mask(len(t["agent_ids"]), scored_replies(t, segment) if after_branch
+                                           else t["replies"]) for t in trajs], 0)
     return ids, attn, mask.float()
+
+
+def scored_replies(tr, segment=0):
+    """The reply spans the ablation's loss scores: from the trajectory's branch turn on (--rollouts
+    branch: the replies before it are the same tokens in both dialogues of a pair, and cancel), and
+    with --segment N only N of them (gopo.scored_steps for the flat agent)."""
+    b = tr["branch"]
+    return tr["replies"][b:b + segment if segment else None]
 
 
 def token_logps_values(model, value_head, ids, attn, target_mask, temperature=1.0):
@@ -256,13 +263,15 @@ def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed
     trajs = flat_rollout(model, tok, scenarios, world, args, seed, args.rollouts)
     rewards = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha)["R"] for tr in trajs]
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
-    pairs = gopo.build_pairs(rewards, groups, args.delta, args.max_pairs)
+    said = lambda tr: [tr["agent_ids"][s:e] for s, e in scored_replies(tr, args.segment)]   # noqa: E731
+    pairs = gopo.build_pairs(rewards, groups, args.delta, args.max_pairs,
+                             (lambda w, l: said(trajs[w]) != said(trajs[l])) if args.segment else None)
     losses, skipped = [], 0
     if pairs:
         used = sorted({i for p in pairs for i in p})
         row = {i: r for r, i in enumerate(used)}
         ids, attn, mask = (x.to(model.device) for x in flat_batch([trajs[i] for i in used], tok.pad_token_id,
-                                                                  after_branch=True))
+                                                                  after_branch=True, segment=args.segment))
         n_tokens = mask.sum(-1)                                                  # (N,)
         with torch.no_grad():
             S_ref = agent_lib.reply_logps(model, ids, attn, mask)                # (N,)

@@ -253,7 +253,7 @@ def main():
 
     # ---- 2. update efficiency: GOPO step vs plain forward+backward on the same tokens
     values = json.load(open(os.path.join(run, "values.json")))
-    cfg = types.SimpleNamespace(**config)
+    cfg = types.SimpleNamespace(**{"segment": 0, **config})   # runs from before --segment scored every decision
     rewards = [gopo.joint_reward(t["record"], values, world.HORIZON, cfg.alpha)["R"] for t in trajs]
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     pairs = gopo.build_pairs(rewards, groups, cfg.delta, cfg.max_pairs)

@@ -8,7 +8,8 @@ entropy, branch with --branch-at uniform) it plays one GOPO iteration's batch wi
 and CS Agent (sampled, as gopo.iteration does), scores it with R, builds the pairs as GOPO does, and
 reports per mode: the scenarios that give a pair, decisions per dialogue, the decisions at which a
 pair's two dialogues differ, where they first differ (its index, and its decision group), the pairs
-that contrast a decision of each group at all (the two differ there), the share of R's variance
+that contrast a group at all (both dialogues meet decisions of that group and choose differently at
+them), the share of R's variance
 that lies within a scenario (what the dialogues' own choices, not the customer, explain), and the
 share of a pair's Expert tokens in the prefix both dialogues share (the update still encodes it, as
 the context of the decisions after it; its decision terms cancel).
@@ -64,8 +65,9 @@ def pair_stats(world, groups, rewards, pairs):
             continue
         first.append(diff[0])
         first_group[(a[diff[0]] if diff[0] < len(a) else b[diff[0]])[0]] += 1
-        for g in names:   # the pair contrasts a decision of group g: they differ at a decision of g
-            contrast[g] += any((t < len(a) and a[t][0] == g) or (t < len(b) and b[t][0] == g) for t in diff)
+        for g in names:   # the pair contrasts group g: both meet decisions of g, and choose differently there
+            at_a, at_b = [z for grp, z, _ in a if grp == g], [z for grp, z, _ in b if grp == g]
+            contrast[g] += bool(at_a and at_b and at_a != at_b)
     mean_R = sum(rewards) / len(rewards)
     total = sum((r - mean_R) ** 2 for r in rewards)
     within = sum((rewards[i] - sum(rewards[j] for j in range(n * k, (n + 1) * k)) / k) ** 2
@@ -144,7 +146,7 @@ def table(report):
         lines.append(f"| pairs that first differ at: {g} | " +
                      " | ".join(fmt(m["first_difference_group"][g]) for m in modes.values()) + " |")
     for g in first["pairs_contrasting"]:
-        lines.append(f"| pairs that differ at a decision of: {g} | " +
+        lines.append(f"| pairs that choose differently at: {g} | " +
                      " | ".join(fmt(m["pairs_contrasting"][g]) for m in modes.values()) + " |")
     return "\n".join(lines) + "\n"
 

@@ -208,6 +208,8 @@ def build_cases(tmp, checkpoint):
     cases["k1"] = Case("train.py", ["--k", "1"], ["--k", ">= 2", "pair"])   # a valid int, but GOPO forms no pair
     cases["rollouts_nonsense"] = Case("train.py", ["--rollouts", "nonsense"], ["--rollouts", "nonsense"])
     cases["branch_k1"] = Case("train.py", ["--rollouts", "branch", "--k", "1"], ["--rollouts branch", "--k", ">= 2"])
+    cases["segment_without_branch"] = Case("train.py", ["--segment", "1"], ["--segment", "--rollouts branch"])
+    cases["segment_neg"] = Case("train.py", ["--rollouts", "branch", "--segment", "-1"], ["--segment"])
     cases["alpha_nan"] = Case("train.py", ["--alpha", "nan"], ["--alpha", "nan"])
     cases["lr_inf"] = Case("train.py", ["--lr", "inf"], ["--lr", "inf"])
     cases["n_logs_past_train_range"] = Case("train.py", ["--n-logs", "1000001"], ["--n-logs"])
@@ -473,7 +475,7 @@ ALL_CASES = [
                             "blank_lines", "list_line", "null_line", "role_bot", "turn_not_object",
                             "success_not_bool", "text_not_string", "deep_nesting", "huge_int", "not_utf8",
                             "missing_file", "directory", "parent_is_file"]),
-    "algo", "model", "k0", "k1", "rollouts_nonsense", "branch_k1", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
+    "algo", "model", "k0", "k1", "rollouts_nonsense", "branch_k1", "segment_without_branch", "segment_neg", "iters_neg", "scenarios_abc", "alpha_1_5", "sft_batch0", "seed_float", "unknown_flag",
     "alpha_nan", "lr_inf", "n_logs_past_train_range", "d_model_not_multiple_of_heads", "out_parent_is_file",
     *([] if torch.cuda.is_available() else ["cuda_without_gpu"]), "fsdp_without_torchrun", "tiny_flag_with_pretrained", "model_folder_not_a_model",
     "expert_model_missing", "data_without_path", "data_path_missing", "data_wrong_format", "data_with_logs_flag",

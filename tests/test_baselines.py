@@ -228,7 +228,7 @@ def sft_models(tok, logs):
 
 ARGS = dict(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.05, max_pairs=4, gopo_epochs=2,
             agent_temperature=0.7, kl_coef=0.02, clip=0.2, gae_lambda=1.0, vf_coef=0.5, ppo_epochs=4,
-            ppo_minibatch=8, memento_eps=0.2, max_reply_tokens=32, rollouts="independent")
+            ppo_minibatch=8, memento_eps=0.2, max_reply_tokens=32, rollouts="independent", segment=0)
 
 
 def scenarios(n, offset):

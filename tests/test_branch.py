@@ -108,7 +108,7 @@ def test_expert_loss_scores_only_the_decisions_from_the_branch_on(models, tok, s
     expert_model, _ = models
     group = next(g for g in play(models, tok, SCENARIOS, list(range(len(SCENARIOS)))) if g[0]["branch"] > 0)
     b = group[0]["branch"]
-    args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.1)
+    args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.1, segment=0)
     trajs = [dict(t) for t in group]
     loss = gopo.expert_loss(expert_model, trajs, [(0, 1)], [[0, 1, 2, 3]], [1.0, 0.0, 0.5, 0.5], strategy_ids,
                             tok.pad_token_id, len(shop.STRATEGIES), args)
@@ -189,3 +189,19 @@ def test_the_flat_agent_branches_too_and_its_loss_skips_the_shared_replies(model
         for t, m, e in zip(group, mask, every):
             cut = t["replies"][b][0]                        # the first reply the loss scores
             assert m[:cut].sum() == 0 and torch.equal(m[cut:], e[cut:])
+
+
+def test_segment_scores_the_branch_decisions_only_and_pairs_must_contrast_there(models, tok, strategy_ids):
+    """--segment N: the loss scores decisions b .. b + N - 1 of each trajectory (gopo.scored_steps), and
+    build_pairs keeps only pairs that chose differently at one of them (else their margin is 0)."""
+    trajs = [{"branch": 2, "decisions": [(0, 1), (5, 2), (9, 3), (12, 4), (15, 0)]},
+             {"branch": 0, "decisions": [(0, 1), (5, 2)]}]
+    every = gopo.scored_steps(trajs, 5)
+    assert every.tolist() == [[False, False, True, True, True], [True] * 5]   # (the step mask cuts the second)
+    one = gopo.scored_steps(trajs, 5, segment=1)
+    assert one.tolist() == [[False, False, True, False, False], [True, False, False, False, False]]
+    assert gopo.segment_strategies(trajs[0], 2) == [3, 4] and gopo.segment_strategies(trajs[0]) == [3, 4, 0]
+    rewards = [0.9, 0.1, 0.5, 0.2]
+    same_at_b = lambda w, l: (w, l) not in ((0, 1), (2, 1))
+    assert gopo.build_pairs(rewards, [[0, 1, 2, 3]], 0.05, 3) == [(0, 1), (0, 3), (0, 2)]
+    assert gopo.build_pairs(rewards, [[0, 1, 2, 3]], 0.05, 3, same_at_b) == [(0, 3), (0, 2), (2, 3)]

@@ -391,7 +391,7 @@ def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts
     scenarios = [desk.make_scenario(s) for s in data.train_seeds(16, offset=1000)]
     args = SimpleNamespace(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False,
                            gopo_epochs=2, agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=24,
-                           ref="rollout", rollouts=rollouts, branch_at="entropy")
+                           ref="rollout", rollouts=rollouts, branch_at="entropy", segment=0)
 
     R0, real, swapped = gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, desk, args, 4,
                                              1e-2, monkeypatch)

@@ -134,7 +134,7 @@ def test_bf16_rollout_log_probs_match_scoring_and_the_first_margin_is_zero(model
         rewards = [gopo.joint_reward(t["record"], values, shop.HORIZON)["R"] for t in trajs]
         groups = [list(range(i * 4, i * 4 + 4)) for i in range(len(scenarios))]
         pairs = gopo.build_pairs(rewards, groups, 0.0, 4)
-        args, stats = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0), {}
+        args, stats = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0, segment=0), {}
         loss = gopo.expert_loss(copy.deepcopy(expert_model), trajs, pairs, groups, rewards, strategy_ids,
                                 tok.pad_token_id, Z, args, stats)
     for b, tr in enumerate(trajs):

@@ -178,7 +178,7 @@ def test_kl_to_sft_is_exact_and_ref_sft_scores_with_the_frozen_expert(models, to
     assert kl > 0.01 and kl == pytest.approx(by_hand, rel=1e-3)
     assert gopo.kl_to(expert_model, expert_model, trajs, strategy_ids, tok.pad_token_id, Z) == pytest.approx(0, abs=1e-6)
     _, _, _, S_other = score(other, tok, recs, strategy_ids)
-    args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0)
+    args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0, segment=0)
     for ref_model, S_ref in ((None, S), (other, S_other)):
         fresh = [dict(t) for t in trajs]
         with torch.no_grad():
@@ -371,7 +371,7 @@ def test_save_reload_gives_identical_logits_and_tokenization(models, tok, logs, 
 # no larger than what another machine's float rounding changes.
 GOPO_ARGS = dict(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False, gopo_epochs=2,
                  agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=32, ref="rollout",
-                 rollouts="independent", branch_at="entropy")
+                 rollouts="independent", branch_at="entropy", segment=0)
 
 
 def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):

@@ -133,7 +133,7 @@ def stage_c(grad_ckpt):
     args = SimpleNamespace(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.0, max_pairs=4, listwise=False,
                            gopo_epochs=1, agent_temperature=0.7, cs_samples=8, beta_cs=0.1, max_reply_tokens=32,
                            kl_coef=0.02, clip=0.2, gae_lambda=1.0, vf_coef=0.5, ppo_epochs=1, ppo_minibatch=4, ref="rollout",
-                           rollouts="independent", branch_at="entropy")
+                           rollouts="independent", branch_at="entropy", segment=0)
     scen = [shop.make_scenario(s) for s in data.train_seeds(2, offset=3000)]     # 8 dialogues: fits 80 GB
     opt_e = torch.optim.AdamW(expert_model.parameters(), lr=1e-6, weight_decay=0.0)
     opt_a = torch.optim.AdamW(agent_model.parameters(), lr=1e-7, weight_decay=0.0)
