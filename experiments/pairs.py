@@ -3,8 +3,8 @@
     python -m experiments.pairs out/desk                     # the run's SFT Expert, 32 training scenarios
     python -m experiments.pairs out/desk --expert expert --k 8 --scenarios 64
 
-For each way of playing the K rollouts of a scenario (--rollouts independent, branch with --branch-at
-entropy, branch with --branch-at uniform) it plays one GOPO iteration's batch with the run's Expert
+For each way of playing the K rollouts of a scenario (--rollouts independent; branch with --branch-at
+entropy, or uniform; branch, entropy, --segment 1) it plays one GOPO iteration's batch with the run's Expert
 and CS Agent (sampled, as gopo.iteration does), scores it with R, builds the pairs as GOPO does, and
 reports per mode: the scenarios that give a pair, decisions per dialogue, the decisions at which a
 pair's two dialogues differ, where they first differ (its index, and its decision group), the pairs
@@ -32,7 +32,7 @@ import parallel
 import rollout as rollout_lib
 import worlds
 
-MODES = (("independent", "entropy"), ("branch", "entropy"), ("branch", "uniform"))
+MODES = (("independent", "entropy", 0), ("branch", "entropy", 0), ("branch", "uniform", 0), ("branch", "entropy", 1))
 
 p = cli.Parser(__doc__)
 p.add_argument("run", help="a train.py run folder on a built-in world")
@@ -44,18 +44,19 @@ p.add_argument("--seed", type=int, default=11, help="the rollouts' dice")
 p.add_argument("--json", default=None, help="where to write the table (default RUN/pairs.json)")
 
 
-def pair_stats(world, groups, rewards, pairs):
+def pair_stats(world, groups, rewards, pairs, segment=0):
     """The table's numbers for one mode. groups: lists of trajectories; rewards: R of each (flat order)."""
     trajs = [tr for g in groups for tr in g]
     seen = [worlds.decisions(world, tr["record"]) for tr in trajs]              # [(group, taken, label)]
     names = list(worlds.groups(world))
     k = len(groups[0])
     scenario_of = [n for n, g in enumerate(groups) for _ in g]
-    differ, first, contrast, common = [], [], {g: 0 for g in names}, []
+    differ, first, contrast, common, scored = [], [], {g: 0 for g in names}, [], []
     first_group = {g: 0 for g in names + ["same"]}
     for w, l in pairs:
         a, b = seen[w], seen[l]
         n = max(len(a), len(b))
+        scored += [len(gopo.segment_strategies(trajs[i], segment)) for i in (w, l)]   # what the loss sees
         ids_w, ids_l = trajs[w]["ids"], trajs[l]["ids"]   # the Expert's tokens the update encodes for the pair
         common.append(2 * len(os.path.commonprefix([ids_w, ids_l])) / (len(ids_w) + len(ids_l)))
         diff = [t for t in range(n) if t >= len(a) or t >= len(b) or a[t][1] != b[t][1]]
@@ -75,7 +76,8 @@ def pair_stats(world, groups, rewards, pairs):
     share = lambda c: c / len(pairs) if pairs else None   # noqa: E731
     return {"scenarios_with_a_pair": len({scenario_of[w] for w, _ in pairs}) / len(groups),
             "pairs": len(pairs), "decisions_per_dialogue": sum(len(s) for s in seen) / len(seen),
-            "differing_decisions_per_pair": statistics.mean(differ) if differ else None,
+            "differing_decisions_per_pair": float(statistics.mean(differ)) if differ else None,
+            "scored_decisions_per_dialogue": float(statistics.mean(scored)) if scored else None,
             "first_difference_median": float(statistics.median(first)) if first else None,
             "first_difference_group": {g: share(c) for g, c in first_group.items()},
             "pairs_contrasting": {g: share(c) for g, c in contrast.items()},
@@ -104,7 +106,7 @@ def main(argv=None):
                              config.get("scenarios", 16))   # training scenarios no iteration of the run used
     scenarios = [world.make_scenario(s) for s in seeds]
     report = {"run": args.run, "expert": args.expert, "k": k, "scenarios": args.scenarios, "modes": {}}
-    for rollouts, branch_at in MODES:
+    for rollouts, branch_at, segment in MODES:
         make = lambda batch, index, **kw: rollout_lib.ExpertDialogues(expert_model, agent_model, tok_e, tok_a, batch,  # noqa: E731
                                                                       world, args.seed, index=index, **kw)
         with torch.no_grad():
@@ -114,10 +116,15 @@ def main(argv=None):
         scores = [gopo.joint_reward(tr["record"], values, world.HORIZON, config.get("alpha", 0.5))
                   for g in groups for tr in g]
         rewards = [m["R"] for m in scores]
+        trajs = [tr for g in groups for tr in g]
+        contrast = (lambda w, l: gopo.segment_strategies(trajs[w], segment) != gopo.segment_strategies(trajs[l], segment)) \
+            if segment else None   # as gopo.iteration builds them
         pairs = gopo.build_pairs(rewards, [list(range(n * k, (n + 1) * k)) for n in range(len(groups))],
-                                 config.get("delta", 0.05), config.get("max_pairs", 4))
-        stats = {**pair_stats(world, groups, rewards, pairs), "mean_tse": sum(m["tse"] for m in scores) / len(scores)}
-        report["modes"][rollouts if rollouts == "independent" else f"branch, {branch_at}"] = stats
+                                 config.get("delta", 0.05), config.get("max_pairs", 4), contrast)
+        stats = {**pair_stats(world, groups, rewards, pairs, segment),
+                 "mean_tse": sum(m["tse"] for m in scores) / len(scores)}
+        report["modes"][rollouts if rollouts == "independent" else
+                        f"branch, {branch_at}" + (f", segment {segment}" if segment else "")] = stats
     print(table(report))
     path = args.json or os.path.join(args.run, "pairs.json")
     with open(path, "w") as f:
@@ -134,6 +141,7 @@ def table(report):
     rows = [("scenarios that give a pair", "scenarios_with_a_pair"), ("pairs", "pairs"),
             ("decisions per dialogue", "decisions_per_dialogue"),
             ("decisions at which a pair's dialogues differ", "differing_decisions_per_pair"),
+            ("decisions the loss scores, per dialogue of a pair", "scored_decisions_per_dialogue"),
             ("first differing decision, median", "first_difference_median"),
             ("share of R's variance within scenarios", "reward_variance_within_scenarios"),
             ("share of a pair's Expert tokens in their common prefix", "common_prefix_token_share"),

@@ -205,3 +205,27 @@ def test_segment_scores_the_branch_decisions_only_and_pairs_must_contrast_there(
     same_at_b = lambda w, l: (w, l) not in ((0, 1), (2, 1))
     assert gopo.build_pairs(rewards, [[0, 1, 2, 3]], 0.05, 3) == [(0, 1), (0, 3), (0, 2)]
     assert gopo.build_pairs(rewards, [[0, 1, 2, 3]], 0.05, 3, same_at_b) == [(0, 3), (0, 2), (2, 3)]
+
+
+def test_pair_stats_by_hand():
+    """experiments.pairs on one hand-made pair: the oracle's and the behaviour policy's dialogue with one
+    customer, where the first differing decision, the differing count and the contrasted groups can be
+    read off directly."""
+    from experiments import pairs as pairs_lib
+    for seed in range(50):
+        sc = desk.make_scenario(seed)
+        a, b = desk.play(sc, desk.oracle_policy), desk.play(sc, desk.behaviour_policy, seed=1)
+        za, zb = ([t["strategy"] for t in r["turns"] if t["role"] == "agent"] for r in (a, b))
+        if za != zb:
+            break
+    da, db = worlds.decisions(desk, a), worlds.decisions(desk, b)
+    trajs = [{"record": r, "ids": [1, 2, 3] + [k] * 5, "decisions": [(0, desk.STRATEGIES.index(z)) for z in zs],
+              "branch": 0} for r, zs, k in ((a, za, 4), (b, zb, 5))]
+    stats = pairs_lib.pair_stats(desk, [trajs], [1.0, 0.0], [(0, 1)])
+    diff = [t for t in range(max(len(za), len(zb))) if t >= min(len(za), len(zb)) or za[t] != zb[t]]
+    assert stats["differing_decisions_per_pair"] == len(diff) and stats["first_difference_median"] == diff[0]
+    assert stats["first_difference_group"][da[diff[0]][0]] == 1.0
+    for g in desk.DECISION_GROUPS:
+        ga, gb = [z for grp, z, _ in da if grp == g], [z for grp, z, _ in db if grp == g]
+        assert stats["pairs_contrasting"][g] == float(bool(ga and gb and ga != gb))
+    assert stats["common_prefix_token_share"] == 3 / 8 and stats["scored_decisions_per_dialogue"] == (len(za) + len(zb)) / 2

@@ -170,12 +170,13 @@ def test_ceilings_refuses_a_folder_that_is_not_a_run_and_a_real_data_run(tmp_pat
 
 
 def test_the_probe_end_to_end_on_a_tiny_desk_run(tmp_path):
-    """A tiny desk run, then the probe: the report has the issue's keys, each value a number."""
+    """A tiny desk run (--rollouts branch), then the probe and experiments.pairs: the reports have the
+    issue's keys, each value a number; metrics.jsonl has each decision group's accuracy."""
     env = hf_env()
     train = [sys.executable, "train.py", "--world", "desk", "--out", str(tmp_path), "--run", "r", "--n-logs", "30",
              "--d-model", "32", "--n-layer", "1", "--vocab-size", "512", "--sft-steps", "6", "--agent-sft-steps", "6",
              "--expert-sft-steps", "6", "--sft-window-steps", "3", "--iters", "1", "--scenarios", "2", "--k", "2",
-             "--cs-samples", "2", "--max-reply-tokens", "8"]
+             "--cs-samples", "2", "--max-reply-tokens", "8", "--rollouts", "branch"]
     p = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     p = subprocess.run([sys.executable, "-m", "experiments.ceilings", str(tmp_path / "r"), "--n", "4"], cwd=ROOT,
@@ -191,3 +192,13 @@ def test_the_probe_end_to_end_on_a_tiny_desk_run(tmp_path):
         assert all(isinstance(g[k], float) for k in ("sft", "method", "ceiling"))
     assert (tmp_path / "r" / "expert_ceiling" / "config.json").exists()
     assert "Decision accuracy" in p.stdout
+    assert all(len(report["per_scenario_tse"][k]) == 4 for k in ("ceiling", "sft", "method"))
+    metrics = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {f"acc/{g}" for g in (*desk.DECISION_GROUPS, "all")} <= set(metrics)
+    p = subprocess.run([sys.executable, "-m", "experiments.pairs", str(tmp_path / "r"), "--scenarios", "3"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pairs = json.loads((tmp_path / "r" / "pairs.json").read_text())
+    assert list(pairs["modes"]) == ["independent", "branch, entropy", "branch, uniform", "branch, entropy, segment 1"]
+    for m in pairs["modes"].values():
+        assert 0 <= m["scenarios_with_a_pair"] <= 1 and isinstance(m["decisions_per_dialogue"], float)
