@@ -237,9 +237,9 @@ def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, 
     # 2. score with R and build pairs within each scenario
     scores = [joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
     rewards = [m["R"] for m in scores]
-    contrast = (lambda w, l: segment_strategies(trajs[w], args.segment) != segment_strategies(trajs[l], args.segment)) \
-        if args.segment else None
-    pairs = build_pairs(rewards, groups, args.delta, args.max_pairs, contrast)
+    chose = lambda i: segment_strategies(trajs[i], args.segment)   # noqa: E731  (--segment: pairs must differ there)
+    pairs = build_pairs(rewards, groups, args.delta, args.max_pairs,
+                        (lambda w, l: chose(w) != chose(l)) if args.segment else None)
     # 3. Expert update on the trajectory-level preference loss
     strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
     expert_model.train()
@@ -295,12 +295,20 @@ def decision_stats(trajs, pairs, world):
                 counts[key][1] += 1
     first = {g: 0 for g in names + ["same"]}
     for w, l in pairs:
-        zw, zl = [z for _, z, _ in seen[w]], [z for _, z, _ in seen[l]]
-        t = next((t for t, (a, b) in enumerate(zip(zw, zl)) if a != b), None)
-        t = t if t is not None or len(zw) == len(zl) else min(len(zw), len(zl))   # one ended before the other
-        first["same" if t is None else (seen[w][t] if t < len(zw) else seen[l][t])[0]] += 1
+        first[first_difference_group(seen[w], seen[l])] += 1
     return {**{f"acc/{g}": c / n if n else None for g, (c, n) in counts.items()},
             **{f"pairs/{g}": n / len(pairs) for g, n in first.items() if pairs}}
+
+
+def first_difference_group(a, b):
+    """The decision group where two dialogues' strategies first differ ("same" if they never do),
+    a and b their worlds.decisions; where one ended first, its length is the place, the other's group."""
+    za, zb = [z for _, z, _ in a], [z for _, z, _ in b]
+    t = next((t for t, (x, y) in enumerate(zip(za, zb)) if x != y), None)
+    if t is None and len(za) == len(zb):
+        return "same"
+    t = min(len(za), len(zb)) if t is None else t
+    return (a[t] if t < len(a) else b[t])[0]
 
 
 def gre(rec, recognise):

@@ -61,11 +61,10 @@ def pair_stats(world, groups, rewards, pairs, segment=0):
         common.append(2 * len(os.path.commonprefix([ids_w, ids_l])) / (len(ids_w) + len(ids_l)))
         diff = [t for t in range(n) if t >= len(a) or t >= len(b) or a[t][1] != b[t][1]]
         differ.append(len(diff))
+        first_group[gopo.first_difference_group(a, b)] += 1
         if not diff:
-            first_group["same"] += 1
             continue
         first.append(diff[0])
-        first_group[(a[diff[0]] if diff[0] < len(a) else b[diff[0]])[0]] += 1
         for g in names:   # the pair contrasts group g: both meet decisions of g, and choose differently there
             at_a, at_b = [z for grp, z, _ in a if grp == g], [z for grp, z, _ in b if grp == g]
             contrast[g] += bool(at_a and at_b and at_a != at_b)
@@ -82,7 +81,10 @@ def pair_stats(world, groups, rewards, pairs, segment=0):
             "first_difference_group": {g: share(c) for g, c in first_group.items()},
             "pairs_contrasting": {g: share(c) for g, c in contrast.items()},
             "reward_variance_within_scenarios": within / total if total > 0 else None,
-            "common_prefix_token_share": statistics.mean(common) if common else None, "mean_R": mean_R}
+            "common_prefix_token_share": statistics.mean(common) if common else None,
+            "turns_played_per_scenario": sum(len(tr["replies"]) - (tr["branch"] if tr["fork"] else 0)
+                                             for tr in trajs) / len(groups),   # a fork plays from its branch on
+            "mean_R": mean_R}
 
 
 def main(argv=None):
@@ -145,6 +147,7 @@ def table(report):
             ("first differing decision, median", "first_difference_median"),
             ("share of R's variance within scenarios", "reward_variance_within_scenarios"),
             ("share of a pair's Expert tokens in their common prefix", "common_prefix_token_share"),
+            ("agent turns played per scenario (K dialogues)", "turns_played_per_scenario"),
             ("mean R / TSE of the rollouts", None)]
     for label, key in rows:
         cells = [fmt(m[key]) if key else f"{m['mean_R']:.3f} / {m['mean_tse']:.3f}" for m in modes.values()]

@@ -220,7 +220,7 @@ def test_pair_stats_by_hand():
             break
     da, db = worlds.decisions(desk, a), worlds.decisions(desk, b)
     trajs = [{"record": r, "ids": [1, 2, 3] + [k] * 5, "decisions": [(0, desk.STRATEGIES.index(z)) for z in zs],
-              "branch": 0} for r, zs, k in ((a, za, 4), (b, zb, 5))]
+              "branch": 0, "fork": False, "replies": [None] * len(zs)} for r, zs, k in ((a, za, 4), (b, zb, 5))]
     stats = pairs_lib.pair_stats(desk, [trajs], [1.0, 0.0], [(0, 1)])
     diff = [t for t in range(max(len(za), len(zb))) if t >= min(len(za), len(zb)) or za[t] != zb[t]]
     assert stats["differing_decisions_per_pair"] == len(diff) and stats["first_difference_median"] == diff[0]
@@ -229,3 +229,4 @@ def test_pair_stats_by_hand():
         ga, gb = [z for grp, z, _ in da if grp == g], [z for grp, z, _ in db if grp == g]
         assert stats["pairs_contrasting"][g] == float(bool(ga and gb and ga != gb))
     assert stats["common_prefix_token_share"] == 3 / 8 and stats["scored_decisions_per_dialogue"] == (len(za) + len(zb)) / 2
+    assert stats["turns_played_per_scenario"] == len(za) + len(zb)
