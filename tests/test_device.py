@@ -159,6 +159,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(re.findall(r"dialogues: rollout \d+ reply tokens .* tokens/s; model.generate .* tokens/s; ratio \d",
                           p.stdout)) == 3, p.stdout[-3000:]
     assert re.search(r"target \(rollout / generate tokens/s >= 0.85 at \d+ dialogues\): (met|missed)", p.stdout)
+    assert "GOPO --rollouts branch: iteration" in p.stdout      # (c): a branched iteration on the device too
     assert "GPU CHECK PASSED" in p.stdout
 
 

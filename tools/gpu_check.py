@@ -150,6 +150,15 @@ def stage_c(grad_ckpt):
     tokens = max(len(t["ids"]) for t in trajs) * len(trajs)
     peak_gopo = peak_gb()
     check("GOPO iteration ran with finite losses", m["loss"] is not None and m["loss"] == m["loss"])
+    reset_peak()
+    with lm.autocast(DEV, True):   # --rollouts branch: K - 1 continuations from copied contexts, prefilled on the device
+        mb = gopo.iteration(expert_model, agent_model, tok, tok, opt_e, opt_a, scen, values, shop,
+                            SimpleNamespace(**{**vars(args), "rollouts": "branch"}), 1, seed=1)
+        sync()
+    check("GOPO iteration with --rollouts branch ran with finite losses",
+          mb["pairs"] == 0 or (mb["loss"] is not None and mb["loss"] == mb["loss"]))
+    print(f"GOPO --rollouts branch: iteration {mb['seconds']:.1f} s (pairs {mb['pairs']}) against {m['seconds']:.1f} s "
+          f"independent, peak {peak_gb():.1f} GB")
     print(f"GOPO: rollout {emitted} reply tokens in {t_roll:.1f} s = {emitted / t_roll:.0f} tokens/s "
           f"({len(trajs)} dialogues, {DEV.type}); iteration {m['seconds']:.1f} s (pairs {m['pairs']}, cs_pairs {m['cs_pairs']}); "
           f"peak {peak_gopo:.1f} GB, predicted {predicted_gb(n, tokens, SHAPE['num_hidden_layers'], SHAPE['hidden_size'], grad_ckpt):.1f} GB "
