@@ -229,6 +229,8 @@ def plot_curves(run_dir):
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     dpo = bool(rows) and "rewards/margins" in rows[-1]
     by_group = {prefix: [k for k in rows[0] if k.startswith(prefix)] if rows else [] for prefix in ("acc/", "pairs/")}
+    if len(by_group["pairs/"]) <= 2:   # one decision group (the shop): every pair first differs in it
+        by_group["pairs/"] = []
     n = 1 + bool(rows) * (2 + dpo + sum(bool(keys) for keys in by_group.values()))
     cols = n if n <= 4 else 3
     fig, ax = plt.subplots((n + cols - 1) // cols, cols, figsize=(5 * cols, 4 * ((n + cols - 1) // cols)), squeeze=False)
