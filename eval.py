@@ -192,6 +192,12 @@ def group_table(accuracy):
                           for row, acc in accuracy.items())
 
 
+def colour(i, n):
+    """The i-th of n rows' colour: matplotlib's 10-colour cycle, or its 20 colours past 10 rows."""
+    import matplotlib
+    return matplotlib.colormaps["tab10" if n <= 10 else "tab20"](i % 20)
+
+
 def plot(results, methods, path, title, ax=None):
     import matplotlib
     matplotlib.use("Agg")
@@ -206,7 +212,8 @@ def plot(results, methods, path, title, ax=None):
              for k in keys}   # a metric that does not apply (GRE of a flat agent) has no bar
         means = [r[k]["mean"] for k in keys]
         err = [[r[k]["mean"] - r[k]["ci95"][0] for k in keys], [r[k]["ci95"][1] - r[k]["mean"] for k in keys]]
-        ax.bar([i + j * width for i in range(len(keys))], means, width, yerr=err, capsize=3, label=name)
+        ax.bar([i + j * width for i in range(len(keys))], means, width, yerr=err, capsize=3, label=name,
+               color=colour(j, len(methods)))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
     ax.set(ylim=(0, 1.05), title=title, ylabel="mean (95% CI)")
     ax.legend(fontsize=8, ncol=min(len(methods), 5), loc="upper center", bbox_to_anchor=(0.5, -0.08))

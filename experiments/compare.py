@@ -270,7 +270,7 @@ def plot(results, rows, curves, path, n):
         runs = [c for c in runs if c]
         if runs:
             L = min(len(c) for c in runs)
-            color = f"C{rows.index(algo) % 10}" if algo in rows else None   # the bar's colour on the left
+            color = eval_lib.colour(rows.index(algo), len(rows)) if algo in rows else None   # its bar's colour
             ax[1].plot(range(L), [sum(c[i] for c in runs) / len(runs) for i in range(L)], label=algo, color=color)
     ax[1].set(title="TSE of the training rollouts (sampled; mean over seeds)", xlabel="iteration")
     ax[1].legend(fontsize=8)
