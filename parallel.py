@@ -22,7 +22,7 @@ weights in every forward (which would force every rank to run the same number of
 decisions, then the CS Agent's replies) and frees them after; inside, the forwards need no
 communication. Every rank runs every turn of the horizon, entering the gathers even with no
 dialogue left, so ranks that finish early just wait at the next turn's gather. Costs one unsharded
-copy of one model per rank while it generates (see the README's memory table).
+copy of one model per rank while it generates (docs/scaling.md, "Memory").
 
 Imports run one way: lm.py (the models, their saving and the SFT loop) stands on this module, never
 the reverse. This is the bottom layer, torch.distributed and nothing of the project's, so the
