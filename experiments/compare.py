@@ -43,7 +43,8 @@ p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollou
 
 METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
 SFT_SETTINGS = ("data", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer", "vocab_size",
-                "sft_steps", "agent_sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent")
+                "sft_steps", "agent_sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent",
+                "expert_sft_lr", "expert_sft_steps")
 ROLLOUT_BUDGET = ("iters", "scenarios", "k")
 
 
@@ -87,7 +88,8 @@ def check_budget(methods):
                 first.setdefault(k, (c.get(k), run))
     get = lambda k: first[k][0] if k in first else None
     n_logs = get("n_logs")
-    return {"sft_dialogues": n_logs, "sft_steps": get("sft_steps"), "sft_batch": get("sft_batch"),
+    return {"sft_dialogues": n_logs, "sft_batch": get("sft_batch"),
+            "expert_sft_steps": get("expert_sft_steps") or get("sft_steps"),   # runs before the flag: --sft-steps
             "agent_sft_steps": get("agent_sft_steps") or get("sft_steps"),   # runs before the flag: the same
             "iters": get("iters"), "dialogues_per_iter": (get("scenarios") or 0) * (get("k") or 0),
             "rollouts_after_sft": (get("iters") or 0) * (get("scenarios") or 0) * (get("k") or 0),
@@ -174,7 +176,7 @@ def main(argv=None):
 
     md = [f"Comparison on {args.n_scenarios} held-out scenarios (greedy; mean [95% CI] over seeds x scenarios).",
           "",
-          f"Budget: SFT on {budget['sft_dialogues']} logged dialogues ({budget['sft_steps']} steps of "
+          f"Budget: SFT on {budget['sft_dialogues']} logged dialogues ({budget['expert_sft_steps']} steps of "
           f"{budget['sft_batch']} for the Expert, {budget['agent_sft_steps']} for the models that write replies); then {budget['rollouts_after_sft']} simulated dialogues per method "
           f"and seed ({budget['iters']} iterations x {budget['dialogues_per_iter']}). Seeds: "
           + "; ".join(f"{a} {s}" for a, s in budget["seeds"].items()) + ".",

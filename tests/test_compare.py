@@ -89,6 +89,7 @@ def test_compare_pools_seeds_and_reports_budget_and_relative_tse(runs):
         assert c[m]["gre"]["mean"] is None
     assert c["gopo"]["gre"]["mean"] is not None
     assert c["budget"]["rollouts_after_sft"] == 2 * 2 * 2 and c["budget"]["sft_dialogues"] == 30
+    assert c["budget"]["expert_sft_steps"] == 4     # the shop's Expert SFT runs --sft-steps
     assert c["budget"]["seeds"] == {"sft": [0, 1], "ppo": [0, 1], "memento": [0], "gopo-noexpert": [0], "gopo": [0, 1],
                                     "gopo-alpha1": [0]}
     assert len(c["per_seed_tse"]["gopo"]) == 2 and len(c["per_seed_tse"]["memento"]) == 1
@@ -130,19 +131,23 @@ def test_single_run_eval_of_each_method(runs, cli_env):
 
 
 def test_compare_refuses_unequal_budgets_and_mixed_folders(runs, cli_env, tmp_path):
-    """One line, exit 2: runs with another rollout budget, a folder mixing methods, a folder with no
-    run, two folders of one method."""
+    """One line, exit 2: runs with another rollout budget or Expert SFT, a folder mixing methods, a
+    folder with no run, two folders of one method."""
     out, _, _ = runs
     other = tmp_path / "ppo_k3"
     shutil.copytree(out / "ppo" / "s0", other / "s0")
     config = json.loads((other / "s0" / "config.json").read_text())
     (other / "s0" / "config.json").write_text(json.dumps({**config, "k": 3}))
+    other_sft = tmp_path / "ppo_expert_sft"     # another Expert SFT recipe is another start, not the same budget
+    shutil.copytree(out / "ppo" / "s0", other_sft / "s0")
+    (other_sft / "s0" / "config.json").write_text(json.dumps({**config, "expert_sft_steps": 600}))
     mixed = tmp_path / "mixed"
     shutil.copytree(out / "ppo" / "s0", mixed / "a")
     shutil.copytree(out / "memento" / "s0", mixed / "b")
     (tmp_path / "empty").mkdir()
     cases = {
         "budget": ([str(out / "gopo"), str(other)], ["--k"]),
+        "expert_sft": ([str(out / "gopo"), str(other_sft)], ["--expert-sft-steps"]),
         "mixed": ([str(out / "gopo"), str(mixed)], ["mixes"]),
         "empty": ([str(out / "gopo"), str(tmp_path / "empty")], ["holds no train.py run"]),
         "twice": ([str(out / "gopo"), str(out / "gopo" / "s0")], ["two folders"]),
