@@ -38,6 +38,7 @@ import expert as expert_lib
 import gopo
 import lm
 import parallel
+import plots
 import tse
 import worlds
 
@@ -353,7 +354,7 @@ def train_loop(run, step, start=0, bad_in_a_row=0, save_state=None):
 def save_outputs(run):
     """6. curves.png and time.json (after the method's own checkpoints)."""
     if parallel.is_main():
-        eval_lib.plot_curves(run.dir)
+        plots.plot_curves(run.dir)
         with open(run.path("time.json"), "w") as f:   # this process's wall time (--compare reports it)
             json.dump({"seconds": round(time.time() - run.t_start, 1)}, f)
     say(f"done in {time.time() - run.t_start:.0f}s -> {run.dir}")

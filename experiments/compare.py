@@ -25,6 +25,7 @@ import cli
 import data
 import eval as eval_lib
 import lm
+import plots
 import tse
 import worlds
 from experiments import baselines  # noqa: F401  adds the baselines' methods to eval.py's (checkpoint.METHODS)
@@ -267,12 +268,12 @@ def plot(results, rows, curves, path, n):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    eval_lib.plot(results, rows, None, f"{n} held-out scenarios, seeds pooled", ax=ax[0])
+    plots.plot(results, rows, None, f"{n} held-out scenarios, seeds pooled", ax=ax[0])
     for algo, runs in curves.items():
         runs = [c for c in runs if c]
         if runs:
             L = min(len(c) for c in runs)
-            color = eval_lib.colour(rows.index(algo), len(rows)) if algo in rows else None   # its bar's colour
+            color = plots.colour(rows.index(algo), len(rows)) if algo in rows else None   # its bar's colour
             ax[1].plot(range(L), [sum(c[i] for c in runs) / len(runs) for i in range(L)], label=algo, color=color)
     ax[1].set(title="TSE of the training rollouts (sampled; mean over seeds)", xlabel="iteration")
     ax[1].legend(fontsize=8)
