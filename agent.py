@@ -10,6 +10,7 @@ import random
 
 import lm
 import parallel
+import serialize
 
 
 def reply_mask(n_tokens, replies):
@@ -36,9 +37,9 @@ def collate(examples, pad_id):
 def sft_examples(tok, records, instructions):
     """(whole dialogues, windows): lists of (token ids, reply-target mask), the two kinds of SFT example."""
     dialogues, windows = [], []
-    opening = lm.start_ids(tok)
+    opening = serialize.start_ids(tok)
     for r in records:
-        ids, decisions, replies = lm.encode_dialogue(tok, r["turns"], instructions)
+        ids, decisions, replies = serialize.encode_dialogue(tok, r["turns"], instructions)
         dialogues.append((ids, reply_mask(len(ids), replies)))
         starts = [len(opening)] + [end for _, end in replies[:-1]]   # each window opens at a customer turn
         for s, (a, b) in zip(starts, replies):
@@ -64,7 +65,7 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
         sample = rng.sample(pool, min(n, len(pool)))                           # the same on every rank
         mine, weight = parallel.share_or_dummy(sample)
         logp = sum(reply_logps(model, *collate(group, tok.pad_token_id)).sum()
-                   for group in lm.length_groups(mine, n_total=len(sample), length=lambda e: len(e[0])))
+                   for group in lm.length_buckets(mine, n_total=len(sample), length=lambda e: len(e[0])))
         n_tokens = sum(sum(m) for _, m in sample)
         return -weight * logp / parallel.denominator(n_tokens)   # mean NLL per token
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

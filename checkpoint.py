@@ -1,56 +1,85 @@
-"""The run folder and the models in it: the methods, start, resume, training data, SFT checkpoints
-of other runs, state (nanochat's checkpoint manager, for this repo). Every function checks before it
+"""The run folder, its one room: the methods, start, resume, config, training data, SFT checkpoints of
+other runs, state, metrics, atomic saves, and the readers that eval.py and experiments/ open a
+finished run with (nanochat's checkpoint manager, for this repo). Every function checks before it
 writes, and writes atomically, so a bad input or a crash never leaves a run half-written.
 
     out/<run>/config.json     every flag (resume_run checks all of them before anything is written)
     out/<run>/logs.jsonl      the training dialogues; values.json, the event values fitted on them
     out/<run>/state/          what --resume needs after an iteration: both models, both AdamW states
     out/<run>/*_sft/          SFT checkpoints (copied from another run by --sft-from)
+    out/<run>/metrics.jsonl   one line per iteration
 """
 import argparse
+import importlib
 import json
 import os
 import shutil
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
+from transformers.utils import logging as hf_logging
 
 import cli
 import data
 import lm
 import parallel
+import worlds
 
 die = cli.die
 
 
 class Method(NamedTuple):
     """What a run of a method starts from, and what eval.py plays of it (one entry of METHODS)."""
-    sft: tuple = ()        # the SFT models a run starts from (train.py trains or copies them); () = a row only
+    sft: tuple = ()        # the SFT models a run starts from (its trainer trains or copies them); () = a row only
     rows: tuple = ()       # eval.py's rows of a run: the method, then the SFT model(s) it started from
     expert: str = None     # checkpoint folders eval.py plays: the Expert (None: a flat agent, asked for no strategy)
     agent: str = None      # ... and the agent that writes the replies
-    files: tuple = ()      # (file, load(path)): other things eval.py loads first (Memento's bank.pt)
-    play: Callable = None  # play(ckpt, method, scenarios, world, seed, max_reply_tokens) -> greedy records;
-    #                        None: the two agents' rollout (rollout.py)
+    files: tuple = ()      # (file, "module:loader"): other things eval.py loads first (Memento's bank.pt)
+    play: str = None       # "module:function", function(ckpt, method, scenarios, world, seed, max_reply_tokens)
+    #                        -> greedy records; None: the two agents' rollout (eval.two_agents)
+    trainer: str = "train"  # the command that trains it: train.py, or python -m experiments.baselines
 
 
-# The one registry of methods: train.py's --algo choices (those with SFT models), eval.py's rows. Its
-# models: expert, agent (the two agents); flat (one LM writing each reply from the history: the
-# baselines' single agent; --algo sft trains it too, so every method of a seed can start from one run).
-# experiments/baselines.py adds its methods (ppo, memento, gopo-noexpert, the sft-flat row); nothing
-# here imports it.
+# The one registry of methods, read by train.py (its --method choices), experiments/baselines.py (its
+# own) and eval.py (the rows). Nothing changes it. Its models: expert, agent (the two agents); flat (one
+# LM writing each reply from the history: the baselines' single agent; --method sft trains it too, so
+# every method of a seed can start from one run). A baseline's player and loader are named by string
+# and imported by eval.py only when it plays that row (`resolve`), so the top level never imports
+# experiments/.
 METHODS = {
     "gopo": Method(sft=("expert", "agent"), rows=("gopo", "sft"), expert="expert", agent="agent"),
-    "sft": Method(sft=("expert", "agent", "flat"), rows=("sft",), expert="expert_sft", agent="agent_sft"),
+    "sft": Method(sft=("expert", "agent", "flat"), rows=("sft", "sft-flat"), expert="expert_sft", agent="agent_sft"),
+    "ppo": Method(sft=("flat",), rows=("ppo", "sft-flat"), agent="flat", play="experiments.flat:play_flat",
+                  trainer="experiments.baselines"),
+    "memento": Method(sft=("expert", "agent"), rows=("memento", "sft"), expert="expert_sft", agent="agent_sft",
+                      files=(("bank.pt", "experiments.memento:CaseBank.load"),), play="experiments.memento:play_memento",
+                      trainer="experiments.baselines"),
+    "gopo-noexpert": Method(sft=("flat",), rows=("gopo-noexpert", "sft-flat"), agent="flat",
+                            play="experiments.flat:play_flat", trainer="experiments.baselines"),
+    "sft-flat": Method(agent="flat_sft", play="experiments.flat:play_flat"),   # a row of sft runs: the SFT flat agent
 }
 SFT_KEYS = ("seed", "data", "data_path", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
             "vocab_size", "sft_steps", "agent_sft_steps", "expert_sft_steps", "sft_batch", "sft_lr", "expert_sft_lr",
             "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
 
 
+def methods_of(trainer):
+    """The methods a command trains (train.py: gopo, sft; experiments.baselines: the baselines)."""
+    return [m for m, v in METHODS.items() if v.sft and v.trainer == trainer]
+
+
+def resolve(name):
+    """"module:attr.attr" -> the object (a baseline's player or loader, imported when first needed)."""
+    module, _, attrs = name.partition(":")
+    obj = importlib.import_module(module)
+    for a in attrs.split("."):
+        obj = getattr(obj, a)
+    return obj
+
+
 def start_run(args):
     """New run: refuse an existing folder (unless --overwrite), write config.json (rank 0)."""
-    run_dir = os.path.join(args.out, args.run or args.algo)
+    run_dir = os.path.join(args.out, args.run or args.method)
     if os.path.exists(run_dir) and not args.overwrite:
         die(f"{run_dir} already exists (holds another run); pass --overwrite, --resume {run_dir} "
             "or choose --run NAME")
@@ -62,7 +91,7 @@ def start_run(args):
         except OSError as e:
             die(f"cannot create {run_dir}: {e.strerror}")
         with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**vars(args), "world_size": parallel.world()}, f, indent=2)
+            json.dump({**vars(args), "world_size": parallel.n_ranks()}, f, indent=2)
     parallel.barrier()
     return run_dir
 
@@ -79,9 +108,10 @@ def resume_run(args, p):
         die(f"{path} is unreadable or not JSON ({e}); it is not a run train.py can resume")
     if not isinstance(saved, dict):
         die(f"{path} is not a JSON object; it is not a run train.py can resume")
-    algos = next(a.choices for a in p._actions if a.dest == "algo")   # the methods this script trains
-    if saved.get("algo", "gopo") not in algos:
-        die(f"{run_dir} is an --algo {saved['algo']} run: --resume continues {' and '.join(algos)} runs only; "
+    saved = upgrade_config(saved)
+    methods = methods_of("train")
+    if saved.get("method", "gopo") not in methods:
+        die(f"{run_dir} is a --method {saved['method']} run: --resume continues {' and '.join(methods)} runs only; "
             "start it again (baselines take a few minutes)")
     given = {k for k in vars(args) if k not in ("resume", "overwrite") and getattr(args, k) != p.get_default(k)}
     clash = [k for k in sorted(given) if saved.get(k) != getattr(args, k)]
@@ -122,18 +152,18 @@ def check_sft_from(args):
     src = args.sft_from
     try:
         with open(os.path.join(src, "config.json")) as f:
-            theirs = json.load(f)
-    except (OSError, ValueError):
+            theirs = upgrade_config(json.load(f))
+    except (OSError, ValueError, TypeError):
         die(f"--sft-from {src}: not a train.py run (no readable config.json)")
     clash = [k for k in SFT_KEYS if theirs.get(k) != getattr(args, k)]
     if clash:
         k = clash[0]
         die(f"--sft-from {src}: its --{k.replace('_', '-')} is {theirs.get(k)}, this run's is "
             f"{getattr(args, k)}; the SFT checkpoints must come from the same seed, data and SFT settings")
-    missing = [f"{n}_sft" for n in METHODS[args.algo].sft if not os.path.isdir(os.path.join(src, f"{n}_sft"))]
+    missing = [f"{n}_sft" for n in METHODS[args.method].sft if not os.path.isdir(os.path.join(src, f"{n}_sft"))]
     if missing or not os.path.isfile(os.path.join(src, "sft.json")):
-        die(f"--sft-from {src}: no {(missing or ['sft.json'])[0]} (an unfinished run, or one whose --algo "
-            f"trained other models: --algo sft trains all three)")
+        die(f"--sft-from {src}: no {(missing or ['sft.json'])[0]} (an unfinished run, or one whose --method "
+            f"trained other models: --method sft trains all three)")
 
 def copy_sft(src, run_dir, need, values):
     """The SFT checkpoints and loss curves of another run, after checking its logs gave the same values."""
@@ -147,34 +177,39 @@ def copy_sft(src, run_dir, need, values):
     with open(os.path.join(run_dir, "sft.json"), "w") as f:
         json.dump({f"{n}_loss": losses[f"{n}_loss"] for n in need}, f)
 
-def save_state(folder, expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, iterations_done, bad_in_a_row):
-    """Everything --resume needs after an iteration, swapped in atomically as one folder."""
+def save_state(folder, models, opts, progress):
+    """Everything --resume needs after an iteration, swapped in atomically as one folder: both models
+    {"expert", "agent": (model, tokenizer)}, their AdamW states, and progress {"iterations_done",
+    "bad_in_a_row"}."""
     def write(tmp):
-        expert_model.save_pretrained(os.path.join(tmp, "expert"))
-        agent_model.save_pretrained(os.path.join(tmp, "agent"))
-        tok_e.save_pretrained(os.path.join(tmp, "expert"))
-        tok_a.save_pretrained(os.path.join(tmp, "agent"))
-        torch.save({"opt_e": opt_e.state_dict(), "opt_a": opt_a.state_dict(),
-                    "iterations_done": iterations_done, "bad_in_a_row": bad_in_a_row},
+        for name in ("expert", "agent"):
+            model, tok = models[name]
+            model.save_pretrained(os.path.join(tmp, name))
+            tok.save_pretrained(os.path.join(tmp, name))
+        torch.save({"opt_e": opts["expert"].state_dict(), "opt_a": opts["agent"].state_dict(), **progress},
                    os.path.join(tmp, "trainer.pt"))
-    lm.atomic_dir(folder, write)
+    atomic_dir(folder, write)
 
 def load_state(folder, models, args, device):
-    """GOPO's (expert, agent, tok_e, tok_a, opt_e, opt_a, iterations_done, bad_in_a_row): on --resume,
-    what save_state wrote in `folder` (both models placed before their AdamW states are rebuilt);
-    else the placed SFT `models` {name: (model, tokenizer)} with fresh AdamW states (lr: args)."""
-    (expert_model, tok_e), (agent_model, tok_a) = models["expert"], models["agent"]
-    trainer = {"iterations_done": 0, "bad_in_a_row": 0}
+    """GOPO's (models, opts, progress): on --resume, what save_state wrote in `folder` (both models
+    placed before their AdamW states are rebuilt); else the placed SFT `models` {"expert", "agent":
+    (model, tokenizer)} with fresh AdamW states (lr: args) and no progress."""
+    models = {name: models[name] for name in ("expert", "agent")}
+    progress = {"iterations_done": 0, "bad_in_a_row": 0}
+    trainer = {}
     if args.resume and os.path.exists(folder):   # the last completed iteration
-        (expert_model, tok_e), (agent_model, tok_a) = (lm.load(os.path.join(folder, n)) for n in ("expert", "agent"))
-        expert_model, agent_model = place(expert_model, args, device), place(agent_model, args, device)
+        for name in ("expert", "agent"):
+            model, tok = lm.load(os.path.join(folder, name))
+            models[name] = (lm.place(model, args, device), tok)
         trainer = torch.load(os.path.join(folder, "trainer.pt"))
-    opt_e = torch.optim.AdamW(expert_model.parameters(), lr=args.lr, weight_decay=0.0)
-    opt_a = torch.optim.AdamW(agent_model.parameters(), lr=args.lr_cs, weight_decay=0.0)
-    if "opt_e" in trainer:
-        opt_e.load_state_dict(trainer["opt_e"])
-        opt_a.load_state_dict(trainer["opt_a"])
-    return expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, trainer["iterations_done"], trainer["bad_in_a_row"]
+        progress = {k: trainer[k] for k in progress}
+    opts = {"expert": torch.optim.AdamW(models["expert"][0].parameters(), lr=args.lr, weight_decay=0.0),
+            "agent": torch.optim.AdamW(models["agent"][0].parameters(), lr=args.lr_cs, weight_decay=0.0)}
+    if trainer:
+        opts["expert"].load_state_dict(trainer["opt_e"])
+        opts["agent"].load_state_dict(trainer["opt_a"])
+    return models, opts, progress
+
 
 def read_logs(run_dir, world):
     """The run's own training dialogues (logs.jsonl), for --resume."""
@@ -201,64 +236,13 @@ def load_sft(run_dir, sft_from, need, values):
     """The run's finished SFT models {name: (model, tokenizer)} (sft.json is written last), copied
     first from --sft-from (rank 0); None if SFT has not finished. Cleans up a crash during a save."""
     for name in ("expert_sft", "agent_sft", "flat_sft", "state"):
-        lm.recover(os.path.join(run_dir, name))
+        recover(os.path.join(run_dir, name))
     if sft_from and not os.path.exists(os.path.join(run_dir, "sft.json")) and parallel.is_main():
         copy_sft(sft_from, run_dir, need, values)
     parallel.barrier()
     if not os.path.exists(os.path.join(run_dir, "sft.json")):
         return None
     return {name: lm.load(os.path.join(run_dir, f"{name}_sft")) for name in need}
-
-def new_models(need, args, world, logs):
-    """{name: (model, tokenizer)} for the models in `need` (expert, agent, flat), before SFT: tiny ones
-    (--d-model, --n-layer) sharing a tokenizer trained on the logs, or the pretrained backbones."""
-    if args.model != "tiny":
-        return {name: load_backbone(args.expert_model or args.model if name == "expert" else args.model,
-                                    world.STRATEGIES) for name in need}
-    tok = lm.train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values()),
-                             world.STRATEGIES, args.vocab_size)
-    max_len = 1024 if args.world == "shop" and args.data == "shop" else 4096   # desk, real dialogues: ~2k tokens
-    models = {}
-    for name in need:   # each model its own init seed, the same whichever others are built
-        models[name] = (lm.build_tiny_model(tok, args.d_model, args.n_layer, max_len=max_len,
-                                            seed=args.seed + {"expert": 0, "agent": 1, "flat": 2}[name]), tok)
-        lm.add_strategy_tokens(models[name][0], tok, world.STRATEGIES)
-    return models
-
-def check_model(name):
-    """Fail before anything is written if a pretrained backbone is not there (a config is enough)."""
-    if name is None or name == "tiny":
-        return
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        die(f"--model {name}: the folder holds no config.json (not a Hugging Face model folder)")
-    from transformers import AutoConfig
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError):
-        load_backbone(name, None)   # the one-line error that says what to do
-
-def load_backbone(name, strategies):
-    """A pretrained model + tokenizer, or a one-line error that says how to get one offline."""
-    try:
-        return lm.from_pretrained(name, strategies)
-    except (OSError, ValueError) as e:
-        if os.path.isdir(name):
-            die(f"cannot load a model from the folder {name}: {str(e).splitlines()[0]}")
-        hint = " (offline: pass a local folder, e.g. python tools/convert.py models/smollm2 then " \
-               "--model models/smollm2, or add --no-offline to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        die(f"cannot load --model '{name}': not a local folder and not in the Hugging Face cache{hint}")
-
-def place(model, args, device):
-    """Move a model to the device; under torchrun --fsdp, shard it (FSDP2); --grad-ckpt either way."""
-    model.to(device)
-    if args.grad_ckpt:          # on the blocks before sharding them, so FSDP wraps checkpointed blocks
-        lm.activation_checkpointing(model)
-    return parallel.shard(model, bf16=args.bf16) if args.fsdp else model
-
-def frozen(folder, args, device):
-    """A model that is only read, placed like the trained ones: the SFT Expert (pi_ref with --ref sft,
-    and the reference of the kl_to_sft metric). It costs one more Expert's weights (docs/scaling.md)."""
-    return place(lm.load(folder)[0].requires_grad_(False).eval(), args, device)
 
 def keep_metrics(path, n):
     """Keep the first n lines of metrics.jsonl (those of checkpointed iterations); rank 0."""
@@ -272,3 +256,127 @@ def append_metrics(path, m):
     if parallel.is_main():
         with open(path, "a") as f:
             f.write(json.dumps(m) + "\n")
+
+
+def save_model(model, tokenizer, path):
+    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically.
+    Distributed: every rank joins the gather of the full state dict, rank 0 writes."""
+    state = parallel.full_state_dict(model) if parallel.FSDP else None
+    if parallel.is_main():
+        atomic_dir(path, lambda tmp: (model.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
+    parallel.barrier()
+
+
+def atomic_dir(path, write):
+    """Write a folder so that a crash at any moment leaves either the old folder or the new one.
+
+    `write(tmp)` fills a temporary folder; then the old folder moves aside, the new one takes its
+    name and the old one is deleted. A crash between the two renames leaves `path.old`, which
+    `recover` puts back.
+    """
+    tmp, old = path + ".tmp", path + ".old"
+    recover(path)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path):
+    """Undo a save that died between its two renames; drop half-written temporaries."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    if not os.path.exists(path) and os.path.exists(path + ".old"):
+        os.replace(path + ".old", path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+
+
+
+
+# ----------------------------------------------------------------------------- reading a finished run
+def check_folder(run):
+    if not os.path.exists(run):
+        die(f"{run} does not exist (give the run folder train.py wrote, e.g. out/gopo)")
+    if not os.path.isdir(run):
+        die(f"{run} is not a folder (give the run folder train.py wrote, e.g. out/gopo)")
+    return run
+
+
+def read_config(path):
+    """A run's config.json, in today's names: runs from before --method and --data sim said --algo and
+    --data shop. {} if there is none (runs from before --data existed: the built-in shop)."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return upgrade_config(config) if isinstance(config, dict) else {}
+
+
+def upgrade_config(config):
+    """Old names -> today's: "algo" -> "method", --data "shop" -> "sim" (the deprecated spellings)."""
+    config = dict(config)
+    if "algo" in config:
+        config.setdefault("method", config.pop("algo"))
+    if config.get("data") == "shop":
+        config["data"] = "sim"
+    return config
+
+
+def world_of(config, run):
+    """The built-in world a run trained in (its config's --world and knobs; shop before --world existed)."""
+    try:
+        return worlds.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
+    except ValueError as e:
+        die(f"{run}/config.json: {e}")
+
+
+def read_values(path):
+    """The run's event values: a JSON object of event name -> number."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        die(f"{path}: malformed JSON ({e.msg}, line {e.lineno}); re-run train.py or check the run")
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"{path}: cannot read it ({type(e).__name__}: {e}); re-run train.py or check the run")
+    ok = isinstance(values, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
+    if not ok:
+        die(f"{path}: expected a JSON object of event name -> number, got {json.dumps(values)[:80]}")
+    return values
+
+
+def load_checkpoint(folder):
+    """(model, tokenizer) of a checkpoint folder; a folder that does not load is a one-line error."""
+    try:
+        return lm.load(folder)
+    except Exception as e:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, SafetensorError, ...
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        die(f"{folder} holds no loadable model ({type(e).__name__}: {why}); "
+            "re-run train.py or check the path")
+
+
+def needed_files(rows):
+    files = [c for m in rows for c in (METHODS[m].expert, METHODS[m].agent) if c]
+    return sorted(set(files), key=files.index)
+
+
+def load_run(run, rows, device="cpu"):
+    """Every checkpoint (and other file, e.g. Memento's case bank) the rows need, loaded before any
+    rollout, so a broken one costs no time and overwrites no report: {name: (model on `device`,
+    tokenizer)}, plus {file: what its method's loader returned}."""
+    extra = {f: loader for m in rows for f, loader in METHODS[m].files}
+    for need in ("values.json", *needed_files(rows), *extra):
+        if not os.path.exists(os.path.join(run, need)):
+            die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
+    hf_logging.disable_progress_bar()
+    ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in needed_files(rows)}
+    ckpt = {name: (model.to(device), tok) for name, (model, tok) in ckpt.items()}
+    for f, loader in extra.items():
+        try:
+            ckpt[f] = resolve(loader)(os.path.join(run, f))
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
+            die(f"{run}/{f} does not load ({type(e).__name__}); train the run again")
+    return ckpt

@@ -5,6 +5,17 @@ import os
 import sys
 
 
+def process_env(argv):
+    """What an entry script sets before it imports torch and transformers, which read it once:
+    OMP_WAIT_POLICY=PASSIVE (spinning threads stall a shared CPU) and, unless --no-offline is in
+    argv, the Hugging Face offline switches (a missing model fails at once, with no hub retries).
+    Only the process environment changes, and only where the user has not set it."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "--no-offline" not in argv:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def die(message):
     """One line on stderr, named after the running script, and exit 2."""
     print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {message}", file=sys.stderr)

@@ -2,16 +2,16 @@
 
     python eval.py out/gopo                  # one run: 200 held-out scenarios, greedy decoding
     python eval.py out/gopo --n-scenarios 500
-    python -m experiments.baselines eval out/ppo       # a baseline's run: the same, its methods known
+    python eval.py out/ppo                   # a baseline's run, the same way
     python -m experiments.compare out/sft out/ppo ...   # the comparison (experiments/compare.py)
 
-One run: the run's method (the methods of checkpoint.METHODS: gopo, sft; experiments/baselines.py
-adds ppo, memento, gopo-noexpert and sft's flat row), the SFT model(s) it started from, and the
+One run: the run's method (any of checkpoint.METHODS: gopo, sft, ppo, memento, gopo-noexpert), the
+SFT model(s) it started from (checkpoint.METHODS[method].rows), and the
 world's behaviour, random-valid and oracle policies (template text) -> eval.md, eval.json, eval.png,
 eval_<method>.jsonl in the run folder.
 Held-out scenarios come from the test seed range, which no training stage ever samples (data.py).
 Each metric is a mean with a 95% CI over dialogues: Wilson for the binary outcomes (RATES: success,
-sop_ok), a seeded percentile bootstrap for every continuous score (tse.summarize), so no interval
+sop_ok), a seeded percentile bootstrap for every continuous score (tse.mean_ci), so no interval
 leaves the range of the values it summarises.
 """
 import json
@@ -25,7 +25,6 @@ from transformers.utils import logging as hf_logging
 import checkpoint
 import cli
 import data
-import gopo
 import lm
 import parallel
 import plots
@@ -55,7 +54,7 @@ p.add_argument("--show", type=cli.nonneg(int), default=0, metavar="N",
 def dialogue_metrics(rec, values, world):
     """Per-dialogue metrics of one record (docs/design.md), plus sop_ok."""
     m = tse.trajectory_metrics(rec, values, world.HORIZON)
-    m["gre"] = gopo.gre(rec, world.recognise)
+    m["gre"] = tse.record_gre(rec, world.recognise)
     m["order_value"] = rec.get("order_value", 0.0)
     m["sop_ok"] = sop_ok(rec, world)
     return m
@@ -76,7 +75,7 @@ def sop_ok(rec, world):
     return 1.0
 
 
-METHODS = checkpoint.METHODS   # the registry (checkpoint.py): a method's checkpoints and rows
+METHODS = checkpoint.METHODS   # the registry (checkpoint.py): a method's checkpoints, rows and player
 
 
 def is_flat(method):
@@ -84,66 +83,16 @@ def is_flat(method):
     return METHODS[method].expert is None
 
 
-def needed_files(rows):
-    files = [c for m in rows for c in (METHODS[m].expert, METHODS[m].agent) if c]
-    return sorted(set(files), key=files.index)
-
-
-def load_checkpoint(folder):
-    """(model, tokenizer) of a checkpoint folder; a folder that does not load is a one-line error."""
-    try:
-        return lm.load(folder)
-    except Exception as e:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, SafetensorError, ...
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        die(f"{folder} holds no loadable model ({type(e).__name__}: {why}); "
-            "re-run train.py or check the path")
-
-
-def read_values(path):
-    """The run's event values: a JSON object of event name -> number."""
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        die(f"{path}: malformed JSON ({e.msg}, line {e.lineno}); re-run train.py or check the run")
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"{path}: cannot read it ({type(e).__name__}: {e}); re-run train.py or check the run")
-    ok = isinstance(values, dict) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
-    if not ok:
-        die(f"{path}: expected a JSON object of event name -> number, got {json.dumps(values)[:80]}")
-    return values
-
-
 def two_agents(ckpt, method, scenarios, world, seed, max_reply_tokens=32):
     """Greedy rollouts of a method's loaded (Expert, CS Agent), each a (model, tokenizer) -> records."""
     (expert_model, tok_e), (agent_model, tok_a) = ckpt[METHODS[method].expert], ckpt[METHODS[method].agent]
-    return [t["record"] for t in rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world,
+    return [t["record"] for t in rollout_lib.rollout((expert_model, tok_e), (agent_model, tok_a), scenarios, world,
                                                      greedy=True, seed=seed, max_reply_tokens=max_reply_tokens)]
-
-
-def load_run(run, rows, device="cpu"):
-    """Every checkpoint (and other file, e.g. Memento's case bank) the rows need, loaded before any
-    rollout, so a broken one costs no time and overwrites no report: {name: (model on `device`,
-    tokenizer)}, plus {file: what its method's loader returned}."""
-    extra = {f: load for m in rows for f, load in METHODS[m].files}
-    for need in ("values.json", *needed_files(rows), *extra):
-        if not os.path.exists(os.path.join(run, need)):
-            die(f"{run} has no {need}: not a finished train.py run (train first, or check the path)")
-    hf_logging.disable_progress_bar()
-    ckpt = {name: load_checkpoint(os.path.join(run, name)) for name in needed_files(rows)}
-    ckpt = {name: (model.to(device), tok) for name, (model, tok) in ckpt.items()}
-    for f, load in extra.items():
-        try:
-            ckpt[f] = load(os.path.join(run, f))
-        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds
-            die(f"{run}/{f} does not load ({type(e).__name__}); train the run again")
-    return ckpt
 
 
 def method_records(ckpt, method, scenarios, world, batch, seed, max_reply_tokens=32):
     """Greedy held-out dialogues of one method of a loaded run, `batch` dialogues at a time."""
-    play = METHODS[method].play or two_agents
+    play = checkpoint.resolve(METHODS[method].play) if METHODS[method].play else two_agents
     return [rec for i in range(0, len(scenarios), batch)
             for rec in play(ckpt, method, scenarios[i:i + batch], world, seed, max_reply_tokens)]
 
@@ -162,14 +111,11 @@ def per_dialogue(records, values, world, flat=False):
     return {k: [None if (flat and k == "gre") else m[k] for m in per] for k in METRICS}
 
 
-def summary(per):
-    """{metric: {"mean", "ci95"}} from per-dialogue lists (mean None where the metric does not apply)."""
-    return {k: tse.summarize(xs, rate=k in RATES) if None not in xs else {"mean": None, "ci95": [None, None]}
+def summarize(per):
+    """{metric: {"mean", "ci95"}} from per-dialogue lists {metric: [value per dialogue]} (per_dialogue);
+    mean None where the metric does not apply."""
+    return {k: tse.mean_ci(xs, rate=k in RATES) if None not in xs else {"mean": None, "ci95": [None, None]}
             for k, xs in per.items()}
-
-
-def summarize(records, values, world, flat=False):
-    return summary(per_dialogue(records, values, world, flat))
 
 
 def table(results, methods, metrics=METRICS):
@@ -186,7 +132,7 @@ def table(results, methods, metrics=METRICS):
 
 
 def group_table(accuracy):
-    """{row: worlds.group_accuracy(...)} -> markdown: a column per decision group, "share (count)"."""
+    """{row: worlds.decision_accuracy(...)} -> markdown: a column per decision group, "share (count)"."""
     groups = list(next(iter(accuracy.values())))
     head = "| row | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups) + "\n"
     return head + "".join(f"| {row} | " + " | ".join(f"{c / max(n, 1):.3f} ({n})" for c, n in acc.values()) + " |\n"
@@ -194,15 +140,6 @@ def group_table(accuracy):
 
 
 REAL_METRICS = ["tse", "success", "esndcg", "gre", "turns", "bleu", "rouge_l"]
-
-
-def read_config(path):
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return {}          # runs from before --data existed: the built-in shop
-    return config if isinstance(config, dict) else {}
 
 
 def evaluate_logged(run, config, values, ckpt, rows, args):
@@ -233,13 +170,13 @@ def evaluate_logged(run, config, values, ckpt, rows, args):
     for name in rows:
         recs = method_records(ckpt, name, test, world, args.batch, args.seed)
         per = [metrics(r, s) for r, s in zip(recs, test)]
-        results[name] = summary({k: [None if (is_flat(name) and k == "gre") else m[k] for m in per]
+        results[name] = summarize({k: [None if (is_flat(name) and k == "gre") else m[k] for m in per]
                                  for k in REAL_METRICS})
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     # the human agents of the test logs, scored the same way (BLEU and ROUGE-L are 1 by definition)
     human = [dict(r, turns=logged.from_opening(r), ref_strategies=logged.human_strategies(r)) for r in test]
     per = [metrics(r, s) for r, s in zip(human, test)]
-    results["human"] = summary({k: [m[k] for m in per] for k in REAL_METRICS})
+    results["human"] = summarize({k: [m[k] for m in per] for k in REAL_METRICS})
     methods = [*rows, "human"]
     md = (f"Evaluation of `{run}` on the {len(test)} test dialogues of {config['data']} (logged-context "
           f"rollouts, greedy; mean [95% CI]). With so few dialogues the intervals are wide.\n\n"
@@ -256,53 +193,44 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n_scenarios <= 0 or args.batch <= 0:
         die("--n-scenarios and --batch must be > 0")
-    run = check_folder(args.run)
-    config = read_config(os.path.join(run, "config.json"))
-    algo = config.get("algo", "gopo")
-    if algo not in METHODS or not METHODS[algo].rows:
+    run = checkpoint.check_folder(args.run)
+    config = checkpoint.read_config(os.path.join(run, "config.json"))
+    method = config.get("method", "gopo")
+    if method not in METHODS or not METHODS[method].sft:
         known = ", ".join(m for m in METHODS if METHODS[m].sft)
-        die(f"{run}/config.json names an --algo '{algo}' that eval.py does not know (known: {known}); "
-            f"a baseline's run: python -m experiments.baselines eval {run}")
-    rows = METHODS[algo].rows
+        die(f"{run}/config.json names a --method '{method}' that eval.py does not know (known: {known})")
+    rows = METHODS[method].rows
     device = device_of(args)
-    ckpt = load_run(run, rows, device)
-    values = read_values(os.path.join(run, "values.json"))
+    ckpt = checkpoint.load_run(run, rows, device)
+    values = checkpoint.read_values(os.path.join(run, "values.json"))
     torch.set_num_threads(parallel.cpu_threads())
     with lm.autocast(device, args.bf16):
-        if config.get("data", "shop") != "shop":
+        if config.get("data", "sim") != "sim":
             return evaluate_logged(run, config, values, ckpt, rows, args)
-        return evaluate_builtin(run, config, values, ckpt, rows, algo, args)
+        return evaluate_builtin(run, config, values, ckpt, rows, method, args)
 
 
-def world_of(config, run):
-    """The built-in world a run trained in (its config's --world and knobs; shop before --world existed)."""
-    try:
-        return worlds.load(config.get("world", "shop"), config.get("horizon"), config.get("paraphrases"))
-    except ValueError as e:
-        die(f"{run}/config.json: {e}")
-
-
-def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
+def evaluate_builtin(run, config, values, ckpt, rows, method, args):
     """A built-in world: every row's greedy dialogues on the held-out scenarios, and the rule policies."""
-    world = world_of(config, run)
+    world = checkpoint.world_of(config, run)
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     results, records = {}, {}
     for name in rows:
         recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed, config.get("max_reply_tokens", 32))
-        results[name], records[name] = summarize(recs, values, world, flat=is_flat(name)), recs
+        results[name], records[name] = summarize(per_dialogue(recs, values, world, flat=is_flat(name))), recs
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, policy in world.POLICIES.items():
         records[name] = [world.play(s, policy, seed=args.seed) for s in scenarios]
-        results[name] = summarize(records[name], values, world)
+        results[name] = summarize(per_dialogue(records[name], values, world))
     methods = [*rows, *world.POLICIES]
-    groups = {name: worlds.group_accuracy(world, records[name]) for name in methods
+    groups = {name: worlds.decision_accuracy(world, records[name]) for name in methods
               if name not in METHODS or not is_flat(name)}   # a flat agent is asked for no strategy
-    if algo != "sft":   # rows[1]: the SFT model this run started from
+    if method != "sft":   # rows[1]: the SFT model this run started from
         gap = (results[rows[0]]["tse"]["mean"] - results[rows[1]]["tse"]["mean"]) / \
             max(1e-9, results["oracle"]["tse"]["mean"] - results[rows[1]]["tse"]["mean"])
     md = f"Held-out evaluation of `{run}` on {args.n_scenarios} scenarios (greedy; mean [95% CI]).\n\n" + \
         table(results, methods)
-    if algo != "sft":   # the same customers for both rows: a paired difference is the sharper test
+    if method != "sft":   # the same customers for both rows: a paired difference is the sharper test
         paired = tse.paired_diff_ci(*(per_dialogue(records[r], values, world)["tse"] for r in rows[:2]))
         md += f"\nShare of the {rows[1]}->oracle TSE gap closed by {rows[0]}: {gap:.2f} (the oracle is a clairvoyant " \
               f"rule policy that defines z*, not an upper bound: above 1 means {rows[0]} passed it)\n" \
@@ -316,7 +244,7 @@ def evaluate_builtin(run, config, values, ckpt, rows, algo, args):
     with open(os.path.join(run, "eval.json"), "w") as f:
         json.dump({**results, "n_scenarios": args.n_scenarios,
                    "decision_groups": {name: {g: c / max(n, 1) for g, (c, n) in acc.items()} for name, acc in groups.items()},
-                   **({"gap_closed_tse": gap, "paired_tse_diff": paired} if algo != "sft" else {})},
+                   **({"gap_closed_tse": gap, "paired_tse_diff": paired} if method != "sft" else {})},
                   f, indent=2)
     plots.plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {args.n_scenarios} held-out scenarios")
     plots.plot_strategies({name: records[name] for name in rows[::-1]}, world, os.path.join(run, "strategies.png"))
@@ -335,14 +263,6 @@ def show(i, recs_by_method, values, world):
                 print(f"  agent    [{turn['strategy']:<17}] {turn['text']}")
             else:
                 print(f"  customer [{turn['event'] or '':<17}] {turn['text']}")
-
-
-def check_folder(run):
-    if not os.path.exists(run):
-        die(f"{run} does not exist (give the run folder train.py wrote, e.g. out/gopo)")
-    if not os.path.isdir(run):
-        die(f"{run} is not a folder (give the run folder train.py wrote, e.g. out/gopo)")
-    return run
 
 
 if __name__ == "__main__":

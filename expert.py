@@ -14,6 +14,13 @@ import torch.nn.functional as F
 import engine
 import lm
 import parallel
+import serialize
+
+
+def strategy_ids(tok, strategies):
+    """The token id of each strategy (serialize.strategy_token), in STRATEGIES order: the Z rows of
+    the output layer the Expert reads."""
+    return [tok.convert_tokens_to_ids(serialize.strategy_token(z)) for z in strategies]
 
 
 def sop_mask(histories, strategies, allowed):
@@ -112,7 +119,7 @@ def trajectory_from_record(tok, rec, strategies, allowed, instructions):
     """A logged record -> the Expert's view of it: token ids, decisions, SOP masks. An agent turn
     with a "label" (worlds.relabel) is trained toward the label; its context and every SOP mask stay
     those of the logged strategies."""
-    ids, decisions, _ = lm.encode_dialogue(tok, rec["turns"], instructions)
+    ids, decisions, _ = serialize.encode_dialogue(tok, rec["turns"], instructions)
     index = {z: i for i, z in enumerate(strategies)}
     zs = [z for _, z in decisions]
     targets = [t.get("label", t["strategy"]) for t in rec["turns"] if t["role"] == "agent"]
@@ -139,15 +146,15 @@ def decide(logits, strategy_ids, allowed, uniforms=None):
 def sft(model, tok, records, strategies, allowed, instructions, steps, batch_size=16, lr=3e-3, seed=0,
         cycle=100, desc="SFT expert"):
     """Supervised fine-tuning on logged strategies: minimise -sum_t log pi_E(z_t | h_t) (masked)."""
-    strategy_ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in strategies]
+    ids = strategy_ids(tok, strategies)
     trajs = [trajectory_from_record(tok, r, strategies, allowed, instructions) for r in records]
     rng = random.Random(seed)
 
     def step_loss(step):
         sample = rng.sample(trajs, min(batch_size, len(trajs)))                  # the same on every rank
         mine, weight = parallel.share_or_dummy(sample)
-        logp = sum(decision_logps(model, collate(group, tok.pad_token_id, len(strategies)), strategy_ids).sum()
-                   for group in lm.length_groups(mine, n_total=len(sample), length=lambda t: len(t["ids"])))
+        logp = sum(decision_logps(model, collate(group, tok.pad_token_id, len(strategies)), ids).sum()
+                   for group in lm.length_buckets(mine, n_total=len(sample), length=lambda t: len(t["ids"])))
         n_decisions = sum(len(t["decisions"]) for t in sample)
         return -weight * logp / parallel.denominator(n_decisions)   # mean NLL per decision
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -6,13 +6,17 @@ sigmoid loss, where a trajectory's "log-prob" is the sum of the Expert's decisio
 S(tau) = sum_t log pi_E(z_t | h_t). Customer turns and CS replies are context, never scored.
 The CS Agent gets a separate turn-level DPO on strategy adherence.
 
-Equations (our re-interpretation; the paper's are not public):
-  (1) R(tau) = alpha * TSE(tau) + (1 - alpha) * ESNDCG(z(tau), z*)
-  (2) S_theta(tau) = sum_t log pi_theta(z_t | h_t)                         trajectory_logps
-  (3) L_pair = -log sigma(beta [(S_theta(w) - S_ref(w)) - (S_theta(l) - S_ref(l))])  preference_loss
-  (4) L = mean over pairs of (3) + lambda * NLL(w), NLL(w) = -S_theta(w) / T_w
-  (5) listwise: L_PL = -sum_i [r_(i) - log sum_{j>=i} exp r_(j)], r = beta (S_theta - S_ref),
-      rollouts sorted by R (Plackett-Luce)                                  listwise_loss
+Equations (our re-interpretation; the paper's are not public), numbered as in the README:
+  (1) pi_E(z_t | h_t) = softmax over the strategy tokens, -inf outside the SOP's A(h_t)   expert.py
+  (2) S_theta(tau) = sum_t log pi_theta(z_t | h_t)                                     trajectory_logps
+  (3) R(tau) = alpha * TSE(tau) + (1 - alpha) * ESNDCG(z(tau), z*)                        joint_reward
+  (4) L = -log sigma(beta [(S_theta(w) - S_ref(w)) - (S_theta(l) - S_ref(l))])          preference_loss
+          + lambda * NLL(w), NLL(w) = -S_theta(w) / T_w, mean over pairs               expert_loss
+  (4') listwise: L_PL = -sum_i [r_i - log(exp r_i + sum_{j: R_j < R_i} exp r_j)],
+       r = beta (S_theta - S_ref): Plackett-Luce over the K rollouts ranked by R, tied
+       rewards sharing a rank                                                       listwise_loss
+  (5) CS alignment: two sampled replies for one (h_t, z_t); where exactly one carries out
+      z_t, turn-level DPO toward it                                  cs_alignment_pairs, agent_update
 """
 import math
 import random
@@ -50,36 +54,39 @@ def trajectory_logps(step_logps, step_mask):
 
 
 def listwise_loss(policy_logps, ref_logps, rewards, beta):
-    """Plackett-Luce loss over K ranked rollouts per scenario: all (N, K) -> (N,). eq. (5)
+    """Plackett-Luce loss over K ranked rollouts per scenario: all (N, K) -> (N,). eq. (4')
 
-    Rollouts are ranked by `rewards` (best first); with K = 2 and distinct rewards this equals
-    `preference_loss` on the (better, worse) pair.
+    Rollouts are ranked by `rewards` (best first); rollouts with equal rewards share a rank: each
+    one's term compares it with itself and the rollouts strictly below it, never with its ties, and a
+    rollout with none below adds nothing. So a group whose rewards all tie has loss 0 and no gradient
+    (pairwise mode drops it through --delta), and with distinct rewards this is the textbook
+    Plackett-Luce loss; with K = 2 it equals `preference_loss` on the (better, worse) pair.
     """
-    order = rewards.argsort(-1, descending=True)                                 # (N, K)
     r = beta * (policy_logps - ref_logps)                                        # (N, K)
-    r = torch.gather(r, 1, order)
-    tail_lse = torch.logcumsumexp(r.flip(-1), -1).flip(-1)                       # log sum_{j>=i} exp r_j
-    return -(r - tail_lse)[:, :-1].sum(-1)                                       # last term is 0
+    below = rewards[:, None, :] < rewards[:, :, None]                            # (N, K, K): R_j < R_i at [n, i, j]
+    others = r[:, None, :].masked_fill(~below, torch.finfo(r.dtype).min)         # (N, K, K) exp -> 0 off the mask
+    lse = torch.logaddexp(r, torch.logsumexp(others, -1))                        # log(e^r_i + sum_{j below i} e^r_j)
+    return -torch.where(below.any(-1), r - lse, torch.zeros_like(r)).sum(-1)     # (N,)
 
 
 # ----------------------------------------------------------------------------- reward and pairs
-def joint_reward(rec, values, horizon, alpha=0.5, gamma=0.9):
-    """R(tau) of eq. (1), with the metrics it is built from."""
-    m = tse.trajectory_metrics(rec, values, horizon, gamma)
+def joint_reward(rec, event_values, horizon, alpha=0.5, gamma=0.9):
+    """R(tau) of eq. (3), with the metrics it is built from."""
+    m = tse.trajectory_metrics(rec, event_values, horizon, gamma)
     m["R"] = alpha * m["tse"] + (1 - alpha) * m["esndcg"]
     return m
 
 
-def build_pairs(rewards, groups, delta=0.05, max_pairs=4, contrast=None):
-    """Preference pairs within each scenario group: all (w, l) with R_w - R_l >= delta.
+def build_pairs(rewards, rollout_groups, delta=0.05, max_pairs=4, contrast=None):
+    """Preference pairs within each scenario's rollouts: all (w, l) with R_w - R_l >= delta.
 
-    rewards: list of floats; groups: list of index lists (the K rollouts of one scenario).
+    rewards: list of floats; rollout_groups: list of index lists (the K rollouts of one scenario).
     Best-vs-worst comes first in each group, then the widest margins, capped at max_pairs.
     contrast(w, l): if given, only pairs for which it is true (--segment: the two chose differently
     at a scored decision; else their margin is 0 and the pair teaches nothing).
     """
     pairs = []
-    for g in groups:
+    for g in rollout_groups:
         cand = [(rewards[w] - rewards[l], w, l) for w in g for l in g
                 if rewards[w] - rewards[l] >= delta - 1e-9   # tolerance: 0.15 - 0.10 < 0.05 in floats
                 and (contrast is None or contrast(w, l))]
@@ -89,58 +96,85 @@ def build_pairs(rewards, groups, delta=0.05, max_pairs=4, contrast=None):
 
 
 # ----------------------------------------------------------------------------- updates
-def expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args, stats=None,
-                ref_model=None):
-    """The GOPO loss of the Expert on one batch: one forward over every trajectory in a pair (or a
-    group, with --listwise), the preference loss on their summed decision log-probs plus the NLL
-    of the winners, averaged over pairs (groups). Distributed: this rank's share of the pairs,
-    normalised so that the ranks' gradients average to the whole batch's. Returns a scalar tensor.
-    stats: a dict to fill with the quantities DPO trainers log (TRL's names), means over the pairs.
-    ref_model: pi_ref for S_ref (--ref sft: the frozen SFT Expert); None: the policy that sampled
-    the rollouts (--ref rollout)."""
-    units = groups if args.listwise else pairs
-    mine, weight = parallel.share_or_dummy(units)
-    used = sorted({i for u in mine for i in u})
-    row = {i: k for k, i in enumerate(used)}
-    batch = expert_lib.collate([trajs[i] for i in used], pad_id, n_strategies)
-    step_logps = expert_lib.decision_logps(model, batch, strategy_ids)            # (N, T)
-    # --rollouts branch: the decisions before the group's branch point are the same tokens in both
-    # dialogues of a pair, so their terms cancel in every margin; they are dropped (from the NLL too).
-    # Their tokens stay in the forward: they are the context of the decisions that follow.
-    scored = batch["step_mask"] & scored_steps([trajs[i] for i in used], batch["step_mask"].shape[1],
-                                               args.segment)                     # (N, T)
-    S = trajectory_logps(step_logps, scored.to(step_logps.device).float())        # (N,)
-    # S_ref, --ref rollout: this same scoring forward, the first time a trajectory is scored in its
-    # iteration (no step taken yet: the policy is the one that sampled it), so the margin starts at
-    # exactly 0 in bf16 too; the rollout's recorded ref_logps are the same numbers up to rounding
-    # (cached, left-padded forwards; tested). --ref sft: one forward of the frozen SFT Expert.
-    first = S
-    if ref_model is not None and any("S_ref" not in trajs[i] for i in used):
-        with torch.no_grad():
-            first = trajectory_logps(expert_lib.decision_logps(ref_model, batch, strategy_ids),
-                                     scored.to(S.device).float())                             # (N,)
-    for i in used:
-        trajs[i].setdefault("S_ref", first[row[i]].detach())
-    S_ref = torch.stack([trajs[i]["S_ref"] for i in used])                       # (N,)
-    n_steps = scored.sum(-1).to(S.device)                                        # (N,) decisions scored
-    if args.listwise:
-        idx = torch.tensor([[row[i] for i in g] for g in mine], device=S.device)  # (G, K)
-        R = torch.tensor([[rewards[i] for i in g] for g in mine], device=S.device)
-        pref = listwise_loss(S[idx], S_ref[idx], R, args.beta)                    # (G,)
-        winners = idx.gather(1, R.argmax(-1, keepdim=True)).squeeze(1)
+def expert_loss(S, S_ref, n_steps, units, rewards, beta, nll_coef, listwise=False):
+    """The GOPO loss of each unit, a pure function of the scored trajectories: eq. (4) per pair, or
+    eq. (4') per rollout group with listwise, plus lambda * NLL of the winner.
+
+    S (N,) S_theta(tau) with its graph, S_ref (N,), n_steps (N,) the decisions each scores, rewards
+    (N,) R(tau); units: pairs (w, l) or groups (K rows each) of indices into them.
+    Returns (losses (U,), terms): terms, for pairs, the (P,) quantities DPO trainers log (TRL's
+    names: rewards/chosen, rewards/rejected, logps/chosen, logps/rejected), detached; None listwise."""
+    idx = torch.tensor(units, device=S.device)                                   # (U, 2) or (U, K)
+    if listwise:
+        R = rewards.to(S.device)[idx]                                            # (G, K)
+        pref = listwise_loss(S[idx], S_ref[idx], R, beta)                        # (G,)  eq. (4')
+        winners, terms = idx.gather(1, R.argmax(-1, keepdim=True)).squeeze(1), None
     else:
-        w = torch.tensor([row[a] for a, _ in mine], device=S.device)
-        l = torch.tensor([row[b] for _, b in mine], device=S.device)
-        pref, chosen, rejected = preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)   # (P,) each
+        w, l = idx[:, 0], idx[:, 1]
+        pref, chosen, rejected = preference_loss(S[w], S[l], S_ref[w], S_ref[l], beta)   # (P,) each, eq. (4)
         winners = w
-        if stats is not None:
-            n = parallel.total(float(weight * len(mine)))
-            mean = lambda x: parallel.total(weight * float(x.sum())) / max(n, 1)
-            stats.update({"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
-                          "rewards/margins": mean(chosen - rejected), "rewards/accuracies": mean((chosen > rejected).float()),
-                          "logps/chosen": mean(S[w].detach()), "logps/rejected": mean(S[l].detach())})
-    nll = -S[winners] / n_steps[winners]                                         # (P,) eq. (4)
-    return weight * (pref + args.nll_coef * nll).sum() / parallel.denominator(len(units))
+        terms = {"rewards/chosen": chosen, "rewards/rejected": rejected,
+                 "logps/chosen": S[w].detach(), "logps/rejected": S[l].detach()}
+    nll = -S[winners] / n_steps[winners]                                         # (U,) NLL(w) of eq. (4)
+    return pref + nll_coef * nll, terms
+
+
+def scored_logps(model, tok, trajs, strategies, segment=0):
+    """S(tau) of eq. (2) over the decisions the loss scores (`scored_steps`), and their count: (N,), (N,).
+    One forward over every trajectory. --rollouts branch: the decisions before a group's branch point
+    are the same tokens in both dialogues of a pair, so their terms cancel in every margin; they are
+    dropped (from the NLL too). Their tokens stay in the forward: they are the context of what follows."""
+    batch = expert_lib.collate(trajs, tok.pad_token_id, len(strategies))
+    step_logps = expert_lib.decision_logps(model, batch, expert_lib.strategy_ids(tok, strategies))   # (N, T)
+    scored = batch["step_mask"] & scored_steps(trajs, batch["step_mask"].shape[1], segment)     # (N, T)
+    S = trajectory_logps(step_logps, scored.to(step_logps.device).float())                      # (N,)
+    return S, scored.sum(-1).to(S.device)
+
+
+def rows_of(units):
+    """The trajectories a list of units (pairs or groups) reads, sorted, and the units renumbered as
+    rows of that list."""
+    used = sorted({i for u in units for i in u})
+    row = {i: k for k, i in enumerate(used)}
+    return used, [[row[i] for i in u] for u in units]
+
+
+@torch.no_grad()
+def reference_logps(ref_model, tok, trajs, units, strategies, segment=0):
+    """S_ref of eq. (4) for this rank's share of the units, once per iteration before the first step:
+    (N,) over all trajectories, nan where not computed. ref_model: the Expert that played the rollouts
+    (--ref rollout: iterative DPO, and the margin starts at exactly 0) or the frozen SFT Expert (--ref
+    sft). The rollout's recorded ref_logps are the same numbers as the first up to rounding (cached,
+    left-padded forwards; tested), but this forward is the one the loss's forward repeats bit for bit."""
+    used, _ = rows_of(parallel.share_or_dummy(units)[0])
+    S_ref = torch.full((len(trajs),), float("nan"))
+    if used:
+        S_ref[used] = scored_logps(ref_model, tok, [trajs[i] for i in used], strategies, segment)[0].cpu()
+    return S_ref
+
+
+def expert_update(expert, opt, trajs, units, S_ref, rewards, strategies, args):
+    """One gradient step of the Expert (model, tokenizer) on eq. (4), or (4') with --listwise, averaged
+    over the units (pairs or rollout groups). S_ref, rewards: (N,) over all trajectories.
+    Returns (the whole batch's loss, nan if the step was skipped; the stats of this step's forward,
+    means over the pairs with TRL's names, {} listwise)."""
+    model, tok = expert
+    mine, weight = parallel.share_or_dummy(units)          # distributed: this rank's units (weight 0: a dummy)
+    used, rows = rows_of(mine)
+    S, n_steps = scored_logps(model, tok, [trajs[i] for i in used], strategies, args.segment)   # (N,) each
+    losses, terms = expert_loss(S, S_ref[used].to(S.device), n_steps, rows, rewards[used], args.beta, args.nll_coef,
+                                args.listwise)
+    loss = weight * losses.sum() / parallel.denominator(len(units))   # this rank's share of the mean over all units
+    stats = {}
+    if terms is not None:
+        n = parallel.total(float(weight * len(mine)))
+        mean = lambda x: parallel.total(weight * float(x.sum())) / max(n, 1)   # noqa: E731
+        chosen, rejected = terms["rewards/chosen"], terms["rewards/rejected"]
+        stats = {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
+                 "rewards/margins": mean(chosen - rejected), "rewards/accuracies": mean((chosen > rejected).float()),
+                 "logps/chosen": mean(terms["logps/chosen"]), "logps/rejected": mean(terms["logps/rejected"])}
+    value = parallel.total(loss.item()) / parallel.n_ranks()                    # the whole batch's loss
+    return (value if lm.guarded_step(model, opt, loss) else float("nan")), stats
 
 
 def scored_steps(trajs, T, segment=0):
@@ -159,24 +193,16 @@ def segment_strategies(tr, segment=0):
     return [z for _, z in tr["decisions"][b:b + segment if segment else None]]
 
 
-def expert_update(model, opt, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args,
-                  ref_model=None):
-    """One gradient step of the Expert on the GOPO loss. Returns the loss (nan: step skipped)."""
-    loss = expert_loss(model, trajs, pairs, groups, rewards, strategy_ids, pad_id, n_strategies, args,
-                       ref_model=ref_model)
-    value = parallel.total(loss.item()) / parallel.world()                      # the whole batch's loss
-    return value if lm.guarded_step(model, opt, loss) else float("nan")
-
-
 @torch.no_grad()
-def kl_to(model, ref_model, trajs, strategy_ids, pad_id, n_strategies):
+def kl_to(model, ref_model, tok, trajs, strategies):
     """Mean over the rollouts of sum_t KL(pi_E(. | h_t) || pi_SFT(. | h_t)): how far the Expert has
     moved from the SFT Expert where it now plays (RLHF trainers log the same sequence-level KL).
     Distributed: each rank scores its share, the mean is over the whole batch."""
     mine, weight = parallel.share_or_dummy(list(range(len(trajs))))
-    batch = expert_lib.collate([trajs[i] for i in mine], pad_id, n_strategies)
-    logps = expert_lib.decision_dists(model, batch, strategy_ids)                 # (N, T, Z)
-    ref_logps = expert_lib.decision_dists(ref_model, batch, strategy_ids)         # (N, T, Z)
+    batch = expert_lib.collate([trajs[i] for i in mine], tok.pad_token_id, len(strategies))
+    ids = expert_lib.strategy_ids(tok, strategies)
+    logps = expert_lib.decision_dists(model, batch, ids)                        # (N, T, Z)
+    ref_logps = expert_lib.decision_dists(ref_model, batch, ids)                # (N, T, Z)
     kl = expert_lib.decision_kl(logps, ref_logps, batch["allowed"].to(logps.device),
                                 batch["step_mask"].to(logps.device).float())     # (N,)
     return parallel.total(weight * float(kl.sum())) / len(trajs)
@@ -214,65 +240,68 @@ def agent_update(model, opt, pairs, pad_id, beta):
     ref = logps.detach()                                                        # the agent before this step
     losses, _, _ = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
     loss = weight * losses.sum() / parallel.denominator(len(pairs))
-    value = parallel.total(loss.item()) / parallel.world()
+    value = parallel.total(loss.item()) / parallel.n_ranks()
     return value if lm.guarded_step(model, opt, loss) else float("nan")
 
 
 # ----------------------------------------------------------------------------- one iteration
-def iteration(expert_model, agent_model, tok_e, tok_a, opt_e, opt_a, scenarios, values, world, args,
-              it, seed, sft_expert=None):
+def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     """Rollout -> score -> pairs -> update. Returns the iteration's metrics (one metrics.jsonl line).
-    sft_expert: the frozen SFT Expert: pi_ref when args.ref == "sft", and the KL metric's reference."""
+    models: {"expert", "agent": (model, tokenizer)}, and "expert_sft", the frozen SFT Expert: pi_ref
+    with --ref sft, and the reference of the kl_to_sft metric; opts: {"expert", "agent": AdamW}."""
     t0 = time.time()
     rng = random.Random(seed)
+    (expert_model, tok_e), (agent_model, tok_a) = models["expert"], models["agent"]
     # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded):
     #    independent dialogues, or continuations of one dialogue from a branch decision (--rollouts)
     def make(batch, index, **kw):
-        return rollout_lib.ExpertDialogues(expert_model, agent_model, tok_e, tok_a, batch, world, seed, index=index, **kw)
+        return rollout_lib.ExpertDialogues(models["expert"], models["agent"], batch, world, seed, index=index, **kw)
     mine = parallel.share(list(range(len(scenarios))))      # distributed: each rank plays its scenarios' groups
     trajs = [tr for group in parallel.gather(rollout_lib.play_groups(
         make, [scenarios[i] for i in mine], args.k, mine, seed, args.rollouts, args.branch_at,
         args.agent_temperature, args.max_reply_tokens)) for tr in group]   # every rank: the whole batch, in order
-    groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
-    # 2. score with R and build pairs within each scenario
-    scores = [joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
+    rollout_groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
+    # 2. score with R (eq. 3) and build pairs within each scenario
+    scores = [joint_reward(tr["record"], event_values, world.HORIZON, args.alpha) for tr in trajs]
     rewards = [m["R"] for m in scores]
     chose = lambda i: segment_strategies(trajs[i], args.segment)   # noqa: E731  (--segment: pairs must differ there)
-    pairs = build_pairs(rewards, groups, args.delta, args.max_pairs,
+    pairs = build_pairs(rewards, rollout_groups, args.delta, args.max_pairs,
                         (lambda w, l: chose(w) != chose(l)) if args.segment else None)
-    # 3. Expert update on the trajectory-level preference loss
-    strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
+    # 3. Expert update on the trajectory-level preference loss, eq. (4) (or (4'), --listwise)
+    units = rollout_groups if args.listwise else pairs
     expert_model.train()
-    ref_model = sft_expert if args.ref == "sft" else None
-    losses = [expert_update(expert_model, opt_e, trajs, pairs, groups, rewards, strategy_ids,
-                            tok_e.pad_token_id, len(world.STRATEGIES), args, ref_model)
-              for _ in range(args.gopo_epochs)] if (pairs or args.listwise) else []
-    stats = {}
-    if pairs and not args.listwise:   # what the update did: implicit rewards of the pairs after the last step
-        with torch.no_grad():
-            expert_loss(expert_model, trajs, pairs, groups, rewards, strategy_ids, tok_e.pad_token_id,
-                        len(world.STRATEGIES), args, stats, ref_model)
+    losses, stats = [], {}
+    if units:
+        ref_model = models["expert_sft"][0] if args.ref == "sft" else expert_model   # before any step
+        S_ref = reference_logps(ref_model, tok_e, trajs, units, world.STRATEGIES, args.segment)   # (N,)
+        for _ in range(args.gopo_epochs):
+            loss, stats = expert_update(models["expert"], opts["expert"], trajs, units, S_ref, torch.tensor(rewards),
+                                        world.STRATEGIES, args)
+            losses.append(loss)           # stats: the last step's forward, as a DPO trainer logs them
     expert_model.eval()
-    if sft_expert is not None:
-        stats["kl_to_sft"] = kl_to(expert_model, sft_expert, trajs, strategy_ids, tok_e.pad_token_id,
-                                   len(world.STRATEGIES))
-    # 4. CS alignment: turn-level DPO on adherence
+    if "expert_sft" in models:
+        stats["kl_to_sft"] = kl_to(expert_model, models["expert_sft"][0], tok_e, trajs, world.STRATEGIES)
+    # 4. CS alignment, eq. (5): turn-level DPO on adherence
     with parallel.gathered(agent_model):   # the same pairs on every rank (same trajectories, same seed)
         cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng,
                                       max_new_tokens=args.max_reply_tokens) if args.cs_samples else []
     cs_loss = None
     if cs_pairs:
         agent_model.train()
-        cs_loss = agent_update(agent_model, opt_a, cs_pairs, tok_a.pad_token_id, args.beta_cs)
+        cs_loss = agent_update(agent_model, opts["agent"], cs_pairs, tok_a.pad_token_id, args.beta_cs)
         agent_model.eval()
     recs = [tr["record"] for tr in trajs]
     finite = [x for x in losses if math.isfinite(x)]
-    return {"iter": it, "R": mean(rewards), "tse": mean(m["tse"] for m in scores),
-            "esndcg": mean(m["esndcg"] for m in scores), "success": mean(m["success"] for m in scores),
-            "gre": mean(gre(r, world.recognise) for r in recs),
-            "loss": mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
+    return {"iter": it, **rollout_scores(scores), "gre": tse.mean(tse.record_gre(r, world.recognise) for r in recs),
+            "loss": tse.mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
             "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats, **decision_stats(trajs, pairs, world),
             "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None, "seconds": round(time.time() - t0, 2)}
+
+
+def rollout_scores(scores):
+    """What every method logs of its rollouts (joint_reward's dicts): the means of R and of what it
+    is built from."""
+    return {k: tse.mean(m[k] for m in scores) for k in ("R", "tse", "esndcg", "success")}
 
 
 def decision_stats(trajs, pairs, world):
@@ -286,14 +315,8 @@ def decision_stats(trajs, pairs, world):
     if not hasattr(world, "read"):
         return {}
     seen = [worlds.decisions(world, tr["record"]) for tr in trajs]              # [(group, taken, label)] each
-    names = list(worlds.groups(world))
-    counts = {g: [0, 0] for g in names + ["all"]}
-    for tr, decisions in zip(trajs, seen):
-        for g, taken, label in decisions[tr["branch"] if tr.get("fork") else 0:]:
-            for key in (g, "all"):
-                counts[key][0] += taken == label
-                counts[key][1] += 1
-    first = {g: 0 for g in names + ["same"]}
+    counts = worlds.tally(world, [d[tr["branch"] if tr.get("fork") else 0:] for tr, d in zip(trajs, seen)])
+    first = {g: 0 for g in [*worlds.decision_groups(world), "same"]}
     for w, l in pairs:
         first[first_difference_group(seen[w], seen[l])] += 1
     return {**{f"acc/{g}": c / n if n else None for g, (c, n) in counts.items()},
@@ -311,11 +334,3 @@ def first_difference_group(a, b):
     return (a[t] if t < len(a) else b[t])[0]
 
 
-def gre(rec, recognise):
-    agent_turns = [t for t in rec["turns"] if t["role"] == "agent"]
-    return tse.gre([t["strategy"] for t in agent_turns], [recognise(t["text"]) for t in agent_turns])
-
-
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else 0.0

@@ -1,36 +1,21 @@
-"""Shared language-model helpers: tokenizer and tiny model, dialogue serialization, log-probs, sampling.
+"""The models both agents are: tokenizer and tiny Llama, pretrained backbones, placing them on a
+device (FSDP2, activation checkpointing), the SFT loop and its guarded step, and log-probs with the
+output layer run only where it is read. The text they read is serialize.py.
 
-Both agents read the same serialized dialogue, built segment by segment so token positions are
-known exactly (no re-tokenization drift between rollout and scoring):
-
-    <|bos|>  C: Hi.<|eot|>  <|strategy:greet|> (greet the customer)\nA: Hello and welcome!<|eot|>
-    C: Hi, I want a laptop.<|eot|>  <|strategy:elicit_need|> (...)\nA: What matters most...<|eot|> ...
-
-  - the Expert's decision at agent turn t is the strategy token: its log-prob comes from the
-    logits one position earlier, restricted to the strategy tokens and masked to the SOP set;
-  - the CS Agent's reply is the span after "\nA:" up to and including <|eot|>.
-
-This module stands on parallel.py (saving a sharded model, the SFT loop's gradient all-reduce and
-barrier); parallel.py never imports it (its docstring says why).
+This module stands on parallel.py (the SFT loop's gradient all-reduce, sharding) and serialize.py;
+parallel.py never imports it (its docstring says why).
 """
 import contextlib
-import functools
 import os
-import shutil
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 from torch.utils.checkpoint import checkpoint
 
+import cli
 import parallel
-
-BOS, EOT, PAD = "<|bos|>", "<|eot|>", "<|pad|>"
-
-
-def strategy_token(z):
-    return f"<|strategy:{z}|>"
-
+import serialize
 
 # ----------------------------------------------------------------------------- tokenizer and model
 def train_tokenizer(texts, strategies, vocab_size=1024):
@@ -39,13 +24,13 @@ def train_tokenizer(texts, strategies, vocab_size=1024):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = [PAD, BOS, EOT] + [strategy_token(z) for z in strategies]
+    specials = [serialize.PAD, serialize.BOS, serialize.EOT] + [serialize.strategy_token(z) for z in strategies]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOT,
-                                   pad_token=PAD, padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=serialize.BOS,
+                                   eos_token=serialize.EOT, pad_token=serialize.PAD, padding_side="left")
 
 
 def build_tiny_model(tokenizer, d_model=128, n_layer=4, n_head=4, max_len=1024, seed=0):
@@ -66,27 +51,13 @@ def from_pretrained(name, strategies):
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     if tok.eos_token is None:
         raise ValueError(f"{name}: the tokenizer has no end-of-sequence token to end turns with")
-    tok.eos_token = end_of_turn(tok)      # every turn, and every sampled reply, ends with it
+    tok.eos_token = serialize.end_of_turn(tok)      # every turn, and every sampled reply, ends with it
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token     # only ever under a zero attention mask
-    if tok.bos_token is None and not chat_parts(tok)[0]:
+    if tok.bos_token is None and not serialize.chat_parts(tok)[0]:
         tok.bos_token = tok.eos_token     # a dialogue needs an opening token
     add_strategy_tokens(model, tok, strategies)
     return model, tok
-
-
-def end_of_turn(tok):
-    """The token that ends a turn in the tokenizer's chat template (the first special token after a
-    user message), or its end-of-sequence token without a template. They differ for base models:
-    Qwen2.5's eos is <|endoftext|>, its template ends turns with <|im_end|>."""
-    if not getattr(tok, "chat_template", None):
-        return tok.eos_token
-    text = tok.apply_chat_template([{"role": "user", "content": "XXX"}, {"role": "assistant", "content": "YYY"}],
-                                   tokenize=False)
-    after_user = text.split("XXX", 1)[1].split("YYY", 1)[0]
-    specials = set(tok.all_special_tokens) | set(tok.get_added_vocab())
-    found = [(after_user.find(t), t) for t in specials if t and t in after_user]
-    return min(found)[1] if found else tok.eos_token
 
 
 def add_strategy_tokens(model, tokenizer, strategies):
@@ -95,7 +66,7 @@ def add_strategy_tokens(model, tokenizer, strategies):
 
     For a tokenizer trained with the strategy tokens (the tiny model) only the initialisation runs.
     """
-    tokens = [strategy_token(z) for z in strategies]
+    tokens = [serialize.strategy_token(z) for z in strategies]
     tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -111,39 +82,56 @@ def add_strategy_tokens(model, tokenizer, strategies):
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
-def save(model, tokenizer, path):
-    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically.
-    Distributed: every rank joins the gather of the full state dict, rank 0 writes."""
-    state = parallel.full_state_dict(model) if parallel.FSDP else None
-    if parallel.is_main():
-        atomic_dir(path, lambda tmp: (model.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
-    parallel.barrier()
+def new_models(need, args, world, logs):
+    """{name: (model, tokenizer)} for the models in `need` (expert, agent, flat), before SFT: tiny ones
+    (--d-model, --n-layer) sharing a tokenizer trained on the logs, or the pretrained backbones."""
+    if args.model != "tiny":
+        return {name: load_backbone(args.expert_model or args.model if name == "expert" else args.model,
+                                    world.STRATEGIES) for name in need}
+    tok = train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values()),
+                             world.STRATEGIES, args.vocab_size)
+    max_len = 1024 if args.world == "shop" and args.data == "sim" else 4096   # desk, real dialogues: ~2k tokens
+    models = {}
+    for name in need:   # each model its own init seed, the same whichever others are built
+        models[name] = (build_tiny_model(tok, args.d_model, args.n_layer, max_len=max_len,
+                                            seed=args.seed + {"expert": 0, "agent": 1, "flat": 2}[name]), tok)
+        add_strategy_tokens(models[name][0], tok, world.STRATEGIES)
+    return models
 
+def check_model(name):
+    """Fail before anything is written if a pretrained backbone is not there (a config is enough)."""
+    if name is None or name == "tiny":
+        return
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        cli.die(f"--model {name}: the folder holds no config.json (not a Hugging Face model folder)")
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        load_backbone(name, None)   # the one-line error that says what to do
 
-def atomic_dir(path, write):
-    """Write a folder so that a crash at any moment leaves either the old folder or the new one.
+def load_backbone(name, strategies):
+    """A pretrained model + tokenizer, or a one-line error that says how to get one offline."""
+    try:
+        return from_pretrained(name, strategies)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(name):
+            cli.die(f"cannot load a model from the folder {name}: {str(e).splitlines()[0]}")
+        hint = " (offline: pass a local folder, e.g. python tools/convert.py models/smollm2 then " \
+               "--model models/smollm2, or add --no-offline to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        cli.die(f"cannot load --model '{name}': not a local folder and not in the Hugging Face cache{hint}")
 
-    `write(tmp)` fills a temporary folder; then the old folder moves aside, the new one takes its
-    name and the old one is deleted. A crash between the two renames leaves `path.old`, which
-    `recover` puts back.
-    """
-    tmp, old = path + ".tmp", path + ".old"
-    recover(path)
-    os.makedirs(tmp)
-    write(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def place(model, args, device):
+    """Move a model to the device; under torchrun --fsdp, shard it (FSDP2); --grad-ckpt either way."""
+    model.to(device)
+    if args.grad_ckpt:          # on the blocks before sharding them, so FSDP wraps checkpointed blocks
+        activation_checkpointing(model)
+    return parallel.shard(model, bf16=args.bf16) if args.fsdp else model
 
-
-def recover(path):
-    """Undo a save that died between its two renames; drop half-written temporaries."""
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-    if not os.path.exists(path) and os.path.exists(path + ".old"):
-        os.replace(path + ".old", path)
-    shutil.rmtree(path + ".old", ignore_errors=True)
-
+def frozen(folder, args, device):
+    """A model that is only read, placed like the trained ones: the SFT Expert (pi_ref with --ref sft,
+    and the reference of the kl_to_sft metric). It costs one more Expert's weights (docs/scaling.md)."""
+    return place(load(folder)[0].requires_grad_(False).eval(), args, device)
 
 def sft_loop(model, step_loss, steps, lr, cycle, desc):
     """The SFT loop both agents share: AdamW, `sft_schedule`, guarded steps, a progress bar.
@@ -161,7 +149,7 @@ def sft_loop(model, step_loss, steps, lr, cycle, desc):
         if not guarded_step(model, opt, loss):
             bar.write(f"{desc}: non-finite loss or gradient at step {step}, step skipped")
         sched.step()
-        losses.append(parallel.total(loss.item()) / parallel.world())   # the loss of the whole batch
+        losses.append(parallel.total(loss.item()) / parallel.n_ranks())   # the loss of the whole batch
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
@@ -224,7 +212,7 @@ def sft_schedule(step, cycle):
 
     Why restarts: on the tiny models, the copy skill the CS Agent needs (repeat the customer's
     must-have, name the product that has it) appeared reliably after two 100-step cycles and not
-    after one 200-step decay (measured in the README's notes).
+    after one 200-step decay (measured in docs/design.md).
     """
     s = step % cycle
     return min(1.0, (s + 1) / 20) * (1 - s / cycle)
@@ -232,91 +220,6 @@ def sft_schedule(step, cycle):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------- serialization
-@functools.lru_cache(maxsize=1 << 16)
-def _encode(tok, vocab_size, text):
-    """Memoised tok.encode (a dialogue repeats its templates and instructions constantly);
-    vocab_size is in the key so that adding tokens to a tokenizer never returns a stale encoding."""
-    return tuple(tok.encode(text, add_special_tokens=False))
-
-
-def encode(tok, text):
-    return list(_encode(tok, len(tok), text))
-
-
-@functools.lru_cache(maxsize=None)
-def chat_parts(tok):
-    """(opening, user_open, assistant_open): the role markers of the tokenizer's chat template, or
-    (None, "", "") without one. Found by rendering a user/assistant exchange and cutting it at the
-    contents and at the end-of-turn token, e.g. for ChatML (SmolLM2):
-      opening "<|im_start|>system\n...<|im_end|>", user_open "\n<|im_start|>user\n",
-      assistant_open "\n<|im_start|>assistant\n"."""
-    if not getattr(tok, "chat_template", None):
-        return None, "", ""
-    text = tok.apply_chat_template([{"role": "user", "content": "XXX"}, {"role": "assistant", "content": "YYY"},
-                                    {"role": "user", "content": "ZZZ"}], tokenize=False)
-    pre, rest = text.split("XXX", 1)
-    mid, rest = rest.split("YYY", 1)
-    post = rest.split("ZZZ", 1)[0]
-    eos = tok.eos_token
-    user_open, assistant_open = post.split(eos)[-1], mid.split(eos)[-1]
-    for head in (user_open, user_open.lstrip()):   # what opens the dialogue before the first user turn
-        if pre.endswith(head):
-            return pre[:len(pre) - len(head)], user_open, assistant_open
-    return pre, user_open, assistant_open
-
-
-def start_ids(tok):
-    """The tokens that open every dialogue: the chat template's opening (system prompt), or BOS."""
-    opening = chat_parts(tok)[0]
-    return encode(tok, opening) if opening else [tok.bos_token_id]
-
-
-def customer_ids(tok, text):
-    """A customer turn, then the marker that hands the word to the agent (chat templates only)."""
-    _, user_open, assistant_open = chat_parts(tok)
-    return encode(tok, user_open + "C: " + text) + [tok.eos_token_id] + \
-        (encode(tok, assistant_open) if assistant_open else [])
-
-
-def agent_prompt_ids(tok, z, instruction):
-    """Strategy token, then the one-line instruction the CS Agent follows."""
-    return [tok.convert_tokens_to_ids(strategy_token(z))] + encode(tok, f" ({instruction})\nA:")
-
-
-def flat_prompt_ids(tok):
-    """The prompt of a flat agent (the PPO baseline and the no-Expert ablation): no strategy, no
-    instruction, only the hand-over to the reply."""
-    return encode(tok, "\nA:")
-
-
-def reply_ids(tok, text):
-    return encode(tok, " " + text) + [tok.eos_token_id]
-
-
-def encode_dialogue(tok, turns, instructions):
-    """Serialize a record's turns; instructions=None serializes them for a flat agent (no strategy
-    token before a reply, so no decisions).
-
-    Returns ids (list[int]), decisions [(position of the strategy token, strategy)], and
-    replies [(start, end)] half-open spans of each agent reply (its <|eot|> included).
-    """
-    ids, decisions, replies = start_ids(tok), [], []
-    for turn in turns:
-        if turn["role"] == "customer":
-            ids += customer_ids(tok, turn["text"])
-        else:
-            if instructions is None:
-                ids += flat_prompt_ids(tok)
-            else:
-                decisions.append((len(ids), turn["strategy"]))
-                ids += agent_prompt_ids(tok, turn["strategy"], instructions[turn["strategy"]])
-            start = len(ids)
-            ids += reply_ids(tok, turn["text"])
-            replies.append((start, len(ids)))
-    return ids, decisions, replies
 
 
 # ----------------------------------------------------------------------------- batching and log-probs
@@ -332,13 +235,13 @@ def pad(seqs, pad_id, left=False):
     return ids, attn
 
 
-def length_groups(examples, groups=4, n_total=None, length=len):
-    """Split a batch into `groups` runs of similar length, each padded and run on its own; summing
+def length_buckets(examples, buckets=4, n_total=None, length=len):
+    """Split a batch into `buckets` runs of similar length, each padded and run on its own; summing
     their losses gives the batch's loss. Why: padding a random batch of whole desk dialogues to its
-    longest wastes ~40% of the tokens and, attention being quadratic, more of the time (4 groups:
+    longest wastes ~40% of the tokens and, attention being quadratic, more of the time (4 buckets:
     1.44x faster per SFT step, `python -m experiments.bench --sft RUN`). The count follows from n_total (the whole batch over
     all ranks, default len(examples)), so every rank runs the same number of forwards (FSDP)."""
-    n = max(1, min(groups, (n_total or len(examples)) // parallel.world()))
+    n = max(1, min(buckets, (n_total or len(examples)) // parallel.n_ranks()))
     ranked = sorted(examples, key=length)
     return [ranked[i * len(ranked) // n:(i + 1) * len(ranked) // n] for i in range(n)]
 

@@ -79,7 +79,8 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world():
+def n_ranks():
+    """How many processes share the work (torchrun's WORLD_SIZE; 1 without torchrun)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -89,7 +90,7 @@ def is_main():
 
 def share(items):
     """This rank's items of a batch: indices rank, rank + W, ..."""
-    return items[rank()::world()]
+    return items[rank()::n_ranks()]
 
 
 def share_or_dummy(items):
@@ -102,24 +103,24 @@ def share_or_dummy(items):
 def denominator(n_total):
     """Divide a rank's *summed* loss by this: the mean over ranks of the gradients is then the
     gradient of the mean loss over all n_total items (the single-process loss)."""
-    return n_total / world()
+    return n_total / n_ranks()
 
 
 def gather(objs):
     """Inverse of `share`: every rank gets the whole batch, in the original order."""
-    if world() == 1:
+    if n_ranks() == 1:
         return objs
-    parts = [None] * world()
+    parts = [None] * n_ranks()
     dist.all_gather_object(parts, objs)
     out = [None] * sum(len(p) for p in parts)
     for r, part in enumerate(parts):
-        out[r::world()] = part
+        out[r::n_ranks()] = part
     return out
 
 
 def total(x):
     """Sum of a float over ranks."""
-    if world() == 1:
+    if n_ranks() == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64, device=DEVICE)
     dist.all_reduce(t)
@@ -129,7 +130,7 @@ def total(x):
 def all_reduce_grads(model, bucket_bytes=25 << 20):
     """Plain data parallelism: average the gradients over ranks (FSDP does this itself). Gradients go
     in flat buckets of about 25 MB, one all-reduce each (as DDP does), not one per parameter."""
-    if world() == 1 or FSDP:
+    if n_ranks() == 1 or FSDP:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     bucket, size = [], 0
@@ -139,7 +140,7 @@ def all_reduce_grads(model, bucket_bytes=25 << 20):
         if size >= bucket_bytes or i == len(grads) - 1:
             flat = torch.cat([b.reshape(-1) for b in bucket])
             dist.all_reduce(flat)
-            flat /= world()
+            flat /= n_ranks()
             for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
                 b.copy_(part.view_as(b))
             bucket, size = [], 0
@@ -147,7 +148,7 @@ def all_reduce_grads(model, bucket_bytes=25 << 20):
 
 def shard(model, bf16=False):
     """FSDP2 on each decoder block, then the root. Activation checkpointing, when wanted, is the
-    caller's (lm.activation_checkpointing, before this: checkpoint.place), so each sharded block is
+    caller's (lm.activation_checkpointing, before this: lm.place), so each sharded block is
     recomputed in backward from its input."""
     global FSDP
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -195,7 +196,7 @@ def full_state_dict(model):
 
 
 def barrier():
-    if world() > 1:
+    if n_ranks() > 1:
         dist.barrier()
 
 

@@ -41,7 +41,7 @@ def plot(results, methods, path, title, ax=None):
 
 def plot_curves(run_dir):
     """curves.png of a run (train.py writes it): SFT losses and the per-iteration metrics of the
-    method (none for --algo sft): the rollouts' scores, the update, DPO's implicit rewards, and per
+    method (none for --method sft): the rollouts' scores, the update, DPO's implicit rewards, and per
     decision group (gopo.decision_stats) the rollouts' accuracy and the groups the pairs first differ at."""
     import matplotlib
     matplotlib.use("Agg")

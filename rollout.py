@@ -11,12 +11,13 @@ and the strategy prompt before writing. A turn costs its new tokens, not the his
 
 The Expert's context is exactly what `expert.decision_logps` later scores, and the log-prob of
 each sampled decision is recorded here (`ref_logps`). With `--ref rollout` GOPO's reference S_ref
-is that scoring forward itself, taken before the first step (gopo.expert_loss); the recorded values
-equal it up to float rounding (tested, in bf16 too).
+is that scoring forward itself, taken before the first step (gopo.reference_logps); the recorded
+values equal it up to float rounding (tested, in bf16 too).
 
-The loop is `Dialogues.play`; what the CS Agent is asked for each turn is a subclass: the Expert's
-decision (`ExpertDialogues`, what `rollout` plays). experiments/baselines.py adds its own: the flat
-agent (no Expert) and Memento (a case bank decides).
+The loop is `Dialogues.play`; what the CS Agent is asked for each turn (`ask`) and what a turn
+records (`record_turn`) is a subclass: the Expert's decision (`ExpertDialogues`, what `rollout`
+plays). experiments/ adds its own: the flat agent, no Expert (flat.py), and Memento, where a case
+bank decides (memento.py). An agent is passed as its (model, tokenizer) pair.
 
 K rollouts per scenario, the groups GOPO's pairs come from (`play_groups`), are played one of two ways:
 
@@ -27,7 +28,7 @@ K rollouts per scenario, the groups GOPO's pairs come from (`play_groups`), are 
                `branch_point`): each continuation starts from a copy of the customer and of both
                models' contexts at b (`Dialogues.fork`) and plays on with its own dice. The K
                dialogues share their first b decisions token for token, so in a pair's DPO margin
-               those terms cancel exactly (the loss drops them: gopo.expert_loss) and the preference
+               those terms cancel exactly (the loss drops them: gopo.scored_logps) and the preference
                falls on decision b and what followed it. As in SDPO (Kong et al. 2025), the
                alternatives are sampled from the point where the dialogues part.
 """
@@ -38,15 +39,14 @@ import torch
 
 import engine
 import expert as expert_lib
-import lm
 import parallel
+import serialize
 from worlds import shop
 
 
-def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, greedy=False, seed=0,
-            agent_temperature=0.7, max_reply_tokens=32):
-    """Play one dialogue per scenario, world.HORIZON agent turns at most. Returns a list of
-    trajectories (dicts):
+def rollout(expert, agent, scenarios, world=shop, greedy=False, seed=0, agent_temperature=0.7, max_reply_tokens=32):
+    """Play one dialogue per scenario, world.HORIZON agent turns at most; expert, agent: (model,
+    tokenizer). Returns a list of trajectories (dicts):
 
       record: the dialogue in the common schema (plus order_value),
       ids: the Expert's token ids, decisions: [(strategy-token position, strategy index)],
@@ -57,8 +57,7 @@ def rollout(expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, gree
     Dialogue i's customer and random stream are seeded by (seed, i) alone (ExpertDialogues' index: a
     share of a batch played on one of several ranks keeps each dialogue's whole-batch number).
     """
-    return ExpertDialogues(expert_model, agent_model, tok_e, tok_a, scenarios, world, seed).play(
-        greedy, agent_temperature, max_reply_tokens)
+    return ExpertDialogues(expert, agent, scenarios, world, seed).play(greedy, agent_temperature, max_reply_tokens)
 
 
 def play_groups(make, scenarios, k, index, seed, rollouts="independent", branch_at="entropy", temperature=0.7,
@@ -109,21 +108,21 @@ def branch_point(tr, branch_at, rng):
 
 class Dialogues:
     """A batch of dialogues in lockstep: each one's customer and random stream, the CS Agent's context
-    and the trajectories. A subclass says what the agent is asked to write each turn (`prompt`) and
-    what a turn adds to a trajectory (`heard`). cache=False re-encodes every history each turn (the
-    reference path; same dialogues)."""
+    and the trajectories. A subclass says what the agent is asked to write each turn (`ask`) and
+    what a turn adds to a trajectory (`record_turn`). agent: (model, tokenizer). cache=False re-encodes
+    every history each turn (the reference path; same dialogues)."""
 
-    def __init__(self, agent_model, tok_a, scenarios, world=shop, seed=0, index=None, cache=True, starts=None,
-                 snapshots=False):
+    def __init__(self, agent, scenarios, world=shop, seed=0, index=None, cache=True, starts=None, snapshots=False):
         """starts: one state per dialogue from `fork` (it goes on from there), or None (from the
         customer's opening line); snapshots: keep a copy of each customer at every turn, to fork later."""
         index = list(range(len(scenarios))) if index is None else index
-        self.agent_model, self.tok_a, self.scenarios, self.world = agent_model, tok_a, scenarios, world
+        self.agent_model, self.tok_a = agent_model, tok_a = agent
+        self.scenarios, self.world = scenarios, world
         self.keys = torch.tensor([seed * 1_000_003 + i for i in index], dtype=torch.int64)   # each dialogue's dice
         if starts is None:
             self.customers = [world.Customer(s, seed=seed * 1_000_003 + i) for i, s in zip(index, scenarios)]
             self.trajs = [{"turns": [{"role": "customer", "text": o, "strategy": None, "event": None}], "ids": [],
-                           "agent_ids": lm.start_ids(tok_a) + lm.customer_ids(tok_a, o), "decisions": [],
+                           "agent_ids": serialize.start_ids(tok_a) + serialize.customer_ids(tok_a, o), "decisions": [],
                            "ref_logps": [], "entropy": [], "replies": []} for o in (c.opening() for c in self.customers)]
         else:
             self.customers, self.trajs = [st["customer"] for st in starts], [st["traj"] for st in starts]
@@ -140,13 +139,13 @@ class Dialogues:
         eot, tok_a = self.tok_a.eos_token_id, self.tok_a
         live = list(range(len(self.trajs)))         # dialogue index of each batch row
         for t in range(self.world.HORIZON):         # step t of this play: dialogue i is at its turn first_turn[i] + t
-            if not live and parallel.world() == 1:
+            if not live and parallel.n_ranks() == 1:
                 break      # distributed: a rank with no dialogue left still joins each turn's gathers
             if self.snapshots is not None:
                 for i in live:
                     tr = self.trajs[i]
                     self.snapshots[i].append((len(tr["agent_ids"]), len(tr["ids"]), copy.deepcopy(self.customers[i])))
-            names = self.prompt(t, live, greedy)   # the strategy each live dialogue's agent is asked for
+            asks = self.ask(t, live, greedy)   # per live dialogue: what its agent is asked for this turn
             starts = [len(ids) for ids in self.agent_ctx.ids]
             with parallel.gathered(self.agent_model):   # counter (2t + 1) << 12 + s: token s of turn t's reply
                 replies = self.agent_ctx.sample(eot, max_reply_tokens, 0.0 if greedy else temperature,
@@ -160,23 +159,25 @@ class Dialogues:
                 tr["replies"].append((starts[j], len(tr["agent_ids"])))
                 turn = self.first_turn[i] + t
                 utterance, event, done = self.customers[i].reply(text, turn)
-                name = names[j] or self.world.recognise(text)   # asked for none: the act the world recognises
+                name = asks[j]["strategy"] if asks[j] else self.world.recognise(text)   # asked for none: what the world reads
                 tr["turns"].append({"role": "agent", "text": text, "strategy": name, "event": None})
                 tr["turns"].append({"role": "customer", "text": utterance, "strategy": None, "event": event})
-                tr["agent_ids"] += lm.customer_ids(tok_a, utterance)
-                if self.heard(j, tr, name, text, utterance, done) and turn + 1 < self.world.HORIZON:
+                tr["agent_ids"] += serialize.customer_ids(tok_a, utterance)
+                if self.record_turn(tr, asks[j], text, utterance, done) and turn + 1 < self.world.HORIZON:
                     keep.append(j)
             live = [live[j] for j in keep]
             self.keep(keep)
         return [self.finish(s, c, tr) for s, c, tr in zip(self.scenarios, self.customers, self.trajs)]
 
-    def prompt(self, t, live, greedy):
-        """Extend the agent's context of each live dialogue with its turn prompt; return the strategy
-        each is asked for (None: none). t: the step of this play (its dice counter), not the turn."""
+    def ask(self, t, live, greedy):
+        """Extend the agent's context of each live dialogue with its turn prompt; return, per live
+        dialogue, what it is asked for: a dict with at least "strategy", or None (asked for none).
+        t: the step of this play (its dice counter), not the turn."""
         raise NotImplementedError
 
-    def heard(self, j, tr, name, text, utterance, done):
-        """After live row j's turn (its reply and the customer's answer are in tr): does it go on?"""
+    def record_turn(self, tr, ask, text, utterance, done):
+        """After a turn (its reply and the customer's answer already in tr["turns"]): add what the
+        subclass keeps of it to tr; return whether the dialogue goes on."""
         return not done
 
     def keep(self, rows):
@@ -203,20 +204,22 @@ class ExpertDialogues(Dialogues):
     """GOPO's two agents: each turn the Expert decides (`decide`) from its own context, SOP-masked, and
     the CS Agent writes the reply that carries out the decision."""
 
-    def __init__(self, expert_model, agent_model, tok_e, tok_a, scenarios, world=shop, seed=0, index=None,
-                 cache=True, starts=None, snapshots=False):
-        super().__init__(agent_model, tok_a, scenarios, world, seed, index, cache, starts, snapshots)
-        self.expert_model, self.tok_e = expert_model, tok_e
-        self.strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
-        self.expert_ctx = engine.Context(expert_model, [tr["ids"] if starts is not None else lm.start_ids(tok_e) +
-                                                        lm.customer_ids(tok_e, tr["turns"][0]["text"])
+    def __init__(self, expert, agent, scenarios, world=shop, seed=0, index=None, cache=True, starts=None,
+                 snapshots=False):
+        super().__init__(agent, scenarios, world, seed, index, cache, starts, snapshots)
+        self.expert_model, self.tok_e = expert_model, tok_e = expert
+        self.strategy_ids = expert_lib.strategy_ids(tok_e, world.STRATEGIES)
+        self.expert_ctx = engine.Context(expert_model, [tr["ids"] if starts is not None else serialize.start_ids(tok_e) +
+                                                        serialize.customer_ids(tok_e, tr["turns"][0]["text"])
                                                         for tr in self.trajs], tok_e.pad_token_id, cache)
         for tr, ids in zip(self.trajs, self.expert_ctx.ids):
             tr["ids"] = ids
 
-    def prompt(self, t, live, greedy):
+    def ask(self, t, live, greedy):
+        """Each live dialogue's decision: {"strategy", "z" (its index), "logp", "entropy", "history"
+        (the strategies before it)}."""
         strategies = self.world.STRATEGIES
-        self.histories = [[strategies[k] for _, k in self.trajs[i]["decisions"]] for i in live]
+        histories = [[strategies[k] for _, k in self.trajs[i]["decisions"]] for i in live]
         with parallel.gathered(self.expert_model):      # FSDP: one model's full weights at a time
             logits = self.expert_ctx.logits() if live else None                         # (B, V)
         if not live:
@@ -224,25 +227,28 @@ class ExpertDialogues(Dialogues):
         # counter (2t) << 12: turn t's decision
         uniforms = None if greedy else engine.uniforms(self.keys[live].to(logits.device), (2 * t) << 12,
                                                        len(strategies))                 # (B, Z)
-        allowed = expert_lib.sop_mask(self.histories, strategies, self.world.allowed)   # (B, Z)
-        self.z, self.logp = self.decide(logits, allowed, uniforms, live)
-        self.entropy = expert_lib.entropy(expert_lib.masked_logps(logits, self.strategy_ids, allowed)).tolist()
-        names = [strategies[k] for k in self.z.tolist()]
-        self.agent_ctx.extend([lm.agent_prompt_ids(self.tok_a, name, self.world.INSTRUCTIONS[name]) for name in names])
-        return names
+        allowed = expert_lib.sop_mask(histories, strategies, self.world.allowed)        # (B, Z)
+        z, logp = self.decide(logits, allowed, uniforms, live)                          # (B,) each
+        entropy = expert_lib.entropy(expert_lib.masked_logps(logits, self.strategy_ids, allowed)).tolist()
+        asks = [{"strategy": strategies[k], "z": k, "logp": lp, "entropy": h, "history": hist}
+                for k, lp, h, hist in zip(z.tolist(), logp.tolist(), entropy, histories)]
+        self.agent_ctx.extend([serialize.agent_prompt_ids(self.tok_a, a["strategy"], self.world.INSTRUCTIONS[a["strategy"]])
+                               for a in asks])
+        return asks
 
     def decide(self, logits, allowed, uniforms, live):
         """(B,) strategy indices and their log-probs under the masked Expert: a sample, or the argmax
         when uniforms is None (greedy). logits (B, V), allowed (B, Z), uniforms (B, Z) or None."""
         return expert_lib.decide(logits, self.strategy_ids, allowed, uniforms)
 
-    def heard(self, j, tr, name, text, utterance, done):
-        tr["decisions"].append((len(tr["ids"]), self.z[j].item()))
-        tr["ref_logps"].append(self.logp[j].item())
-        tr["entropy"].append(self.entropy[j])
-        tr["ids"] += lm.agent_prompt_ids(self.tok_e, name, self.world.INSTRUCTIONS[name]) + \
-            lm.reply_ids(self.tok_e, text) + lm.customer_ids(self.tok_e, utterance)
-        return not done and bool(self.world.allowed(self.histories[j] + [name]))   # nothing may follow: it ends
+    def record_turn(self, tr, ask, text, utterance, done):
+        name = ask["strategy"]
+        tr["decisions"].append((len(tr["ids"]), ask["z"]))
+        tr["ref_logps"].append(ask["logp"])
+        tr["entropy"].append(ask["entropy"])
+        tr["ids"] += serialize.agent_prompt_ids(self.tok_e, name, self.world.INSTRUCTIONS[name]) + \
+            serialize.reply_ids(self.tok_e, text) + serialize.customer_ids(self.tok_e, utterance)
+        return not done and bool(self.world.allowed(ask["history"] + [name]))   # nothing may follow: it ends
 
     def keep(self, rows):
         self.expert_ctx.keep(rows)

@@ -100,6 +100,10 @@ def gre(strategies, recognised):
     return sum(a == b for a, b in zip(strategies, recognised)) / len(strategies)
 
 
+def record_gre(rec, recognise):
+    """GRE of one dialogue record: recognise(reply text) -> the strategy the world reads in it."""
+    agent_turns = [t for t in rec["turns"] if t["role"] == "agent"]
+    return gre([t["strategy"] for t in agent_turns], [recognise(t["text"]) for t in agent_turns])
 def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
@@ -183,7 +187,7 @@ def rate_ci(xs, level=0.95):
     if n == 0:
         return (math.nan, math.nan, math.nan)
     k = sum(float(x) for x in xs)
-    z = 1.96 if level == 0.95 else statistics.NormalDist().inv_cdf((1 + level) / 2)
+    z = statistics.NormalDist().inv_cdf((1 + level) / 2)     # 1.95996... at 95%
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -203,7 +207,7 @@ def paired_diff_ci(xa, xb, n_boot=2000, seed=0, level=0.95):
     return (sum(d) / n, boots[int(tail * n_boot)], boots[int((1 - tail) * n_boot) - 1])
 
 
-def summarize(xs, rate=False):
+def mean_ci(xs, rate=False):
     """{"mean": mean, "ci95": [lo, hi]}, ready for a JSON report. The rule follows the kind of metric,
     never its values: a rate (a binary outcome per dialogue: success, sop_ok; rate=True) gets the
     Wilson interval of `rate_ci`; a continuous score gets the bootstrap interval of `bootstrap_ci`,
@@ -212,7 +216,23 @@ def summarize(xs, rate=False):
     return {"mean": m, "ci95": [lo, hi]}
 
 
+def mean(xs):
+    """The mean of an iterable; 0.0 if it is empty (an iteration with no pairs logs 0, not an error)."""
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
 # ----------------------------------------------------------------------------- one trajectory
+def turn_values(rec, values, horizon):
+    """(v_1..v_H): the value of each agent turn's event, padded after the end with the outcome
+    (1 if the task succeeded, else 0), exactly as tse.tse reads a dialogue; and T, the turns played."""
+    turns = rec["turns"]
+    events = [turns[i + 1]["event"] if i + 1 < len(turns) and turns[i + 1]["role"] == "customer" else None
+              for i, t in enumerate(turns) if t["role"] == "agent"][:horizon]
+    v = [values.get(e, 0.0) for e in events]
+    return v + [float(bool(rec["success"]))] * (horizon - len(v)), len(v)
+
+
 
 def trajectory_metrics(rec, values, horizon, gamma=0.9):
     """TSE, ESNDCG, success and agent-turn count of one dialogue record.

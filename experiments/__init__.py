@@ -1,6 +1,6 @@
-"""Experiment machinery around the method: the baselines (PPO, Memento, the no-Expert ablation)
-with their command line, the comparison and its script, the speed benchmark. Run from the repo
-root, e.g. `python -m experiments.baselines --algo ppo ...`, `python -m experiments.compare
-out/compare/*`. Dependencies run one way: this folder imports the top-level modules (train.py's
-stages, checkpoint.METHODS, which baselines.py extends, rollout.Dialogues); nothing at the top
-level imports this folder."""
+"""Experiment machinery around the method: the baselines, one method per file (flat.py: the flat
+agent; ppo.py; memento.py; baselines.py: the no-Expert ablation and the command line,
+`python -m experiments.baselines --method ppo ...`), the comparison and its script, the ceilings
+probe, the speed benchmark. Run from the repo root. Dependencies run one way: this folder imports
+the top-level modules (train.py's stages, checkpoint.METHODS, rollout.Dialogues); nothing at the top
+level imports this folder, and nothing here changes a top-level module's globals."""

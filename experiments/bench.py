@@ -25,7 +25,7 @@ Writes bench.json (or --json).
     python -m experiments.bench --sft out/desk     # only: SFT's length groups against one padded batch
 
   sft_speedup = seconds of SFT forward + backward on random batches of 16 whole logged dialogues,
-     each padded to its longest / the same batches in 4 length groups (lm.length_groups), on RUN's
+     each padded to its longest / the same batches in 4 length groups (lm.length_buckets), on RUN's
      CS Agent and logs, any world. Higher is better.
 """
 import argparse
@@ -131,7 +131,7 @@ def run_world(run):
 
 def sft_speedup(run, repeats, batch_size=16, n_batches=4):
     """SFT's forward + backward over n_batches random batches of whole dialogues: one padded tensor
-    per batch against lm.length_groups. Returns the results' dict."""
+    per batch against lm.length_buckets. Returns the results' dict."""
     import random
 
     import agent as agent_lib
@@ -148,7 +148,7 @@ def sft_speedup(run, repeats, batch_size=16, n_batches=4):
         def run_batches():
             for batch in batches:
                 model.zero_grad(set_to_none=True)
-                groups = lm.length_groups(batch, length=lambda e: len(e[0])) if grouped else [batch]
+                groups = lm.length_buckets(batch, length=lambda e: len(e[0])) if grouped else [batch]
                 (-sum(agent_lib.reply_logps(model, *agent_lib.collate(g, tok.pad_token_id)).sum()
                       for g in groups)).backward()
         return run_batches
@@ -215,7 +215,7 @@ def main():
     last = {}
 
     def gopo_rollout():
-        last["trajs"] = rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, world, seed=1)
+        last["trajs"] = rollout_lib.rollout((expert_model, tok_e), (agent_model, tok_a), batch, world, seed=1)
     gopo_rollout()
     trajs = last["trajs"]
     emitted = sum(e - s for t in trajs for s, e in t["replies"]) + sum(len(t["decisions"]) for t in trajs)
@@ -257,17 +257,22 @@ def main():
     rewards = [gopo.joint_reward(t["record"], values, world.HORIZON, cfg.alpha)["R"] for t in trajs]
     groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     pairs = gopo.build_pairs(rewards, groups, cfg.delta, cfg.max_pairs)
-    strategy_ids = [tok_e.convert_tokens_to_ids(lm.strategy_token(z)) for z in world.STRATEGIES]
+    strategy_ids = expert_lib.strategy_ids(tok_e, world.STRATEGIES)
     used = sorted({i for pr in pairs for i in pr})
     plain = expert_lib.collate([trajs[i] for i in used], tok_e.pad_token_id, len(world.STRATEGIES))
     plain = {k: v.to(device) for k, v in plain.items()}
     labels = plain["ids"].masked_fill(plain["attn"] == 0, -100)
     expert_model.train()
 
-    def gopo_step():
+    S_ref = gopo.reference_logps(expert_model, tok_e, trajs, pairs, world.STRATEGIES, cfg.segment)   # (N,)
+    R = torch.tensor(rewards)
+
+    def gopo_step():   # gopo.expert_update's forward and backward, without the optimizer step
         expert_model.zero_grad(set_to_none=True)
-        gopo.expert_loss(expert_model, trajs, pairs, groups, rewards, strategy_ids, tok_e.pad_token_id,
-                         len(world.STRATEGIES), cfg).backward()
+        S, n_steps = gopo.scored_logps(expert_model, tok_e, [trajs[i] for i in used], world.STRATEGIES, cfg.segment)
+        losses, _ = gopo.expert_loss(S, S_ref[used], n_steps, gopo.rows_of(pairs)[1], R[used], cfg.beta, cfg.nll_coef,
+                                     False)
+        losses.mean().backward()
 
     def plain_step():
         expert_model.zero_grad(set_to_none=True)
@@ -286,14 +291,14 @@ def main():
         endless = endless_world(h, world)
 
         def run_h():
-            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, endless, seed=1)
+            rollout_lib.rollout((expert_model, tok_e), (agent_model, tok_a), batch, endless, seed=1)
         run_h()
         per_dialogue.append(median_time(run_h, args.repeats) / B)
         print(f"horizon {h}: {per_dialogue[-1] * 1e3:.1f} ms per dialogue", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            rollout_lib.rollout(expert_model, agent_model, tok_e, tok_a, batch, endless_world(16, world), seed=1)
+            rollout_lib.rollout((expert_model, tok_e), (agent_model, tok_a), batch, endless_world(16, world), seed=1)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     xs, ys = [math.log(h) for h in horizons], [math.log(t) for t in per_dialogue]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

@@ -60,9 +60,9 @@ def follow(w, scenario, prefix, seed=0):
     the customer finished within the prefix (else a next decision is due)."""
     asked = []
 
-    def policy(tr, sc, rng):
+    def policy(tracker, sc, rng):
         asked.append(None)
-        return prefix[len(asked) - 1] if len(asked) <= len(prefix) else w.allowed(tr.strategies)[0]   # a probe
+        return prefix[len(asked) - 1] if len(asked) <= len(prefix) else w.allowed(tracker.strategies)[0]   # a probe
     turns, _ = w.dialogue(scenario, policy, seed, horizon=len(prefix) + 1)
     return turns[:1 + 2 * len(prefix)], len(asked) <= len(prefix)
 
@@ -72,7 +72,7 @@ def template_play(expert_model, tok, w, scenarios, seed=0):
     """Greedy Expert decisions, the world's template text for every reply: the records. Each turn
     replays every live dialogue from the start with its chosen strategies (w.dialogue) and scores the
     next decision with one forward over the whole history (no cache: the Expert is tiny)."""
-    strategy_ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in w.STRATEGIES]
+    strategy_ids = expert_lib.strategy_ids(tok, w.STRATEGIES)
     prefixes, live = [[] for _ in scenarios], list(range(len(scenarios)))
     while live:
         played = {i: follow(w, scenarios[i], prefixes[i], seed) for i in live}   # i -> (turns, ended)
@@ -98,7 +98,7 @@ def _read(path):
 def _fixed(zs):
     it = iter(zs)
 
-    def fixed(tr, scenario, rng):
+    def fixed(tracker, scenario, rng):
         return next(it)
     return fixed
 
@@ -122,14 +122,14 @@ def train_ceiling(run, config, w, logs, budget):
         die(f"{run}: a pretrained backbone; this probe retrains tiny Experts only")
     losses = expert_lib.sft(model, tok, worlds.relabel(w, logs), w.STRATEGIES, w.allowed, w.INSTRUCTIONS,
                             budget["steps"], budget["batch"], budget["lr"], budget["seed"], desc="SFT ceiling")
-    lm.save(model, tok, os.path.join(run, "expert_ceiling"))
+    checkpoint.save_model(model, tok, os.path.join(run, "expert_ceiling"))
     return model, tok, losses[-1]
 
 
 def metrics(records, values, w):
     """({metric: {"mean", "ci95"}} as eval.py reports them, per-dialogue TSE)."""
     per = eval_lib.per_dialogue(records, values, w)
-    return eval_lib.summary(per), per["tse"]
+    return eval_lib.summarize(per), per["tse"]
 
 
 def main(argv=None):
@@ -143,23 +143,23 @@ def main(argv=None):
     p.add_argument("--retrain", action="store_true", help="train the ceiling Expert again even if "
                    "RUN/expert_ceiling/ exists from an earlier probe with the same budget")
     args = p.parse_args(argv)
-    run = eval_lib.check_folder(args.run)
+    run = checkpoint.check_folder(args.run)
     if not os.path.isfile(os.path.join(run, "config.json")):
         die(f"{run} has no config.json: not a train.py run")
-    config = eval_lib.read_config(os.path.join(run, "config.json"))
-    if config.get("data", "shop") != "shop":
+    config = checkpoint.read_config(os.path.join(run, "config.json"))
+    if config.get("data", "sim") != "sim":
         die(f"{run}: a run on --data {config['data']}: logged data has no oracle to relabel with; "
             "the ceilings need a built-in world")
-    algo = config.get("algo", "gopo")
-    if algo not in ("gopo", "sft"):
-        die(f"{run}: an --algo {algo} run; give a gopo or sft run of train.py (its SFT models are the same)")
-    w = eval_lib.world_of(config, run)
-    rows = checkpoint.METHODS[algo].rows
-    ckpt = eval_lib.load_run(run, rows)
-    values = eval_lib.read_values(os.path.join(run, "values.json"))
+    method = config.get("method", "gopo")
+    if method not in ("gopo", "sft"):
+        die(f"{run}: an --method {method} run; give a gopo or sft run of train.py (its SFT models are the same)")
+    w = checkpoint.world_of(config, run)
+    rows = checkpoint.METHODS[method].rows
+    ckpt = checkpoint.load_run(run, rows)
+    values = checkpoint.read_values(os.path.join(run, "values.json"))
     logs = checkpoint.read_logs(run, w)
     torch.set_num_threads(parallel.cpu_threads())
-    agent_name = checkpoint.METHODS[algo].agent
+    agent_name = checkpoint.METHODS[method].agent
     agent_model, tok_a = ckpt[agent_name]
     scenarios = [w.make_scenario(s) for s in data.test_seeds(args.n)]
 
@@ -178,12 +178,11 @@ def main(argv=None):
     with torch.no_grad():
         played = {name: eval_lib.method_records(ckpt, name, scenarios, w, 100, 0, config.get("max_reply_tokens", 32))
                   for name in rows}
-        played["ceiling"] = [t["record"] for t in rollout_lib.rollout(ceiling, agent_model, tok_e, tok_a, scenarios,
+        played["ceiling"] = [t["record"] for t in rollout_lib.rollout((ceiling, tok_e), (agent_model, tok_a), scenarios,
                                                                       w, greedy=True)]
         template = template_play(ceiling, tok_e, w, scenarios)
-        cs = [t["record"] for t in OracleDialogues(ckpt[checkpoint.METHODS[algo].expert][0], agent_model,
-                                                   ckpt[checkpoint.METHODS[algo].expert][1], tok_a, scenarios,
-                                                   w).play(greedy=True)]
+        cs = [t["record"] for t in OracleDialogues(ckpt[checkpoint.METHODS[method].expert], (agent_model, tok_a),
+                                                   scenarios, w).play(greedy=True)]
     oracle = [w.play(sc, w.POLICIES["oracle"]) for sc in scenarios]
 
     m_ceiling, tse_ceiling = metrics(played["ceiling"], values, w)
@@ -192,12 +191,12 @@ def main(argv=None):
     m_oracle, _ = metrics(oracle, values, w)
     sft_row = rows[-1]
     m_sft, tse_sft = metrics(played[sft_row], values, w)
-    m_method, tse_method = metrics(played[rows[0]], values, w) if algo != "sft" else (None, None)
-    accuracy = {"sft": worlds.group_accuracy(w, played[sft_row]),
-                **({"method": worlds.group_accuracy(w, played[rows[0]])} if algo != "sft" else {}),
-                "ceiling": worlds.group_accuracy(w, played["ceiling"]),
-                "ceiling, template replies": worlds.group_accuracy(w, template)}
-    label_vs_oracle = worlds.group_accuracy(w, [w.play(sc, worlds.label_policy(w)) for sc in scenarios],
+    m_method, tse_method = metrics(played[rows[0]], values, w) if method != "sft" else (None, None)
+    accuracy = {"sft": worlds.decision_accuracy(w, played[sft_row]),
+                **({"method": worlds.decision_accuracy(w, played[rows[0]])} if method != "sft" else {}),
+                "ceiling": worlds.decision_accuracy(w, played["ceiling"]),
+                "ceiling, template replies": worlds.decision_accuracy(w, template)}
+    label_vs_oracle = worlds.decision_accuracy(w, [w.play(sc, worlds.label_policy(w)) for sc in scenarios],
                                                w.POLICIES["oracle"])
     report = {
         "run": run, "n": args.n, "budget": budget, "label_policy": worlds.label_policy(w).__name__,
@@ -215,12 +214,12 @@ def main(argv=None):
                    {"n_ceiling": accuracy["ceiling"][g][1]} for g in accuracy["sft"]},
         "label_policy_vs_oracle": {g: c / max(n, 1) for g, (c, n) in label_vs_oracle.items()},
         "per_scenario_tse": {"ceiling": tse_ceiling, "sft": tse_sft,   # experiments.compare pools the gap over seeds
-                             **({"method": tse_method} if algo != "sft" else {})},
+                             **({"method": tse_method} if method != "sft" else {})},
     }
-    if algo == "sft":
+    if method == "sft":
         for g in report["groups"].values():
             g["method"] = g["sft"]
-    if algo != "sft":
+    if method != "sft":
         report["method"] = {"tse": m_method["tse"]["mean"], "tse_ci95": m_method["tse"]["ci95"],
                             "success": m_method["success"]["mean"]}
         gap = m_ceiling["tse"]["mean"] - m_sft["tse"]["mean"]
@@ -232,7 +231,7 @@ def main(argv=None):
     print("| what | TSE | success | sop_ok |\n|---|---|---|---|")
     lines = [("Expert ceiling, the run's CS Agent", m_ceiling), ("Expert ceiling, template replies", m_template),
              ("CS ceiling (oracle strategies, the run's CS Agent)", m_cs), (f"{sft_row} (the SFT start)", m_sft),
-             *([(rows[0], m_method)] if algo != "sft" else []),
+             *([(rows[0], m_method)] if method != "sft" else []),
              ("oracle (template replies)", m_oracle)]
     for name, m in lines:
         print(f"| {name} | {ci(m)} | {m['success']['mean']:.3f} | {m['sop_ok']['mean']:.3f} |")

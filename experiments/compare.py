@@ -28,7 +28,7 @@ import lm
 import plots
 import tse
 import worlds
-from experiments import baselines  # noqa: F401  adds the baselines' methods to eval.py's (checkpoint.METHODS)
+import checkpoint
 
 p = cli.Parser(__doc__)
 p.add_argument("compare", nargs="+", metavar="RUNS",
@@ -42,16 +42,14 @@ p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                help="where the rollouts run: auto = CUDA when there is a GPU")
 p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollouts (weights stay as saved)")
 
-METRICS = ["tse", "success", "esndcg", "gre", "turns", "sop_ok", "order_value"]
-SFT_SETTINGS = ("data", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer", "vocab_size",
-                "sft_steps", "agent_sft_steps", "sft_batch", "sft_lr", "sft_window_steps", "expert_from_agent",
-                "expert_sft_lr", "expert_sft_steps")
+METRICS = eval_lib.METRICS
+SFT_SETTINGS = tuple(k for k in checkpoint.SFT_KEYS if k not in ("seed", "data_path"))   # the same in every run pooled
 ROLLOUT_BUDGET = ("iters", "scenarios", "k")
 
 
 def find_runs(folder):
     """The run folders under one --compare argument: itself, or its subfolders that are runs."""
-    eval_lib.check_folder(folder)
+    checkpoint.check_folder(folder)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return [folder]
     runs = sorted(os.path.join(folder, d) for d in os.listdir(folder)
@@ -62,18 +60,18 @@ def find_runs(folder):
 
 
 def read_method(folder):
-    """(algo, [(run, config)]) of one --compare argument; its runs must all be of one method."""
-    runs = [(r, eval_lib.read_config(os.path.join(r, "config.json"))) for r in find_runs(folder)]
-    algos = {c.get("algo", "gopo") for _, c in runs}
-    if len(algos) > 1:
-        eval_lib.die(f"{folder} mixes runs of --algo {', '.join(sorted(algos))}; give one folder per method")
-    algo = algos.pop()
-    if algo not in eval_lib.METHODS or not eval_lib.METHODS[algo].rows:
-        eval_lib.die(f"{folder}: unknown --algo '{algo}' in its config.json")
-    if any(c.get("data", "shop") != "shop" for _, c in runs):
+    """(method, [(run, config)]) of one --compare argument; its runs must all be of one method."""
+    runs = [(r, checkpoint.read_config(os.path.join(r, "config.json"))) for r in find_runs(folder)]
+    found = {c.get("method", "gopo") for _, c in runs}
+    if len(found) > 1:
+        eval_lib.die(f"{folder} mixes runs of --method {', '.join(sorted(found))}; give one folder per method")
+    method = found.pop()
+    if method not in checkpoint.METHODS or not checkpoint.METHODS[method].rows:
+        eval_lib.die(f"{folder}: unknown --method '{method}' in its config.json")
+    if any(c.get("data", "sim") != "sim" for _, c in runs):
         eval_lib.die(f"{folder}: --compare runs on the built-in worlds only (their held-out scenarios); "
                      "evaluate a real-data run with python eval.py RUN")
-    return algo, runs
+    return method, runs
 
 
 def check_budget(methods):
@@ -81,7 +79,7 @@ def check_budget(methods):
     first = {}
     for runs in methods.values():
         for run, c in runs:
-            keys = SFT_SETTINGS + (ROLLOUT_BUDGET if c.get("algo", "gopo") != "sft" else ())
+            keys = SFT_SETTINGS + (ROLLOUT_BUDGET if c.get("method", "gopo") != "sft" else ())
             for k in keys:
                 if k in first and first[k][0] != c.get(k):
                     eval_lib.die(f"{run} has --{k.replace('_', '-')} {c.get(k)} but {first[k][1]} has "
@@ -112,61 +110,61 @@ def relative_tse(per_scenario, a, b, n_boot, seed=0):
     return {"mean": ratio, "ci95": [boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]]}
 
 
-def label(folder, algo):
+def label(folder, method):
     """A row's name: the folder's name where it starts with the method's (gopo-alpha1: a variant of
-    gopo, its own row), else the method (a folder named s0 is a single run of its config's algo)."""
+    gopo, its own row), else the method (a folder named s0 is a single run of its config's method)."""
     name = os.path.basename(os.path.normpath(folder))
-    return name if name.startswith(algo) and algo != "sft" else algo
+    return name if name.startswith(method) and method != "sft" else method
 
 
 def main(argv=None):
     args = p.parse_args(argv)
-    methods, algo_of = {}, {}
+    methods, method_of = {}, {}
     for folder in args.compare:
-        algo, runs = read_method(folder)
-        name = label(folder, algo)
+        method, runs = read_method(folder)
+        name = label(folder, method)
         if name in methods:
             eval_lib.die(f"two folders hold {name} runs; put a method's seeds in one folder (a variant in a "
-                         f"folder named after it, e.g. {algo}-variant)")
-        methods[name], algo_of[name] = runs, algo
+                         f"folder named after it, e.g. {method}-variant)")
+        methods[name], method_of[name] = runs, method
     budget = check_budget(methods)
     out = args.out or os.path.commonpath([os.path.dirname(os.path.abspath(f.rstrip("/"))) for f in args.compare])
     os.makedirs(out, exist_ok=True)
-    rows_of = lambda name: eval_lib.METHODS["sft"].rows if algo_of[name] == "sft" else [name]
+    rows_of = lambda name: checkpoint.METHODS["sft"].rows if method_of[name] == "sft" else [name]
     device = eval_lib.device_of(args)
-    loaded = {run: eval_lib.load_run(run, eval_lib.METHODS[algo_of[name]].rows[:1] if algo_of[name] != "sft"
-                                     else eval_lib.METHODS["sft"].rows, device)
+    loaded = {run: checkpoint.load_run(run, checkpoint.METHODS[method_of[name]].rows[:1] if method_of[name] != "sft"
+                                     else checkpoint.METHODS["sft"].rows, device)
               for name, runs in methods.items() for run, _ in runs}   # every checkpoint loads first
     first_run, first_config = next(iter(methods.values()))[0]
-    world = eval_lib.world_of(first_config, first_run)       # check_budget: every run has the same world
+    world = checkpoint.world_of(first_config, first_run)       # check_budget: every run has the same world
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     from tqdm import tqdm
     pooled, per_seed, per_scenario, curves, seconds, groups = {}, {}, {}, {}, {}, {}
     jobs = [(name, row, run) for name, runs in methods.items() for run, _ in runs for row in rows_of(name)]
     for name, row, run in tqdm(jobs, desc="compare", unit="run"):
-        method = row if algo_of[name] == "sft" else algo_of[name]
-        values = eval_lib.read_values(os.path.join(run, "values.json"))
+        played = row if method_of[name] == "sft" else method_of[name]
+        values = checkpoint.read_values(os.path.join(run, "values.json"))
         with lm.autocast(device, args.bf16):
-            recs = eval_lib.method_records(loaded[run], method, scenarios, world, args.batch, args.seed)
-        per = eval_lib.per_dialogue(recs, values, world, flat=eval_lib.is_flat(method))
+            recs = eval_lib.method_records(loaded[run], played, scenarios, world, args.batch, args.seed)
+        per = eval_lib.per_dialogue(recs, values, world, flat=eval_lib.is_flat(played))
         for k in METRICS:
             pooled.setdefault(row, {}).setdefault(k, []).extend(per[k])
         per_seed.setdefault(row, []).append(sum(per["tse"]) / len(per["tse"]))
         per_scenario.setdefault(row, []).append(per["tse"])
-        add_groups(groups.setdefault(row, {}), worlds.group_accuracy(world, recs))
+        add_groups(groups.setdefault(row, {}), worlds.decision_accuracy(world, recs))
     for name, runs in methods.items():
         curves[name] = [read_curve(run) for run, _ in runs]
         seconds[name] = [read_seconds(run) for run, _ in runs]
-    values = eval_lib.read_values(os.path.join(methods[next(iter(methods))][0][0], "values.json"))
+    values = checkpoint.read_values(os.path.join(methods[next(iter(methods))][0][0], "values.json"))
     for name in ("behaviour", "oracle"):    # rule policies with template text: no training seed
         recs = [world.play(s, world.POLICIES[name], seed=args.seed) for s in scenarios]
         per = eval_lib.per_dialogue(recs, values, world)
         pooled[name] = {k: per[k] for k in METRICS}
         per_scenario[name] = [per["tse"]]
-        groups[name] = worlds.group_accuracy(world, recs)
-    results = {m: eval_lib.summary(pooled[m]) for m in pooled}
+        groups[name] = worlds.decision_accuracy(world, recs)
+    results = {m: eval_lib.summarize(pooled[m]) for m in pooled}
     mean_over_seeds = {m: [sum(col) / len(col) for col in zip(*rows)] for m, rows in per_scenario.items()}
-    gopo_rows = [r for r in pooled if algo_of.get(r) == "gopo"]       # gopo, and variants like gopo-alpha1
+    gopo_rows = [r for r in pooled if method_of.get(r) == "gopo"]       # gopo, and variants like gopo-alpha1
     rel_all = {g: {b: relative_tse(mean_over_seeds, g, b, args.bootstrap) for b in pooled if b not in gopo_rows}
                for g in gopo_rows}
     rel = rel_all.get("gopo", {})
@@ -214,7 +212,7 @@ def main(argv=None):
 
 
 def add_groups(total, counts):
-    """Pool worlds.group_accuracy counts ({group: [right, n]}) into total."""
+    """Pool worlds.decision_accuracy counts ({group: [right, n]}) into total."""
     for g, (c, n) in counts.items():
         total.setdefault(g, [0, 0])
         total[g][0] += c
@@ -247,7 +245,7 @@ def ceiling_gap(runs, method_tse, sft_tse, n, n_boot, seed=0):
 
 
 def read_curve(run):
-    """TSE of the sampled training rollouts, per iteration ([] for --algo sft)."""
+    """TSE of the sampled training rollouts, per iteration ([] for --method sft)."""
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.exists(path):
         return []
@@ -269,12 +267,12 @@ def plot(results, rows, curves, path, n):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     plots.plot(results, rows, None, f"{n} held-out scenarios, seeds pooled", ax=ax[0])
-    for algo, runs in curves.items():
+    for method, runs in curves.items():
         runs = [c for c in runs if c]
         if runs:
             L = min(len(c) for c in runs)
-            color = plots.colour(rows.index(algo), len(rows)) if algo in rows else None   # its bar's colour
-            ax[1].plot(range(L), [sum(c[i] for c in runs) / len(runs) for i in range(L)], label=algo, color=color)
+            color = plots.colour(rows.index(method), len(rows)) if method in rows else None   # its bar's colour
+            ax[1].plot(range(L), [sum(c[i] for c in runs) / len(runs) for i in range(L)], label=method, color=color)
     ax[1].set(title="TSE of the training rollouts (sampled; mean over seeds)", xlabel="iteration")
     ax[1].legend(fontsize=8)
     fig.tight_layout()

@@ -2,7 +2,7 @@
 # The paper's comparison (docs/baselines.md): 3 training seeds x 4 methods at their defaults, one budget, each
 # method with one alternative setting (the tuning: the same small search for every method; a method's default is
 # the setting with the better training-side TSE, never the held-out one), then the table.
-# Every method of a seed starts from the same SFT checkpoints (--sft-from the seed's --algo sft run).
+# Every method of a seed starts from the same SFT checkpoints (--sft-from the seed's --method sft run).
 #   rows: sft (and sft-flat); gopo, ppo, memento, gopo-noexpert (the defaults);
 #   the tuning: gopo-<the other --rollouts>, gopo-noexpert-<the other --rollouts>, ppo-lr1e-4, memento-k8;
 #   EXTRA=1 adds the shop's earlier variant rows: gopo-alpha1 and gopo-noexpert-alpha1 (R = TSE alone, --alpha 1),
@@ -20,21 +20,21 @@ WORLD=${WORLD:-shop}
 OUT=${OUT:-out/compare$([ "$WORLD" = shop ] || echo "-$WORLD")}
 SEEDS=${SEEDS:-"0 1 2"}
 EXTRA=${EXTRA:-}
-DEFAULT_ROLLOUTS=$($PYTHON -c "import train; print(train.p.get_default('rollouts'))")
+DEFAULT_ROLLOUTS=$($PYTHON -c "import train; print(train.parser().get_default('rollouts'))")
 OTHER_ROLLOUTS=$([ "$DEFAULT_ROLLOUTS" = branch ] && echo independent || echo branch)
 train() {   # train ROW SEED ALGO [FLAGS...]: one run, unless it finished; every method from the seed's SFT run
-  local row=$1 seed=$2 algo=$3; shift 3
+  local row=$1 seed=$2 method=$3; shift 3
   [ -f "$OUT/$row/s$seed/time.json" ] && return 0
   local entry="-m experiments.baselines" from="--sft-from $OUT/sft/s$seed"   # the baselines' own entry point
-  case "$algo" in gopo|sft) entry=train.py ;; esac
-  [ "$algo" = sft ] && from=""
-  $PYTHON $entry --world "$WORLD" --algo "$algo" --seed "$seed" --out "$OUT" --run "$row/s$seed" --overwrite $from "$@"
+  case "$method" in gopo|sft) entry=train.py ;; esac
+  [ "$method" = sft ] && from=""
+  $PYTHON $entry --world "$WORLD" --method "$method" --seed "$seed" --out "$OUT" --run "$row/s$seed" --overwrite $from "$@"
 }
 rows="sft ppo memento gopo-noexpert gopo"
 for seed in $SEEDS; do
   train sft "$seed" sft
-  for algo in gopo ppo memento gopo-noexpert; do
-    train "$algo" "$seed" "$algo"
+  for method in gopo ppo memento gopo-noexpert; do
+    train "$method" "$seed" "$method"
   done
   train "gopo-$OTHER_ROLLOUTS" "$seed" gopo --rollouts "$OTHER_ROLLOUTS"
   train "gopo-noexpert-$OTHER_ROLLOUTS" "$seed" gopo-noexpert --rollouts "$OTHER_ROLLOUTS"

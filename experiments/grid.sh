@@ -17,15 +17,15 @@ entry() { case "$1" in gopo|sft) echo train.py ;; *) echo "-m experiments.baseli
 for seed in $SEEDS; do       # a seed of every cell before the next seed: a grid run in pieces fills every cell early
   for cell in $CELLS; do
     horizon=${cell#h}; horizon=${horizon%-p*}; paraphrases=${cell#*-p}
-    for algo in sft gopo ppo gopo-noexpert; do
-      run="$OUT/$cell/$algo/s$seed"
+    for method in sft gopo ppo gopo-noexpert; do
+      run="$OUT/$cell/$method/s$seed"
       [ -f "$run/time.json" ] && continue
-      if [ "$cell" = h24-p20 ] && [ -f "$COMPARE/$algo/s$seed/time.json" ]; then
-        mkdir -p "$(dirname "$run")" && rm -rf "$run" && cp -r "$COMPARE/$algo/s$seed" "$run" && continue
+      if [ "$cell" = h24-p20 ] && [ -f "$COMPARE/$method/s$seed/time.json" ]; then
+        mkdir -p "$(dirname "$run")" && rm -rf "$run" && cp -r "$COMPARE/$method/s$seed" "$run" && continue
       fi
-      from=$([ "$algo" = sft ] || echo "--sft-from $OUT/$cell/sft/s$seed")
-      python $(entry "$algo") --world desk --horizon "$horizon" --paraphrases "$paraphrases" --algo "$algo" \
-        --seed "$seed" --out "$OUT/$cell" --run "$algo/s$seed" --overwrite $from
+      from=$([ "$method" = sft ] || echo "--sft-from $OUT/$cell/sft/s$seed")
+      python $(entry "$method") --world desk --horizon "$horizon" --paraphrases "$paraphrases" --method "$method" \
+        --seed "$seed" --out "$OUT/$cell" --run "$method/s$seed" --overwrite $from
     done
   done
 done

@@ -26,7 +26,6 @@ import torch
 import checkpoint
 import cli
 import data
-import eval as eval_lib
 import gopo
 import parallel
 import rollout as rollout_lib
@@ -48,7 +47,7 @@ def pair_stats(world, groups, rewards, pairs, segment=0):
     """The table's numbers for one mode. groups: lists of trajectories; rewards: R of each (flat order)."""
     trajs = [tr for g in groups for tr in g]
     seen = [worlds.decisions(world, tr["record"]) for tr in trajs]              # [(group, taken, label)]
-    names = list(worlds.groups(world))
+    names = list(worlds.decision_groups(world))
     k = len(groups[0])
     scenario_of = [n for n, g in enumerate(groups) for _ in g]
     differ, first, contrast, common, scored = [], [], {g: 0 for g in names}, [], []
@@ -89,19 +88,19 @@ def pair_stats(world, groups, rewards, pairs, segment=0):
 
 def main(argv=None):
     args = p.parse_args(argv)
-    eval_lib.check_folder(args.run)
-    config = eval_lib.read_config(os.path.join(args.run, "config.json"))
-    if config.get("data", "shop") != "shop":
+    checkpoint.check_folder(args.run)
+    config = checkpoint.read_config(os.path.join(args.run, "config.json"))
+    if config.get("data", "sim") != "sim":
         cli.die(f"{args.run}: a run on --data {config['data']}: the pairs' decision groups need a built-in world")
-    if config.get("algo", "gopo") not in ("gopo", "sft"):
-        cli.die(f"{args.run}: an --algo {config['algo']} run; give a gopo or sft run of train.py")
-    if args.expert == "expert" and config.get("algo", "gopo") == "sft":
-        cli.die(f"{args.run} is an --algo sft run: it has no trained Expert (use --expert expert_sft)")
-    world = eval_lib.world_of(config, args.run)
+    if config.get("method", "gopo") not in ("gopo", "sft"):
+        cli.die(f"{args.run}: an --method {config['method']} run; give a gopo or sft run of train.py")
+    if args.expert == "expert" and config.get("method", "gopo") == "sft":
+        cli.die(f"{args.run} is an --method sft run: it has no trained Expert (use --expert expert_sft)")
+    world = checkpoint.world_of(config, args.run)
     agent = "agent" if args.expert == "expert" else "agent_sft"
-    (expert_model, tok_e), (agent_model, tok_a) = (eval_lib.load_checkpoint(os.path.join(args.run, c))
+    (expert_model, tok_e), (agent_model, tok_a) = (checkpoint.load_checkpoint(os.path.join(args.run, c))
                                                    for c in (args.expert, agent))
-    values = eval_lib.read_values(os.path.join(args.run, "values.json"))
+    values = checkpoint.read_values(os.path.join(args.run, "values.json"))
     torch.set_num_threads(parallel.cpu_threads())
     k = args.k or config.get("k", 4)
     seeds = data.train_seeds(args.scenarios, offset=config.get("n_logs", 1200) + config.get("iters", 20) *
@@ -109,7 +108,7 @@ def main(argv=None):
     scenarios = [world.make_scenario(s) for s in seeds]
     report = {"run": args.run, "expert": args.expert, "k": k, "scenarios": args.scenarios, "modes": {}}
     for rollouts, branch_at, segment in MODES:
-        make = lambda batch, index, **kw: rollout_lib.ExpertDialogues(expert_model, agent_model, tok_e, tok_a, batch,  # noqa: E731
+        make = lambda batch, index, **kw: rollout_lib.ExpertDialogues((expert_model, tok_e), (agent_model, tok_a), batch,  # noqa: E731
                                                                       world, args.seed, index=index, **kw)
         with torch.no_grad():
             groups = rollout_lib.play_groups(make, scenarios, k, list(range(len(scenarios))), args.seed, rollouts,

@@ -34,6 +34,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))   # 1: how te
 
 import data  # noqa: E402
 import lm  # noqa: E402
+import serialize  # noqa: E402
 import tse  # noqa: E402
 from worlds import shop  # noqa: E402
 
@@ -68,7 +69,7 @@ def tok(logs):
 
 @pytest.fixture(scope="session")
 def strategy_ids(tok):
-    return [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
+    return [tok.convert_tokens_to_ids(serialize.strategy_token(z)) for z in shop.STRATEGIES]
 
 
 def build_models(tok, seed=0):
@@ -103,15 +104,16 @@ def gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, worl
     import rollout as rollout_lib
 
     def mean_R(model):
-        trajs = rollout_lib.rollout(model, agent_model, tok, tok, scenarios, world, greedy=True,
+        trajs = rollout_lib.rollout((model, tok), (agent_model, tok), scenarios, world, greedy=True,
                                     max_reply_tokens=args.max_reply_tokens)
-        return gopo.mean(gopo.joint_reward(t["record"], values, world.HORIZON)["R"] for t in trajs)
+        return tse.mean(gopo.joint_reward(t["record"], values, world.HORIZON)["R"] for t in trajs)
 
     def run():
         model = copy.deepcopy(expert_model)
         opt_e = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         for it in range(iters):
-            m = gopo.iteration(model, agent_model, tok, tok, opt_e, None, scenarios, values, world, args, it, seed=it)
+            m = gopo.iteration({"expert": (model, tok), "agent": (agent_model, tok)}, {"expert": opt_e, "agent": None},
+                               scenarios, values, world, args, it, seed=it)
             assert m["pairs"] > 0 and m["loss"] is not None and math.isfinite(m["loss"])
             check(m)
         changed = sum(not torch.equal(a, b) for a, b in zip(expert_model.parameters(), model.parameters()))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import lm
+import checkpoint
 from worlds import shop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -418,7 +418,7 @@ def build_cases(tmp, checkpoint):
 def tiny_config():
     """train.py's config.json for a TINY_RUN (what a run killed early leaves behind)."""
     import train   # the parser only: main() is not called
-    return {**vars(train.world_defaults(train.p.parse_args(TINY_RUN))), "world_size": 1}
+    return {**vars(train.world_defaults(train.parser().parse_args(TINY_RUN))), "world_size": 1}
 
 
 # ----------------------------------------------------------------------------- running them
@@ -426,7 +426,7 @@ def tiny_config():
 def catalogue(tmp_path_factory, tok, models, cli_env):
     tmp = tmp_path_factory.mktemp("bad_input")
     checkpoint = tmp / "checkpoint"
-    lm.save(models[0], tok, str(checkpoint))
+    checkpoint.save_model(models[0], tok, str(checkpoint))
     (tmp / "cases").mkdir()
     cases = build_cases(tmp / "cases", checkpoint)
     for case in cases.values():

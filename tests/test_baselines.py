@@ -64,6 +64,7 @@ import data  # noqa: E402
 import expert as expert_lib  # noqa: E402
 import gopo  # noqa: E402
 import lm  # noqa: E402
+import serialize  # noqa: E402
 import tse  # noqa: E402
 from worlds import shop  # noqa: E402
 
@@ -105,7 +106,7 @@ def test_returns_to_go_by_hand():
 def test_flat_rollout_records_recognised_acts_and_rewards_sit_on_eot(tok, models, values):
     _, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6)]
-    trajs = baselines.FlatDialogues(agent_model, tok, scenarios, shop, seed=3).play(greedy=False)
+    trajs = baselines.FlatDialogues((agent_model, tok), scenarios, shop, seed=3).play(greedy=False)
     eot = tok.eos_token_id
     ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
     rewards = baselines.token_rewards(trajs, values, shop.HORIZON, ids.shape[1])
@@ -115,7 +116,7 @@ def test_flat_rollout_records_recognised_acts_and_rewards_sit_on_eot(tok, models
         assert len(agent_turns) == len(tr["replies"]) >= 1
         for t in agent_turns:                      # no strategy was asked for: the recognised act
             assert t["strategy"] == shop.recognise(t["text"])
-        flat = lm.flat_prompt_ids(tok)
+        flat = serialize.flat_prompt_ids(tok)
         for start, end in tr["replies"]:
             assert tr["agent_ids"][start - len(flat):start] == flat     # no strategy token before a reply
             assert tr["agent_ids"][end - 1] == eot
@@ -131,7 +132,7 @@ def test_target_logps_equal_full_logits_in_value_and_gradient(tok, models):
     chunks recomputed in backward; here 7 positions per chunk, so many chunks) gives the log-probs
     at temperature T, the value head's V and their gradients that the plain (B, L, V) logits give."""
     _, agent_model = models
-    trajs = baselines.FlatDialogues(agent_model, tok, [shop.make_scenario(s) for s in range(3)], shop, seed=1).play()
+    trajs = baselines.FlatDialogues((agent_model, tok), [shop.make_scenario(s) for s in range(3)], shop, seed=1).play()
     ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
     head = baselines.ValueHead(agent_model.config.hidden_size)
     torch.nn.init.normal_(head.linear.weight, generator=torch.Generator().manual_seed(0))
@@ -236,13 +237,13 @@ def scenarios(n, offset):
 
 
 def mean_tse(trajs, values):
-    return gopo.mean(tse.trajectory_metrics(t["record"], values, shop.HORIZON)["tse"] for t in trajs)
+    return tse.mean(tse.trajectory_metrics(t["record"], values, shop.HORIZON)["tse"] for t in trajs)
 
 
 def sampled_tse(model, tok, scen, values):
     """Mean TSE of 4 sampled flat-agent dialogues per scenario, always with the same random streams
     (common random numbers: a change in the score is a change of the policy, not of the dice)."""
-    return mean_tse(baselines.FlatDialogues(model, tok, [s for s in scen for _ in range(4)], shop, seed=999).play(),
+    return mean_tse(baselines.FlatDialogues((model, tok), [s for s in scen for _ in range(4)], shop, seed=999).play(),
                     values)
 
 

@@ -12,8 +12,8 @@ import torch
 import data
 import expert as expert_lib
 import gopo
-import lm
 import rollout as rollout_lib
+import serialize
 import worlds
 from worlds import desk, shop
 
@@ -23,7 +23,7 @@ SCENARIOS = [shop.make_scenario(s) for s in data.train_seeds(6, offset=7000)]
 
 def play(models, tok, scenarios, index, rollouts="branch", branch_at="entropy", seed=3, world=shop):
     expert_model, agent_model = models
-    make = lambda batch, idx, **kw: rollout_lib.ExpertDialogues(expert_model, agent_model, tok, tok, batch, world, seed,
+    make = lambda batch, idx, **kw: rollout_lib.ExpertDialogues((expert_model, tok), (agent_model, tok), batch, world, seed,
                                                                  index=idx, **kw)
     return rollout_lib.play_groups(make, scenarios, K, index, seed, rollouts, branch_at, 1.0, 12)
 
@@ -41,8 +41,8 @@ def test_continuations_share_the_prefix_token_for_token_and_then_part(models, to
             assert fork["decisions"][:b] == first["decisions"][:b]
             assert fork["ref_logps"][:b] == first["ref_logps"][:b]
             assert fork["replies"][:b] == first["replies"][:b]
-            said = lm.customer_ids(tok, first["record"]["turns"][2 * b]["text"])  # the CS Agent's, up to turn b
-            n = (first["replies"][b - 1][1] if b else len(lm.start_ids(tok))) + len(said)
+            said = serialize.customer_ids(tok, first["record"]["turns"][2 * b]["text"])  # the CS Agent's, up to turn b
+            n = (first["replies"][b - 1][1] if b else len(serialize.start_ids(tok))) + len(said)
             assert fork["agent_ids"][:n] == first["agent_ids"][:n] and fork["agent_ids"][n - len(said):n] == said
             assert fork["record"]["turns"][:1 + 2 * b] == first["record"]["turns"][:1 + 2 * b]
             assert len(fork["decisions"]) > b                                   # it made decision b itself
@@ -52,7 +52,7 @@ def test_continuations_share_the_prefix_token_for_token_and_then_part(models, to
 
 def test_each_continuation_gets_its_own_copy_of_the_customer(models, tok):
     expert_model, agent_model = models
-    d = rollout_lib.ExpertDialogues(expert_model, agent_model, tok, tok, SCENARIOS[:2], shop, 5, snapshots=True)
+    d = rollout_lib.ExpertDialogues((expert_model, tok), (agent_model, tok), SCENARIOS[:2], shop, 5, snapshots=True)
     trajs = d.play(False, 1.0, 12)
     b = len(trajs[0]["decisions"]) // 2
     states = d.fork(0, b, 3)
@@ -72,7 +72,7 @@ def test_each_continuation_gets_its_own_copy_of_the_customer(models, tok):
 def test_shared_decisions_cancel_in_the_dpo_margin(models, tok, strategy_ids):
     """S_theta - S_ref of the winner minus the loser's: the decisions before the branch give the same
     log-probs in both (same tokens), so the margin is the same with or without them, to float
-    precision; the loss drops them (gopo.expert_loss scores decisions >= branch only)."""
+    precision; the loss drops them (gopo.scored_logps scores decisions >= branch only)."""
     expert_model, _ = models
     groups = play(models, tok, SCENARIOS, list(range(len(SCENARIOS))))
     torch.manual_seed(0)
@@ -103,22 +103,22 @@ def test_shared_decisions_cancel_in_the_dpo_margin(models, tok, strategy_ids):
 
 
 def test_expert_loss_scores_only_the_decisions_from_the_branch_on(models, tok, strategy_ids):
-    """gopo.expert_loss on a branched group equals the formula with the prefix decisions left out."""
-    from types import SimpleNamespace
+    """gopo.scored_logps on a branched group leaves the prefix decisions out, and the loss of a pair
+    at margin 0 is log 2 plus the winner's NLL over the scored decisions only."""
     expert_model, _ = models
     group = next(g for g in play(models, tok, SCENARIOS, list(range(len(SCENARIOS)))) if g[0]["branch"] > 0)
     b = group[0]["branch"]
-    args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.1, segment=0)
-    trajs = [dict(t) for t in group]
-    loss = gopo.expert_loss(expert_model, trajs, [(0, 1)], [[0, 1, 2, 3]], [1.0, 0.0, 0.5, 0.5], strategy_ids,
-                            tok.pad_token_id, len(shop.STRATEGIES), args)
+    S, n_steps = gopo.scored_logps(expert_model, tok, group[:2], shop.STRATEGIES)
+    losses, _ = gopo.expert_loss(S, S.detach(), n_steps, [[0, 1]], torch.tensor([1.0, 0.0]), 0.5, 0.1)
     with torch.no_grad():
         batch = expert_lib.collate(group[:2], tok.pad_token_id, len(shop.STRATEGIES))
         lp = expert_lib.decision_logps(expert_model, batch, strategy_ids)
     after = (batch["step_mask"] & (torch.arange(lp.shape[1]) >= b)).float()
-    S = gopo.trajectory_logps(lp, after)
-    expected = torch.log(torch.tensor(2.0)) + 0.1 * -S[0] / after[0].sum()   # margin 0 at the start: log 2
-    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=1e-5)
+    by_hand = (lp * after).sum(-1)
+    torch.testing.assert_close(S.detach(), by_hand, rtol=0, atol=1e-5)
+    assert n_steps.tolist() == after.sum(-1).tolist() and n_steps[0] < batch["step_mask"][0].sum()
+    expected = torch.log(torch.tensor(2.0)) + 0.1 * -by_hand[0] / after[0].sum()   # margin 0 at the start: log 2
+    torch.testing.assert_close(losses.detach()[0], expected, rtol=0, atol=1e-5)
 
 
 def test_branched_dialogues_do_not_depend_on_the_batch_split(models, tok):
@@ -137,7 +137,7 @@ def test_independent_mode_is_the_plain_batch(models, tok):
     """--rollouts independent plays exactly the K-per-scenario batch GOPO always played."""
     expert_model, agent_model = models
     groups = play(models, tok, SCENARIOS[:3], [0, 1, 2], rollouts="independent")
-    plain = rollout_lib.ExpertDialogues(expert_model, agent_model, tok, tok, [s for s in SCENARIOS[:3] for _ in range(K)],
+    plain = rollout_lib.ExpertDialogues((expert_model, tok), (agent_model, tok), [s for s in SCENARIOS[:3] for _ in range(K)],
                                         shop, 3).play(False, 1.0, 12)
     assert [t["record"]["turns"] for g in groups for t in g] == [t["record"]["turns"] for t in plain]
     assert all(t["branch"] == 0 and not t["fork"] for g in groups for t in g)

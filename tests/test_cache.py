@@ -52,7 +52,7 @@ def test_cached_rollout_equals_uncached(models, tok):
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(12, offset=9100)]
     for greedy in (False, True):
-        runs = [rollout_lib.ExpertDialogues(expert_model, agent_model, tok, tok, scenarios, seed=5, cache=cache).play(
+        runs = [rollout_lib.ExpertDialogues((expert_model, tok), (agent_model, tok), scenarios, seed=5, cache=cache).play(
                     greedy, max_reply_tokens=10) for cache in (True, False)]
         for a, b in zip(*runs):
             assert a["record"]["turns"] == b["record"]["turns"]
@@ -69,6 +69,6 @@ def test_bench_endless_world_runs_every_dialogue_to_the_horizon(models, tok):
     from experiments import bench
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=9200)]
-    trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, bench.endless_world(horizon=5),
+    trajs = rollout_lib.rollout((expert_model, tok), (agent_model, tok), scenarios, bench.endless_world(horizon=5),
                                 seed=0, max_reply_tokens=6)
     assert [len(t["decisions"]) for t in trajs] == [5] * 6

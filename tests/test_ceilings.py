@@ -11,6 +11,7 @@ import torch
 import data
 import expert as expert_lib
 import lm
+import serialize
 import worlds
 from worlds import desk
 from conftest import ROOT, hf_env
@@ -71,16 +72,16 @@ def test_relabelled_targets_are_the_label_policys_choices_sop_allowed_on_the_log
 
 def test_the_group_table_adds_up_to_the_overall_decision_accuracy():
     records = [desk.play(sc, policy) for sc in HELD_OUT[:60] for policy in desk.POLICIES.values()]
-    acc = worlds.group_accuracy(desk, records)
+    acc = worlds.decision_accuracy(desk, records)
     assert list(acc) == [*desk.DECISION_GROUPS, "all"]
     assert acc["all"] == [sum(acc[g][0] for g in desk.DECISION_GROUPS), sum(acc[g][1] for g in desk.DECISION_GROUPS)]
     flat = [taken == label for rec in records for _, taken, label in worlds.decisions(desk, rec)]
     assert acc["all"] == [sum(flat), len(flat)] and 0 < sum(flat) < len(flat)
     assert acc["all"][1] == sum(len(agent_turns(r)) for r in records)
-    oracle = worlds.group_accuracy(desk, [desk.play(sc, desk.disclosed_policy) for sc in HELD_OUT[:60]])
+    oracle = worlds.decision_accuracy(desk, [desk.play(sc, desk.disclosed_policy) for sc in HELD_OUT[:60]])
     assert all(c == n for c, n in oracle.values())   # the label policy agrees with itself
     from worlds import shop   # a world without groups has one
-    assert list(worlds.group_accuracy(shop, [shop.play(shop.make_scenario(0), shop.oracle_policy)])) == ["all"]
+    assert list(worlds.decision_accuracy(shop, [shop.play(shop.make_scenario(0), shop.oracle_policy)])) == ["all"]
 
 
 def test_template_play_is_the_worlds_own_dialogue_with_the_experts_choices():
@@ -99,16 +100,16 @@ def test_template_play_is_the_worlds_own_dialogue_with_the_experts_choices():
         assert rec == desk.play(sc, ceilings._fixed(zs))
         # each choice is the model's greedy SOP-masked decision on the history so far
         traj = expert_lib.trajectory_from_record(tok, rec, desk.STRATEGIES, desk.allowed, desk.INSTRUCTIONS)
-        ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in desk.STRATEGIES]
+        ids = [tok.convert_tokens_to_ids(serialize.strategy_token(z)) for z in desk.STRATEGIES]
         with torch.no_grad():
             logps = expert_lib.decision_dists(model, expert_lib.collate([traj], tok.pad_token_id, len(ids)), ids)
         assert logps[0].argmax(-1).tolist() == [k for _, k in traj["decisions"]]
 
 
 def teacher_forced(model, tok, w, records):
-    """worlds.group_accuracy's counts for the model's greedy choice on each relabelled history."""
-    ids = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in w.STRATEGIES]
-    counts = {g: [0, 0] for g in worlds.groups(w)}
+    """worlds.decision_accuracy's counts for the model's greedy choice on each relabelled history."""
+    ids = [tok.convert_tokens_to_ids(serialize.strategy_token(z)) for z in w.STRATEGIES]
+    counts = {g: [0, 0] for g in worlds.decision_groups(w)}
     with torch.no_grad():
         trajs = [expert_lib.trajectory_from_record(tok, r, w.STRATEGIES, w.allowed, w.INSTRUCTIONS) for r in records]
         pred = expert_lib.decision_dists(model, expert_lib.collate(trajs, tok.pad_token_id, len(ids)), ids).argmax(-1)

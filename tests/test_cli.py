@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import checkpoint
 import data
 from worlds import shop
 
@@ -189,7 +190,7 @@ def test_train_smoke_writes_a_loadable_run(smoke_run):
     for f in ("config.json", "logs.jsonl", "values.json", "metrics.jsonl", "curves.png"):
         assert (run / f).is_file() and (run / f).stat().st_size > 0, f
     config = json.loads((run / "config.json").read_text())
-    assert config["k"] == 2 and config["iters"] == 1 and config["algo"] == "gopo"
+    assert config["k"] == 2 and config["iters"] == 1 and config["method"] == "gopo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == 1
     assert {"R", "tse", "esndcg", "gre", "loss", "pairs", "seconds"} <= set(rows[0])
@@ -229,11 +230,11 @@ def test_every_interval_in_eval_json_lies_in_its_metrics_range(smoke_run):
     import tse
     run, _, _ = smoke_run
     ev = json.loads((run / "eval.json").read_text())
-    config = eval_lib.read_config(str(run / "config.json"))
-    world = eval_lib.world_of(config, str(run))
-    values = eval_lib.read_values(str(run / "values.json"))
+    config = checkpoint.read_config(str(run / "config.json"))
+    world = checkpoint.world_of(config, str(run))
+    values = checkpoint.read_values(str(run / "values.json"))
     scenarios = [world.make_scenario(s) for s in data.test_seeds(ev["n_scenarios"])]
-    records = {row: data.read_jsonl(str(run / f"eval_{row}.jsonl")) for row in eval_lib.METHODS[config["algo"]].rows}
+    records = {row: data.read_jsonl(str(run / f"eval_{row}.jsonl")) for row in eval_lib.METHODS[config["method"]].rows}
     records.update({name: [world.play(s, policy, seed=0) for s in scenarios] for name, policy in world.POLICIES.items()})
     assert set(records) == {k for k in ev if isinstance(ev[k], dict) and "tse" in ev[k]}
     constant = 0

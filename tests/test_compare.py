@@ -61,7 +61,7 @@ def test_each_method_writes_its_checkpoints_and_curves(runs):
         for f in files + ["config.json", "curves.png", "time.json", "sft.json"]:
             assert (run / f).exists(), (algo, f)
         config = json.loads((run / "config.json").read_text())
-        assert config["algo"] == algo and config["seed"] == 0
+        assert config["method"] == algo and config["seed"] == 0
         if algo != "sft":
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             assert len(rows) == 2 and all({"R", "tse", "esndcg", "success", "seconds"} <= set(r) for r in rows)

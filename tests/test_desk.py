@@ -339,7 +339,7 @@ def test_cs_ceiling_probe_puts_the_oracle_in_the_experts_seat(runs):
     models = [lm.build_tiny_model(tok, d_model=32, n_layer=1, n_head=2, max_len=4096, seed=s) for s in (0, 1)]
     for m in models:
         lm.add_strategy_tokens(m, tok, desk.STRATEGIES)
-    trajs = OracleDialogues(models[0], models[1], tok, tok, SCENARIOS[:4], desk).play(greedy=True, max_reply_tokens=8)
+    trajs = OracleDialogues((models[0], tok), (models[1], tok), SCENARIOS[:4], desk).play(greedy=True, max_reply_tokens=8)
     for t, scenario in zip(trajs, SCENARIOS[:4]):
         turns = t["record"]["turns"]
         tr = desk.Tracker()
@@ -374,8 +374,8 @@ def sft_desk():
     return expert_model, agent_model, tok, values
 
 
-@pytest.mark.parametrize("rollouts", ["independent", "branch"])
-def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts, monkeypatch):
+@pytest.mark.parametrize("rollouts, nll_coef", [("independent", 0.1), ("branch", 0.1), ("independent", 0.0)])
+def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts, nll_coef, monkeypatch):
     """Four GOPO iterations on 16 desk training scenarios, and the same four with every preference
     pair swapped (the control): greedy R on those scenarios ends clearly higher after the real run,
     with independent rollouts and with --rollouts branch (K continuations of one dialogue).
@@ -389,13 +389,14 @@ def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts
     from conftest import gopo_against_swapped
     expert_model, agent_model, tok, values = sft_desk
     scenarios = [desk.make_scenario(s) for s in data.train_seeds(16, offset=1000)]
-    args = SimpleNamespace(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False,
+    args = SimpleNamespace(k=4, beta=0.5, nll_coef=nll_coef, alpha=0.5, delta=0.05, max_pairs=4, listwise=False,
                            gopo_epochs=2, agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=24,
                            ref="rollout", rollouts=rollouts, branch_at="entropy", segment=0)
 
     R0, real, swapped = gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, desk, args, 4,
                                              1e-2, monkeypatch)
-    print(f"LEARNS gopo on the desk, {rollouts}: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
+    print(f"LEARNS gopo on the desk, {rollouts}, nll_coef {nll_coef}: start {R0:.3f} real {real:.3f} "
+          f"swapped {swapped:.3f}")
     assert real - swapped > 0.06, f"GOPO ({rollouts}) did not follow its preferences on the desk: start {R0:.3f}, " \
         f"real {real:.3f}, swapped {swapped:.3f}"
     assert real > R0 - 0.03, f"GOPO ({rollouts}) lost R on the desk: {R0:.3f} -> {real:.3f}"

@@ -20,6 +20,7 @@ import expert as expert_lib
 import gopo
 import lm
 import rollout as rollout_lib
+import serialize
 from worlds import shop
 from conftest import ROOT, hf_env
 
@@ -67,8 +68,8 @@ def test_sampled_dialogues_do_not_depend_on_the_batch_split(models, tok):
     two ranks would play them), come out token for token the same."""
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(8, offset=5000)]
-    whole = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, seed=4, max_reply_tokens=12)
-    parts = [rollout_lib.ExpertDialogues(expert_model, agent_model, tok, tok, scenarios[i::2], shop, seed=4,
+    whole = rollout_lib.rollout((expert_model, tok), (agent_model, tok), scenarios, seed=4, max_reply_tokens=12)
+    parts = [rollout_lib.ExpertDialogues((expert_model, tok), (agent_model, tok), scenarios[i::2], shop, seed=4,
                                          index=list(range(8))[i::2]).play(False, 0.7, 12) for i in (0, 1)]
     for i, tr in enumerate(whole):
         other = parts[i % 2][i // 2]
@@ -126,7 +127,7 @@ def test_bf16_rollout_log_probs_match_scoring_and_the_first_margin_is_zero(model
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=7300)]
     with lm.autocast(torch.device("cpu"), True):
-        trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, [s for s in scenarios for _ in range(4)],
+        trajs = rollout_lib.rollout((expert_model, tok), (agent_model, tok), [s for s in scenarios for _ in range(4)],
                                     seed=2, max_reply_tokens=12)
         batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
         with torch.no_grad():
@@ -134,13 +135,15 @@ def test_bf16_rollout_log_probs_match_scoring_and_the_first_margin_is_zero(model
         rewards = [gopo.joint_reward(t["record"], values, shop.HORIZON)["R"] for t in trajs]
         groups = [list(range(i * 4, i * 4 + 4)) for i in range(len(scenarios))]
         pairs = gopo.build_pairs(rewards, groups, 0.0, 4)
-        args, stats = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0, segment=0), {}
-        loss = gopo.expert_loss(copy.deepcopy(expert_model), trajs, pairs, groups, rewards, strategy_ids,
-                                tok.pad_token_id, Z, args, stats)
+        args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0, segment=0)
+        S_ref = gopo.reference_logps(expert_model, tok, trajs, pairs, shop.STRATEGIES)
+        model = copy.deepcopy(expert_model)
+        loss, stats = gopo.expert_update((model, tok), torch.optim.SGD(model.parameters(), lr=0.0), trajs, pairs, S_ref,
+                                         torch.tensor(rewards), shop.STRATEGIES, args)
     for b, tr in enumerate(trajs):
         n = len(tr["ref_logps"])
         torch.testing.assert_close(step[b, :n], torch.tensor(tr["ref_logps"]), rtol=0, atol=0.05)
-    assert pairs and loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert pairs and loss == pytest.approx(math.log(2), abs=1e-6)
     assert stats["rewards/margins"] == 0 and stats["rewards/chosen"] == 0 and stats["rewards/accuracies"] == 0
 
 
@@ -176,13 +179,13 @@ def test_turns_end_at_the_templates_end_of_turn_not_at_eos(tmp_path):
     t.save_pretrained(tmp_path)
     _, tok = lm.from_pretrained(str(tmp_path), shop.STRATEGIES)
     assert tok.eos_token == "<|im_end|>"
-    assert lm.chat_parts(tok) == ("", "\n<|im_start|>user\n", "\n<|im_start|>assistant\n")
-    assert tok.decode(lm.customer_ids(tok, "Hi.")) == "\n<|im_start|>user\nC: Hi.<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.decode(lm.reply_ids(tok, "Hello.")).endswith("<|im_end|>")
+    assert serialize.chat_parts(tok) == ("", "\n<|im_start|>user\n", "\n<|im_start|>assistant\n")
+    assert tok.decode(serialize.customer_ids(tok, "Hi.")) == "\n<|im_start|>user\nC: Hi.<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(serialize.reply_ids(tok, "Hello.")).endswith("<|im_end|>")
 
 
 def test_untied_output_rows_of_strategy_tokens_start_at_their_names(tok):
-    """An untied model (the README's 14B recipe): the new strategy tokens' output rows, which the
+    """An untied model (docs/scaling.md's 14B recipe): the new strategy tokens' output rows, which the
     Expert's decisions read, start at the mean of their names' output rows, like the input rows."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     t = lm.train_tokenizer(["C: hello there", "A: welcome"] * 20, [], vocab_size=300)

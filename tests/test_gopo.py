@@ -8,12 +8,15 @@ import pytest
 import torch
 
 import agent as agent_lib
+import checkpoint
 import data
 import engine
 import expert as expert_lib
 import gopo
 import lm
 import rollout as rollout_lib
+import serialize
+import tse
 from worlds import shop
 from conftest import build_models, gopo_against_swapped
 
@@ -166,7 +169,7 @@ def test_kl_to_sft_is_exact_and_ref_sft_scores_with_the_frozen_expert(models, to
     other = build_models(tok, seed=7)[0]
     recs = logs[:4]
     trajs, batch, _, S = score(expert_model, tok, recs, strategy_ids)
-    kl = gopo.kl_to(expert_model, other, trajs, strategy_ids, tok.pad_token_id, Z)
+    kl = gopo.kl_to(expert_model, other, tok, trajs, shop.STRATEGIES)
     by_hand = 0.0
     for traj in trajs:
         for (pos, _), allowed in zip(traj["decisions"], traj["allowed"]):
@@ -176,16 +179,11 @@ def test_kl_to_sft_is_exact_and_ref_sft_scores_with_the_frozen_expert(models, to
                         for m in (expert_model, other))
             by_hand += float((p.exp() * (p - q))[allowed].sum()) / len(trajs)
     assert kl > 0.01 and kl == pytest.approx(by_hand, rel=1e-3)
-    assert gopo.kl_to(expert_model, expert_model, trajs, strategy_ids, tok.pad_token_id, Z) == pytest.approx(0, abs=1e-6)
+    assert gopo.kl_to(expert_model, expert_model, tok, trajs, shop.STRATEGIES) == pytest.approx(0, abs=1e-6)
     _, _, _, S_other = score(other, tok, recs, strategy_ids)
-    args = SimpleNamespace(listwise=False, beta=0.5, nll_coef=0.0, segment=0)
-    for ref_model, S_ref in ((None, S), (other, S_other)):
-        fresh = [dict(t) for t in trajs]
-        with torch.no_grad():
-            for _ in range(2):   # the second call (the next epoch) keeps the first call's S_ref
-                gopo.expert_loss(expert_model, fresh, [(0, 1), (2, 3)], None, [1, 0, 1, 0], strategy_ids,
-                                 tok.pad_token_id, Z, args, ref_model=ref_model)
-        torch.testing.assert_close(torch.stack([t["S_ref"] for t in fresh]), S_ref, atol=1e-4, rtol=0)
+    for ref_model, S_ref in ((expert_model, S), (other, S_other)):   # --ref rollout, --ref sft
+        got = gopo.reference_logps(ref_model, tok, trajs, [(0, 1), (2, 3)], shop.STRATEGIES)
+        torch.testing.assert_close(got, S_ref, atol=1e-4, rtol=0)
 
 
 def edit_turn(rec, index, text):
@@ -232,7 +230,7 @@ def sop_rollouts(models, tok, world, greedy, seeds=range(3)):
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(40, offset=5000)]
     trajs = []
     for seed in seeds:
-        trajs += rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, world, greedy=greedy,
+        trajs += rollout_lib.rollout((expert_model, tok), (agent_model, tok), scenarios, world, greedy=greedy,
                                      seed=seed, max_reply_tokens=12)
     return trajs
 
@@ -268,7 +266,7 @@ def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, s
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:-1]))
     # decide(): sampling many times from a flat-ish model never returns a forbidden strategy
     expert_model, _ = models
-    ctx = [tok.bos_token_id] + lm.customer_ids(tok, "Hi.")
+    ctx = [tok.bos_token_id] + serialize.customer_ids(tok, "Hi.")
     gen = torch.Generator().manual_seed(0)
     for prev in ["greet", "recommend", "upsell"]:
         logits = engine.Context(expert_model, [ctx] * 200, tok.pad_token_id).logits()       # (200, V)
@@ -290,7 +288,7 @@ def test_rollout_logps_equal_one_forward_scoring(models, tok, strategy_ids):
     before any update, so the first loss of a pair is exactly log 2."""
     expert_model, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=7000)]
-    trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scenarios, greedy=False,
+    trajs = rollout_lib.rollout((expert_model, tok), (agent_model, tok), scenarios, greedy=False,
                                 seed=3, max_reply_tokens=12)
     batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
     with torch.no_grad():
@@ -299,7 +297,7 @@ def test_rollout_logps_equal_one_forward_scoring(models, tok, strategy_ids):
         n = len(tr["ref_logps"])
         torch.testing.assert_close(step[b, :n], torch.tensor(tr["ref_logps"]), atol=1e-4, rtol=0)
         # the Expert's context is the record re-serialised: rollout ids == encode_dialogue(record)
-        ids, decisions, _ = lm.encode_dialogue(tok, tr["record"]["turns"], shop.INSTRUCTIONS)
+        ids, decisions, _ = serialize.encode_dialogue(tok, tr["record"]["turns"], shop.INSTRUCTIONS)
         assert ids == tr["ids"]
         assert [(p, ZI[z]) for p, z in decisions] == tr["decisions"]
 
@@ -345,19 +343,19 @@ def test_customer_reply_is_deterministic_and_templates_do_not_change_events():
 # ----------------------------------------------------------------------------- 8: checkpoints
 def test_save_reload_gives_identical_logits_and_tokenization(models, tok, logs, tmp_path):
     expert_model, _ = models
-    lm.save(expert_model, tok, str(tmp_path / "ckpt"))
+    checkpoint.save_model(expert_model, tok, str(tmp_path / "ckpt"))
     model2, tok2 = lm.load(str(tmp_path / "ckpt"))
     model2.eval()
     assert tok2.padding_side == "left" and len(tok2) == len(tok)
     texts = [t["text"] for r in logs[:5] for t in r["turns"]] + \
-        ["".join(lm.strategy_token(z) for z in shop.STRATEGIES) + lm.EOT + lm.BOS + " ünïcödé 10%?"]
+        ["".join(serialize.strategy_token(z) for z in shop.STRATEGIES) + serialize.EOT + serialize.BOS + " ünïcödé 10%?"]
     for text in texts:
         assert tok2.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
     for z in shop.STRATEGIES:
-        assert tok2.convert_tokens_to_ids(lm.strategy_token(z)) == tok.convert_tokens_to_ids(lm.strategy_token(z))
+        assert tok2.convert_tokens_to_ids(serialize.strategy_token(z)) == tok.convert_tokens_to_ids(serialize.strategy_token(z))
     assert (tok2.pad_token_id, tok2.bos_token_id, tok2.eos_token_id) == \
         (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    seqs = [lm.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)[0] for r in logs[:4]]
+    seqs = [serialize.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)[0] for r in logs[:4]]
     ids, attn = lm.pad(seqs, tok.pad_token_id, left=True)
     with torch.no_grad():
         a = lm.forward_logits(expert_model, ids, attn)
@@ -374,17 +372,12 @@ GOPO_ARGS = dict(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4
                  rollouts="independent", branch_at="entropy", segment=0)
 
 
-def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
-    """Two GOPO iterations on 8 training scenarios raise the mean joint reward R of greedy rollouts
-    there, and the same two iterations with every preference pair swapped (the control) lower it.
-    Measured here (rollout seeds varied 3x, offsets 1000 and 1100): R 0.423-0.443 at the start,
-    0.529-0.554 after the real run, 0.341-0.370 after the swapped one: gaps 0.169-0.197, gains
-    0.096-0.116. With the update disabled (gopo_epochs=0) R does not move and the test fails.
+@pytest.fixture(scope="module")
+def sft_shop(tok, logs):
+    """(Expert, CS Agent) after brief SFT, for the GOPO learning test. Read-only: the test copies them.
 
     The CS Agent is a bit wider (64) than the Expert so that brief SFT makes it write recognisable
-    replies (GRE ~0.9); it is frozen during GOPO (cs_samples=0, greedy replies), so any change of R
-    comes from the Expert's decisions.
-    """
+    replies (GRE ~0.9)."""
     torch.manual_seed(0)
     expert_model = lm.build_tiny_model(tok, d_model=32, n_layer=2, n_head=2, seed=0)
     agent_model = lm.build_tiny_model(tok, d_model=64, n_layer=2, n_head=2, seed=1)
@@ -393,6 +386,25 @@ def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
     expert_lib.sft(expert_model, tok, logs, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS, steps=40,
                    batch_size=8, lr=1e-2, seed=0)
     agent_lib.sft(agent_model, tok, logs, shop.INSTRUCTIONS, steps=100, batch_size=4, lr=1e-2, seed=0)
+    return expert_model, agent_model
+
+
+@pytest.mark.parametrize("nll_coef", [0.1, 0.0])
+def test_gopo_follows_its_preferences(sft_shop, tok, values, monkeypatch, nll_coef):
+    """Two GOPO iterations on 8 training scenarios raise the mean joint reward R of greedy rollouts
+    there, and the same two iterations with every preference pair swapped (the control) lower it.
+    Measured here (rollout seeds varied 3x, offsets 1000 and 1100): R 0.423-0.443 at the start,
+    0.529-0.554 after the real run, 0.341-0.370 after the swapped one: gaps 0.169-0.197, gains
+    0.096-0.116. With the update disabled (gopo_epochs=0) R does not move and the test fails.
+
+    nll_coef=0: the DPO term alone, with no NLL of the winners. The swapped control swaps the NLL's
+    winners too, so with lambda > 0 the NLL alone could make real beat swapped; without it, only the
+    preference loss can. NLL_MEASURED
+
+    The CS Agent is frozen during GOPO (cs_samples=0, greedy replies), so any change of R comes from
+    the Expert's decisions.
+    """
+    expert_model, agent_model = sft_shop
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(8, offset=1000)]
 
     def check(m):
@@ -400,10 +412,12 @@ def test_gopo_follows_its_preferences(tok, logs, values, monkeypatch):
                 "logps/chosen"} <= set(m) and 0 <= m["rewards/accuracies"] <= 1
 
     R0, real, swapped = gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, shop,
-                                             SimpleNamespace(**GOPO_ARGS), 2, 3e-3, monkeypatch, check)
-    print(f"LEARNS gopo: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
-    assert real - swapped > 0.08, f"GOPO did not follow its preferences: R start {R0:.3f}, real {real:.3f}, swapped {swapped:.3f}"
-    assert real > R0 + 0.03, f"GOPO did not raise R: {R0:.3f} -> {real:.3f}"
+                                             SimpleNamespace(**{**GOPO_ARGS, "nll_coef": nll_coef}), 2, 3e-3,
+                                             monkeypatch, check)
+    print(f"LEARNS gopo, nll_coef {nll_coef}: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
+    assert real - swapped > 0.08, f"GOPO (nll_coef {nll_coef}) did not follow its preferences: R start {R0:.3f}, " \
+        f"real {real:.3f}, swapped {swapped:.3f}"
+    assert real > R0 + 0.03, f"GOPO (nll_coef {nll_coef}) did not raise R: {R0:.3f} -> {real:.3f}"
 
 
 def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
@@ -423,7 +437,7 @@ def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
     def as_trajectories(records):   # what cs_alignment_pairs reads of a rollout
         out = []
         for r in records:
-            ids, _, replies = lm.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)
+            ids, _, replies = serialize.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)
             out.append({"agent_ids": ids, "replies": replies, "record": r})
         return out
     train = as_trajectories(logs)
@@ -435,7 +449,7 @@ def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
     def adherence(model):
         ys = engine.generate(model, [p for p, _ in prompts], tok.pad_token_id, tok.eos_token_id, 32, 1.0,
                              keys=torch.arange(len(prompts)) + 123)
-        return gopo.mean(shop.recognise(tok.decode(y, skip_special_tokens=True)) == z for y, (_, z) in zip(ys, prompts))
+        return tse.mean(shop.recognise(tok.decode(y, skip_special_tokens=True)) == z for y, (_, z) in zip(ys, prompts))
 
     def run():
         model = copy.deepcopy(agent_model)
@@ -458,12 +472,12 @@ def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
     assert real > start - 0.03, f"CS alignment lowered adherence: {start:.3f} -> {real:.3f}"
 
 
-def test_sft_length_groups_give_the_padded_batchs_loss_and_gradient(models, tok, logs, monkeypatch):
-    """lm.length_groups: SFT pads each group of similar length on its own; the summed loss and its
+def test_sft_length_buckets_give_the_padded_batchs_loss_and_gradient(models, tok, logs, monkeypatch):
+    """lm.length_buckets: SFT pads each group of similar length on its own; the summed loss and its
     gradient are the padded batch's, and every rank runs the same number of groups (FSDP)."""
     model = copy.deepcopy(models[1])
     examples = agent_lib.sft_examples(tok, logs[:16], shop.INSTRUCTIONS)[0]
-    groups = lm.length_groups(examples, length=lambda e: len(e[0]))
+    groups = lm.length_buckets(examples, length=lambda e: len(e[0]))
     assert len(groups) == 4 and sorted(map(id, sum(groups, []))) == sorted(map(id, examples))
     assert max(len(e[0]) for e in groups[0]) <= min(len(e[0]) for e in groups[1])
     losses, grads = [], []
@@ -475,6 +489,6 @@ def test_sft_length_groups_give_the_padded_batchs_loss_and_gradient(models, tok,
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
-    monkeypatch.setattr(lm.parallel, "world", lambda: 3)   # shares of 6, 5, 5: 4 groups on each rank
-    assert [len(lm.length_groups(examples[:n], n_total=16)) for n in (6, 5, 5)] == [4, 4, 4]
-    assert len(lm.length_groups(examples[:1], n_total=2)) == 1    # a dummy share (fewer items than ranks)
+    monkeypatch.setattr(lm.parallel, "n_ranks", lambda: 3)   # shares of 6, 5, 5: 4 groups on each rank
+    assert [len(lm.length_buckets(examples[:n], n_total=16)) for n in (6, 5, 5)] == [4, 4, 4]
+    assert len(lm.length_buckets(examples[:1], n_total=2)) == 1    # a dummy share (fewer items than ranks)

@@ -72,10 +72,10 @@ def test_dataset_folder_feeds_the_loaders(run_logs, tmp_path):
     run, recs = run_logs
     folder = tmp_path / "shop"
     hf.to_dataset(recs[:6]).save_to_disk(str(folder))
-    world, logs, splits = worlds.load_world("shop", logs=str(folder))
+    world, logs, splits = worlds.load_world("sim", logs=str(folder))
     assert logs == recs[:6] and splits is None
     with pytest.raises(data.DataError, match="unknown (strategy|event)"):   # checked against the world, as JSONL is
-        worlds.load_world("shop", world="desk", logs=str(folder))
+        worlds.load_world("sim", world="desk", logs=str(folder))
 
     every = tmp_path / "every"
     hf.to_dataset(recs).save_to_disk(str(every))

@@ -133,3 +133,99 @@ def test_the_project_imports_run_one_way():
     found = circles(graph)
     assert not found, "import circles:\n" + "\n".join(f"  {' -> '.join(c)}   (the knot: {', '.join(k)})"
                                                       for c, k in found)
+
+
+# ----------------------------------------------------------------------------- no hidden coupling
+MUTATORS = {"update", "append", "extend", "insert", "pop", "setdefault", "clear", "remove", "add", "discard",
+            "add_argument", "add_argument_group", "set_defaults", "__setitem__"}
+
+
+def module_level(tree):
+    """The statements a module runs when imported: its body, not the bodies of its functions and
+    classes (an `if __name__ == "__main__":` block runs only as a script, so it is left out too)."""
+    def walk(stmts):
+        for s in stmts:
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(s, ast.If) and "__main__" in ast.unparse(s.test):
+                continue
+            yield s
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                yield from walk(getattr(s, field, []) or [])
+    return list(walk(tree.body))
+
+
+def imported_names(tree, modules):
+    """{local name: project module} of the file's module-level `import x [as y]` / `from p import m`."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in modules or a.name.split(".")[0] in modules:
+                    names[a.asname or a.name.split(".")[0]] = a.name
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in modules or node.module in modules:
+                    names[a.asname or a.name] = f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules \
+                        else node.module
+    return names
+
+
+def root_name(node):
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def import_time_mutations(path, modules):
+    """Module-level statements that change what another project module holds: an assignment to
+    `mod.x`, `mod.x.y` or `mod.x[k]`, or a mutating call on it (`mod.X.update(...)`)."""
+    tree = ast.parse(open(path).read(), path)
+    mods = imported_names(tree, modules)
+    found = []
+    for stmt in module_level(tree):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] \
+            if isinstance(stmt, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                if isinstance(el, (ast.Attribute, ast.Subscript)) and root_name(el) in mods:
+                    found.append(f"{os.path.relpath(path, ROOT)}:{stmt.lineno}: {ast.unparse(el)} = ...")
+        for node in ast.walk(stmt) if not isinstance(stmt, (ast.If, ast.For, ast.While, ast.With, ast.Try)) else []:
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS \
+                    and root_name(node.func.value) in mods:
+                found.append(f"{os.path.relpath(path, ROOT)}:{stmt.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def unused_imports(path, modules):
+    """Project modules a file imports and never names again: imported only for what importing does."""
+    tree = ast.parse(open(path).read(), path)
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return [f"{os.path.relpath(path, ROOT)}: {local} ({mod})" for local, mod in imported_names(tree, modules).items()
+            if local not in used]
+
+
+def test_no_module_changes_another_when_imported_and_no_import_is_for_its_side_effects(tmp_path):
+    modules = project_modules()
+    files = list(modules.values()) + [os.path.join(ROOT, "tests", f) for f in os.listdir(os.path.join(ROOT, "tests"))
+                                      if f.endswith(".py")]
+    mutations = [m for f in modules.values() for m in import_time_mutations(f, modules)]
+    assert not mutations, "modules that change another module when imported:\n  " + "\n  ".join(mutations)
+    unused = [u for f in files for u in unused_imports(f, modules)]
+    assert not unused, "imports whose module is never used (a side effect is all they bring):\n  " + "\n  ".join(unused)
+    # the checks see what they should: the old baselines.py, in miniature
+    (tmp_path / "a.py").write_text("X = {}\n")
+    (tmp_path / "b.py").write_text("import a\nimport c\na.X.update(y=1)\na.Y = 2\n\ndef f():\n    a.Z = 3\n")
+    (tmp_path / "c.py").write_text("")
+    small = project_modules(str(tmp_path))
+    assert [m.split(": ", 1)[1] for m in import_time_mutations(str(tmp_path / "b.py"), small)] == \
+        ["a.X.update(y=1)", "a.Y = ..."]
+    assert [u.split(": ", 1)[1] for u in unused_imports(str(tmp_path / "b.py"), small)] == ["c (c)"]
+
+
+def test_train_and_eval_are_siblings():
+    """train.py and eval.py both stand on checkpoint.py (the run folder) and neither imports the
+    other; eval.py plays rows and never needs the method's loss (gopo.py)."""
+    graph = import_graph()
+    assert "eval" not in graph["train"] and "train" not in graph["eval"]
+    assert "gopo" not in graph["eval"]

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,7 @@ def test_same_seed_same_metrics_other_seed_differs(runs):
 def test_a_crash_during_a_save_leaves_the_old_checkpoint(tmp_path, tok, models):
     expert_model, _ = models
     folder = str(tmp_path / "expert")
-    lm.save(expert_model, tok, folder)
+    checkpoint.save_model(expert_model, tok, folder)
     before = weights(folder)
 
     def dies_half_way(tmp):
@@ -89,12 +90,12 @@ def test_a_crash_during_a_save_leaves_the_old_checkpoint(tmp_path, tok, models):
             f.write(b"half a file")
         raise KeyboardInterrupt  # the process dies here
     with pytest.raises(KeyboardInterrupt):
-        lm.atomic_dir(folder, dies_half_way)
+        checkpoint.atomic_dir(folder, dies_half_way)
     for k, v in weights(folder).items():      # the old checkpoint is what loads
         assert torch.equal(v, before[k])
     # a crash between the two renames: only folder.old is left; recover() puts it back
     os.replace(folder, folder + ".old")
-    lm.recover(folder)
+    checkpoint.recover(folder)
     assert not os.path.exists(folder + ".tmp") and not os.path.exists(folder + ".old")
     for k, v in weights(folder).items():
         assert torch.equal(v, before[k])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lm
+import serialize
 from worlds import shop
 from conftest import ROOT, hf_env
 
@@ -143,7 +144,7 @@ with parallel.gathered(expert):
     assert not any(sharded(expert)), "a unit stayed sharded inside gathered()"
 assert all(sharded(expert)), "a unit stayed unsharded after gathered()"
 scen = [shop.make_scenario(s) for s in data.train_seeds(3, offset=900)] if parallel.rank() == 0 else []
-trajs = rollout.rollout(expert, agent, tok, tok, scen, seed=1, max_reply_tokens=6)
+trajs = rollout.rollout((expert, tok), (agent, tok), scen, seed=1, max_reply_tokens=6)
 assert all(sharded(expert)) and all(sharded(agent))
 print(f"rank {{parallel.rank()}} dialogues {{len(trajs)}} total {{parallel.total(float(len(trajs)))}}")   # one write
 parallel.close()
@@ -164,11 +165,11 @@ def test_pretrained_backbone_with_chat_template(tmp_path, tok):
     model.save_pretrained(folder)
     t.save_pretrained(folder)
     loaded, t2 = lm.from_pretrained(str(folder), shop.STRATEGIES)
-    assert lm.chat_parts(t2) == ("", "\n<|bos|>user\n", "\n<|bos|>assistant\n")
-    new_ids = [t2.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
+    assert serialize.chat_parts(t2) == ("", "\n<|bos|>user\n", "\n<|bos|>assistant\n")
+    new_ids = [t2.convert_tokens_to_ids(serialize.strategy_token(z)) for z in shop.STRATEGIES]
     assert sorted(new_ids) == list(range(len(t), len(t) + len(shop.STRATEGIES)))     # one new token each
     assert loaded.get_input_embeddings().weight.shape[0] == len(t2)
-    ids = lm.customer_ids(t2, "Hi.")
+    ids = serialize.customer_ids(t2, "Hi.")
     assert t2.decode(ids) == "\n<|bos|>user\nC: Hi.<|eot|>\n<|bos|>assistant\n"
     planner = tmp_path / "plain-tiny"
     p = lm.train_tokenizer(["C: something else entirely", "A: yes"] * 20, [], vocab_size=280)
@@ -179,7 +180,7 @@ def test_pretrained_backbone_with_chat_template(tmp_path, tok):
          "--n-logs", "40", "--sft-steps", "2", "--sft-window-steps", "1", "--iters", "1", "--scenarios", "2",
          "--k", "2", "--cs-samples", "2"])
     (_, tok_e), (_, tok_a) = lm.load(str(out / "gopo" / "expert")), lm.load(str(out / "gopo" / "agent"))
-    assert lm.strategy_token("close") in tok_e.get_vocab() and lm.strategy_token("close") in tok_a.get_vocab()
+    assert serialize.strategy_token("close") in tok_e.get_vocab() and serialize.strategy_token("close") in tok_a.get_vocab()
     assert not tok_e.chat_template and tok_a.chat_template and len(tok_e) != len(tok_a)
     assert len(metrics(out / "gopo")) == 1          # the GOPO iteration ran with two tokenizers
     shutil.rmtree(out)

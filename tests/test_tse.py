@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from tse import (bleu, bootstrap_ci, esndcg, event_values, gre, paired_diff_ci, rate_ci, rouge_l, summarize,
+from tse import (bleu, bootstrap_ci, esndcg, event_values, gre, paired_diff_ci, rate_ci, rouge_l, mean_ci,
                  trajectory_metrics, tse)
 
 VALUES = {"positive": 0.6, "negative": 0.2, "leave": 0.25, "purchase": 1.0}
@@ -207,7 +207,7 @@ def test_bootstrap_ci_is_near_the_normal_interval_where_that_one_is_right():
     assert m == pytest.approx(statistics.mean(xs))
     assert lo == pytest.approx(m - half, abs=0.1 * half) and hi == pytest.approx(m + half, abs=0.1 * half)
     assert bootstrap_ci(xs) == (m, lo, hi)                          # seeded: the same interval every call
-    assert summarize(xs) == {"mean": m, "ci95": [lo, hi]}          # a score's default rule
+    assert mean_ci(xs) == {"mean": m, "ci95": [lo, hi]}          # a score's default rule
 
 
 def test_bootstrap_ci_stays_in_the_observed_range():
@@ -229,7 +229,7 @@ def test_a_constant_score_gets_a_zero_width_interval():
     for c in (0.1, 0.257, 1.0, 0.0, 6.0):
         for n in (1, 3, 200):
             assert bootstrap_ci([c] * n) == (c, c, c), (c, n)
-            assert summarize([c] * n) == {"mean": c, "ci95": [c, c]}, (c, n)
+            assert mean_ci([c] * n) == {"mean": c, "ci95": [c, c]}, (c, n)
 
 
 def test_rate_ci_is_wilson_and_stays_in_range():
@@ -238,7 +238,7 @@ def test_rate_ci_is_wilson_and_stays_in_range():
     xs = [1] * 2 + [0] * 198
     p, lo, hi = rate_ci(xs)
     assert p == 0.01 and lo == pytest.approx(0.002747, abs=1e-5) and hi == pytest.approx(0.035722, abs=1e-5)
-    assert summarize(xs, rate=True) == {"mean": p, "ci95": [lo, hi]}
+    assert mean_ci(xs, rate=True) == {"mean": p, "ci95": [lo, hi]}
     assert rate_ci([1] * 50)[1:] == pytest.approx((0.9287, 1.0), abs=1e-4) and rate_ci([0] * 50)[0] == 0.0
     assert all(math.isnan(x) for x in rate_ci([]))
 
@@ -247,11 +247,11 @@ def test_the_rule_follows_the_kind_of_metric_not_its_values():
     # the same 0/1 values: as a rate (success) Wilson, which is not zero-width at 50 of 50; as a score
     # (an oracle's ESNDCG of 1 everywhere) the bootstrap, which is
     ones = [1.0] * 50
-    assert summarize(ones, rate=True)["ci95"] == list(rate_ci(ones)[1:]) and rate_ci(ones)[1] < 1.0
-    assert summarize(ones)["ci95"] == [1.0, 1.0]
+    assert mean_ci(ones, rate=True)["ci95"] == list(rate_ci(ones)[1:]) and rate_ci(ones)[1] < 1.0
+    assert mean_ci(ones)["ci95"] == [1.0, 1.0]
     mixed = [1.0] * 30 + [0.0] * 20
-    assert summarize(mixed, rate=True)["ci95"] == list(rate_ci(mixed)[1:])
-    assert summarize(mixed)["ci95"] == list(bootstrap_ci(mixed)[1:]) != list(rate_ci(mixed)[1:])
+    assert mean_ci(mixed, rate=True)["ci95"] == list(rate_ci(mixed)[1:])
+    assert mean_ci(mixed)["ci95"] == list(bootstrap_ci(mixed)[1:]) != list(rate_ci(mixed)[1:])
     with pytest.raises(ValueError, match="0 or 1"):
         rate_ci([1.0, 0.5])
 

@@ -25,12 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-from experiments import baselines  # noqa: E402
+from experiments import flat, ppo  # noqa: E402
 import data  # noqa: E402
 import expert as expert_lib  # noqa: E402
 import gopo  # noqa: E402
 import lm  # noqa: E402
 import rollout as rollout_lib  # noqa: E402
+import serialize  # noqa: E402
 import tse  # noqa: E402
 from worlds import shop  # noqa: E402
 
@@ -68,28 +69,28 @@ def stage_a():
     logs, values, tok = world_and_tokenizer()
     cpu_e, cpu_a = tiny_pair(tok)
     dev_e, dev_a = copy.deepcopy(cpu_e).to(DEV), copy.deepcopy(cpu_a).to(DEV)
-    ids_z = [tok.convert_tokens_to_ids(lm.strategy_token(z)) for z in shop.STRATEGIES]
+    ids_z = [tok.convert_tokens_to_ids(serialize.strategy_token(z)) for z in shop.STRATEGIES]
     trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS) for r in logs[:8]]
     batch = expert_lib.collate(trajs, tok.pad_token_id, len(shop.STRATEGIES))
     with torch.no_grad():
         fast = expert_lib.decision_logps(dev_e, batch, ids_z).cpu()
         slow = expert_lib.decision_logps(cpu_e, batch, ids_z)
     check("strategy-row scoring on the device equals CPU", (fast - slow).abs().max() < 1e-3)
-    recs = [{"agent_ids": lm.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)[0],
-             "replies": lm.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)[2]} for r in logs[:8]]
-    ids, attn, mask = baselines.flat_batch(recs, tok.pad_token_id)
+    recs = [{"agent_ids": serialize.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)[0],
+             "replies": serialize.encode_dialogue(tok, r["turns"], shop.INSTRUCTIONS)[2]} for r in logs[:8]]
+    ids, attn, mask = flat.flat_batch(recs, tok.pad_token_id)
     with torch.no_grad():
         chunked = lm.target_logps(dev_a, ids, attn, mask, chunk=64).cpu()
         full = lm.token_logps(lm.forward_logits(cpu_a, ids, attn), ids) * mask[:, 1:]
     check("chunked reply log-probs on the device equal the full logits on CPU", (chunked - full).abs().max() < 1e-3)
     scen = [shop.make_scenario(s) for s in data.train_seeds(8, offset=5000)]
-    whole = rollout_lib.rollout(dev_e, dev_a, tok, tok, scen, seed=4, max_reply_tokens=12)
-    halves = [rollout_lib.ExpertDialogues(dev_e, dev_a, tok, tok, scen[i::2], shop, seed=4,
+    whole = rollout_lib.rollout((dev_e, tok), (dev_a, tok), scen, seed=4, max_reply_tokens=12)
+    halves = [rollout_lib.ExpertDialogues((dev_e, tok), (dev_a, tok), scen[i::2], shop, seed=4,
                                           index=list(range(8))[i::2]).play(False, 0.7, 12) for i in (0, 1)]
     check("sampled dialogues do not depend on the batch split",
           all(t["record"]["turns"] == halves[i % 2][i // 2]["record"]["turns"] for i, t in enumerate(whole)))
-    greedy_dev = rollout_lib.rollout(dev_e, dev_a, tok, tok, scen, greedy=True, max_reply_tokens=12)
-    greedy_cpu = rollout_lib.rollout(cpu_e, cpu_a, tok, tok, scen, greedy=True, max_reply_tokens=12)
+    greedy_dev = rollout_lib.rollout((dev_e, tok), (dev_a, tok), scen, greedy=True, max_reply_tokens=12)
+    greedy_cpu = rollout_lib.rollout((cpu_e, tok), (cpu_a, tok), scen, greedy=True, max_reply_tokens=12)
     same = sum(a["record"]["turns"] == b["record"]["turns"] for a, b in zip(greedy_dev, greedy_cpu))
     print(f"greedy dialogues identical on {DEV.type} and CPU: {same}/8 (float rounding may flip a near-tie)")
     check("most greedy dialogues are the same on the device as on CPU", same >= 6)
@@ -140,20 +141,21 @@ def stage_c(grad_ckpt):
     reset_peak()
     with lm.autocast(DEV, True):
         t0 = time.time()
-        trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, [s for s in scen for _ in range(args.k)],
+        trajs = rollout_lib.rollout((expert_model, tok), (agent_model, tok), [s for s in scen for _ in range(args.k)],
                                     seed=1, max_reply_tokens=32)
         sync()
         t_roll = time.time() - t0
         emitted = sum(e - s for t in trajs for s, e in t["replies"])
-        m = gopo.iteration(expert_model, agent_model, tok, tok, opt_e, opt_a, scen, values, shop, args, 0, seed=0)
+        models, opts = {"expert": (expert_model, tok), "agent": (agent_model, tok)}, {"expert": opt_e, "agent": opt_a}
+        m = gopo.iteration(models, opts, scen, values, shop, args, 0, seed=0)
         sync()
     tokens = max(len(t["ids"]) for t in trajs) * len(trajs)
     peak_gopo = peak_gb()
     check("GOPO iteration ran with finite losses", m["loss"] is not None and m["loss"] == m["loss"])
     reset_peak()
     with lm.autocast(DEV, True):   # --rollouts branch: K - 1 continuations from copied contexts, prefilled on the device
-        mb = gopo.iteration(expert_model, agent_model, tok, tok, opt_e, opt_a, scen, values, shop,
-                            SimpleNamespace(**{**vars(args), "rollouts": "branch"}), 1, seed=1)
+        mb = gopo.iteration(models, opts, scen, values, shop, SimpleNamespace(**{**vars(args), "rollouts": "branch"}),
+                            1, seed=1)
         sync()
     check("GOPO iteration with --rollouts branch ran with finite losses",
           mb["pairs"] == 0 or (mb["loss"] is not None and mb["loss"] == mb["loss"]))
@@ -164,20 +166,20 @@ def stage_c(grad_ckpt):
           f"peak {peak_gopo:.1f} GB, predicted {predicted_gb(n, tokens, SHAPE['num_hidden_layers'], SHAPE['hidden_size'], grad_ckpt):.1f} GB "
           f"({n / 1e9:.2f}B parameters per model, ~{tokens} padded training tokens)")
     # the PPO step on the CS Agent as the flat agent (its reference a frozen copy, as train.py does)
-    del opt_e, expert_model
+    del opt_e, expert_model, models, opts
     ref = copy.deepcopy(agent_model).eval()
-    head = baselines.ValueHead(agent_model.config.hidden_size).to(DEV)
+    head = ppo.ValueHead(agent_model.config.hidden_size).to(DEV)
     opt = torch.optim.AdamW([*agent_model.parameters(), *head.parameters()], lr=1e-7, weight_decay=0.0)
     reset_peak()
     with lm.autocast(DEV, True):
-        m = baselines.ppo_iteration(agent_model, head, ref, tok, opt, scen, values, shop, args, 0, seed=0)
+        m = ppo.ppo_iteration(agent_model, head, ref, tok, opt, scen, values, shop, args, 0, seed=0)
         sync()
     check("PPO step ran with finite losses", m["loss"] is not None and m["loss"] == m["loss"])
     print(f"PPO: one iteration ({len(scen) * args.k} dialogues, 1 epoch) {m['seconds']:.1f} s, peak {peak_gb():.1f} GB")
     del ref, opt, head
     with lm.autocast(DEV, True):
         t0 = time.time()
-        evals = rollout_lib.rollout(agent_model, agent_model, tok, tok, scen, greedy=True, max_reply_tokens=32)
+        evals = rollout_lib.rollout((agent_model, tok), (agent_model, tok), scen, greedy=True, max_reply_tokens=32)
         sync()
     check("greedy eval dialogues ran", len(evals) == len(scen))
     print(f"eval: {len(scen)} greedy dialogues in {time.time() - t0:.1f} s")
@@ -203,7 +205,7 @@ def stage_e():
         sync()
         t0 = time.time()
         with lm.autocast(DEV, True), torch.no_grad():
-            trajs = rollout_lib.rollout(expert_model, agent_model, tok, tok, scen, seed=1, max_reply_tokens=32)
+            trajs = rollout_lib.rollout((expert_model, tok), (agent_model, tok), scen, seed=1, max_reply_tokens=32)
         sync()
         return trajs, time.time() - t0
 

@@ -20,12 +20,12 @@ worlds/logged.py builds one from real logs, read by worlds/corpora.py), and pass
                          at least .prev (previous strategy), .strategies (all so far), .last_text
   read(turns)            the Tracker before each agent turn of a dialogue's turns (a generator), as the
                          rule policies saw it: what relabels a logged or played dialogue with a policy
-  POLICIES               rule policies policy(tr, scenario, rng) -> strategy: "oracle" (sees the hidden
+  POLICIES               rule policies policy(tracker, scenario, rng) -> strategy: "oracle" (sees the hidden
                          goal; defines z*), "behaviour" (writes the training logs), "random", and where
                          it makes sense "myopic" (the best policy that reads only the last line) and
                          "disclosed" (the oracle's plan from disclosed facts only: the labels a reader
                          of the dialogue can learn, and what decision accuracy is measured against)
-  decision_group(tr)     optional: the kind of decision at this point (DECISION_GROUPS names them); a
+  decision_group(tracker)  optional: the kind of decision at this point (DECISION_GROUPS names them); a
                          world without it has one group, "all"
   play(scenario, policy, seed=0) -> record; dialogue(...) -> (turns, customer);
   record(scenario, turns, customer, source) -> {"id", "source", "scenario", "turns", "success",
@@ -42,6 +42,9 @@ import random
 import data
 
 WORLDS = ("shop", "desk")
+CONTRACT = ("STRATEGIES", "INSTRUCTIONS", "allowed", "SOP", "EVENTS", "SUCCESS_EVENTS", "HORIZON", "make_scenario",
+            "Customer", "recognise", "Tracker", "read", "POLICIES", "play", "dialogue", "record", "reference")
+# the names above, which every world provides; decision_group and DECISION_GROUPS are optional
 
 
 def load(name, horizon=None, paraphrases=None):
@@ -73,7 +76,7 @@ def load_world(source, path=None, world="shop", horizon=None, paraphrases=None, 
     (--world, its knobs) simulates its logs later, or reads them from `logs` (`read_logs`: JSONL or a
     Hugging Face dataset); a real dataset's training split is the logs, and its world is a
     logged-context one (worlds/logged.py)."""
-    if source == "shop":
+    if source == "sim":
         w = load(world, horizon, paraphrases)
         return w, read_logs(logs, w.STRATEGIES, w.EVENTS) if logs else None, None
     from worlds import logged
@@ -89,17 +92,18 @@ def label_policy(w):
     return w.POLICIES.get("disclosed", w.POLICIES["oracle"])
 
 
-def groups(w):
+def decision_groups(w):
+    """The kinds of decision a world names (its DECISION_GROUPS), or ("all",)."""
     return tuple(getattr(w, "DECISION_GROUPS", ("all",)))
 
 
 def decisions(w, rec, policy=None):
     """[(group, strategy taken, label)] for each agent turn of a record: the label is what `policy`
     (default label_policy) chooses at that point of the record's own history, read by w.read."""
-    policy, group = policy or label_policy(w), getattr(w, "decision_group", lambda tr: "all")
+    policy, group = policy or label_policy(w), getattr(w, "decision_group", lambda tracker: "all")
     agent = [t for t in rec["turns"] if t["role"] == "agent"]
-    return [(group(tr), turn["strategy"], policy(tr, rec["scenario"], random.Random(0)))
-            for turn, tr in zip(agent, w.read(rec["turns"]))]
+    return [(group(tracker), turn["strategy"], policy(tracker, rec["scenario"], random.Random(0)))
+            for turn, tracker in zip(agent, w.read(rec["turns"]))]
 
 
 def relabel(w, records, policy=None):
@@ -114,13 +118,19 @@ def relabel(w, records, policy=None):
     return out
 
 
-def group_accuracy(w, records, policy=None):
-    """{group: [decisions matching the label, decisions]} over records, the world's groups in order,
-    then "all" (their sum)."""
-    counts = {g: [0, 0] for g in groups(w)}
-    for rec in records:
-        for g, taken, label in decisions(w, rec, policy):
-            counts[g][0] += taken == label
-            counts[g][1] += 1
-    counts["all"] = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
+def decision_accuracy(w, records, policy=None):
+    """{group: [decisions matching the label, decisions]} over records, the world's decision groups in
+    order, then "all" (their sum)."""
+    return tally(w, [decisions(w, rec, policy) for rec in records])
+
+
+def tally(w, decision_lists):
+    """{group: [decisions matching the label, decisions]} over lists of `decisions` (or parts of
+    them), the world's decision groups in order, then "all"."""
+    counts = {g: [0, 0] for g in (*decision_groups(w), "all")}
+    for seen in decision_lists:
+        for g, taken, label in seen:
+            for key in (g, "all"):
+                counts[key][0] += taken == label
+                counts[key][1] += 1
     return counts

@@ -345,65 +345,65 @@ def read(turns):
     """The tracker before each agent turn of a dialogue's turns, as the rule policies saw it in
     dialogue() (the opening is not read): one Tracker, yielded before each agent turn and updated in
     place after it."""
-    tr = Tracker()
+    tracker = Tracker()
     for i in range(1, len(turns), 2):
-        yield tr
+        yield tracker
         if i + 1 < len(turns):
-            tr.update(turns[i]["strategy"], turns[i + 1]["text"], turns[i + 1]["event"])
+            tracker.update(turns[i]["strategy"], turns[i + 1]["text"], turns[i + 1]["event"])
 
 
-def oracle_policy(tr, scenario, rng):
+def oracle_policy(tracker, scenario, rng):
     """A clairvoyant rule policy (it reads the hidden concern and whether an upsell is open): it
     defines z*. It is not an upper bound on TSE: it upsells every open customer, an extra turn for
     order value, so a learnt Expert can end above it."""
-    if tr.prev is None:
+    if tracker.prev is None:
         return "greet"
-    if tr.in_cart:
-        return "upsell" if scenario["upsell_open"] and tr.prev != "upsell" else "close"
-    if tr.known["feature"] is None:
+    if tracker.in_cart:
+        return "upsell" if scenario["upsell_open"] and tracker.prev != "upsell" else "close"
+    if tracker.known["feature"] is None:
         return "elicit_need"
-    if not tr.recommended:
+    if not tracker.recommended:
         return "recommend"
-    if tr.last_event in ("objection", "ask"):
+    if tracker.last_event in ("objection", "ask"):
         return {"price": "offer_discount", "doubt": "handle_objection",
                 "question": "answer"}[scenario["concern"]]
     return "confirm_order"
 
 
-def behaviour_policy(tr, scenario, rng, eps=0.1):
+def behaviour_policy(tracker, scenario, rng, eps=0.1):
     """A typical human agent: sensible on average, with habits that cost sales.
 
     Habits: recommends as soon as the category is known (40%), argues value against price
     objections, sweetens accepted deals with a discount, upsells everyone, pushes to close.
     """
-    if tr.prev is not None and rng.random() < eps:
-        return rng.choice(allowed(tr.strategies))
+    if tracker.prev is not None and rng.random() < eps:
+        return rng.choice(allowed(tracker.strategies))
     def pick(options):  # [(strategy, weight)] restricted to the SOP
-        options = [(z, w) for z, w in options if z in allowed(tr.strategies)] or \
-            [(z, 1.0) for z in allowed(tr.strategies)]
+        options = [(z, w) for z, w in options if z in allowed(tracker.strategies)] or \
+            [(z, 1.0) for z in allowed(tracker.strategies)]
         return rng.choices([z for z, _ in options], [w for _, w in options])[0]
-    if tr.prev is None:
+    if tracker.prev is None:
         return "greet"
-    if tr.in_cart:
-        return "close" if tr.prev == "upsell" else pick([("upsell", 0.65), ("close", 0.35)])
-    if tr.known["category"] is None:
+    if tracker.in_cart:
+        return "close" if tracker.prev == "upsell" else pick([("upsell", 0.65), ("close", 0.35)])
+    if tracker.known["category"] is None:
         return pick([("elicit_need", 0.85), ("recommend", 0.15)])
-    if tr.known["feature"] is None:
+    if tracker.known["feature"] is None:
         return pick([("recommend", 0.6), ("elicit_need", 0.4)])
-    if not tr.recommended:
+    if not tracker.recommended:
         return "recommend"
-    if re.search(r"budget|expensive|afford", tr.last_text):
+    if re.search(r"budget|expensive|afford", tracker.last_text):
         return pick([("handle_objection", 0.5), ("offer_discount", 0.3), ("confirm_order", 0.2)])
-    if tr.last_event == "objection":
+    if tracker.last_event == "objection":
         return pick([("handle_objection", 0.6), ("offer_discount", 0.3), ("confirm_order", 0.1)])
-    if tr.last_event == "ask":
+    if tracker.last_event == "ask":
         return pick([("answer", 0.6), ("confirm_order", 0.25), ("handle_objection", 0.15)])
     return pick([("confirm_order", 0.6), ("offer_discount", 0.4)])
 
 
-def random_policy(tr, scenario, rng):
+def random_policy(tracker, scenario, rng):
     """Uniform over the SOP-allowed strategies."""
-    return rng.choice(allowed(tr.strategies))
+    return rng.choice(allowed(tracker.strategies))
 
 
 POLICIES = {"oracle": oracle_policy, "behaviour": behaviour_policy, "random": random_policy}
@@ -419,17 +419,17 @@ def play(scenario, policy, seed=0, horizon=HORIZON):
 def dialogue(scenario, policy, seed=0, horizon=HORIZON):
     """The turns of one rule-policy dialogue, and the customer at its end."""
     rng = random.Random(f"policy/{scenario['seed']}/{seed}")
-    cust, tr = Customer(scenario, seed), Tracker()
+    cust, tracker = Customer(scenario, seed), Tracker()
     turns = [{"role": "customer", "text": cust.opening(), "strategy": None, "event": None}]
     for t in range(horizon):
-        z = policy(tr, scenario, rng)
-        assert z in allowed(tr.strategies), (z, tr.strategies)
-        known = dict(tr.known, target=scenario["target"]) if policy is oracle_policy else tr.known
+        z = policy(tracker, scenario, rng)
+        assert z in allowed(tracker.strategies), (z, tracker.strategies)
+        known = dict(tracker.known, target=scenario["target"]) if policy is oracle_policy else tracker.known
         text = render_agent(z, known, rng)
         turns.append({"role": "agent", "text": text, "strategy": z, "event": None})
         utt, event, done = cust.reply(text, t)
         turns.append({"role": "customer", "text": utt, "strategy": None, "event": event})
-        tr.update(z, utt, event)
+        tracker.update(z, utt, event)
         if done:
             break
     return turns, cust

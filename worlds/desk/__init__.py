@@ -1,29 +1,14 @@
 """A second world: a retail service desk where strategy has to be planned, not read off the last line.
 
-THE WORLD CONTRACT (worlds/shop.py and this package implement it; a fork implements it for its own domain)
-  STRATEGIES             strategy names, the Expert's action space
-  INSTRUCTIONS           strategy -> one short line the CS Agent follows (it is in every turn)
-  allowed(strategies)    the strategies the SOP allows now, given those chosen so far in this dialogue
-                         ([] at the first agent turn), in STRATEGIES order; [] means the dialogue ends
-  SOP                    the hard rules, for humans
-  EVENTS, SUCCESS_EVENTS engagement events a customer turn carries ("leave" among them)
-  HORIZON, PARAPHRASES   default knobs: max agent turns, paraphrases per strategy
-  make_scenario(seed)    deterministic hidden goal, a JSON-able dict with a "seed" key
-  Customer(scenario, seed)  .opening(); .reply(text, turn) -> (utterance, event, done); .success;
-                         .sop_ok, .gate_breaks (agent turns whose reply broke a gate); .order_value()
-                         (business value, 0 if failed or a gate was broken)
-  recognise(text)        the strategy read off an agent reply's surface, or None
-  Tracker                what an agent can read off the dialogue (.prev, .strategies, .last_text, ...);
-                         .update(strategy, customer_text, event)
-  POLICIES               rule policies, policy(tr, scenario, rng) -> strategy: "oracle" (defines z*),
-                         "behaviour" (writes the logs), "random", "myopic"
-  dialogue(scenario, policy, seed=0, horizon=HORIZON) -> (turns, customer); turns alternate, customer
-                         first: {"role", "text", "strategy" (agent turns), "event" (customer turns)}
-  play(...)              -> record(scenario, turns, cust, source) = {"id", "source", "scenario", "turns",
-                         "success", "ref_strategies", "order_value", "sop_ok"}
-  reference(scenario)    z*, the oracle's strategy sequence
+It implements the world contract, written once in worlds/__init__.py (worlds.CONTRACT lists its
+names), and adds:
+  PARAPHRASES            default knob: paraphrases per strategy in the rule policies' text
   make_world(horizon, paraphrases)  the same names bound to other knobs (this package is the default);
                          a shorter horizon also caps the requests a customer brings (max_requests)
+  Customer               also .sop_ok and .gate_breaks (agent turns whose reply broke a gate);
+                         .order_value() is 0 if the task failed or a gate was broken
+  record(...)            also "sop_ok"
+  DECISION_GROUPS, decision_group(tracker)  the kinds of decision (eligibility, voucher/tier, ...)
 
 The story. A customer brings a stack of 1-3 requests (an agenda, as in ConvLab's user simulator),
 opens with the first and states the next only when asked "anything else?": buy a product (a
@@ -68,6 +53,7 @@ POLICIES = {"oracle": oracle_policy, "disclosed": disclosed_policy, "behaviour":
 
 
 # ----------------------------------------------------------------------------- knobs
+# the names make_world binds: the world contract's (worlds.CONTRACT, tested) and the extras its tests read
 CONTRACT = ["STRATEGIES", "INSTRUCTIONS", "allowed", "SOP", "EVENTS", "SUCCESS_EVENTS", "HORIZON", "PARAPHRASES",
             "make_scenario", "Customer", "recognise", "read_agent_text", "Tracker", "read", "POLICIES",
             "oracle_policy", "disclosed_policy", "DECISION_GROUPS", "decision_group", "behaviour_policy", "random_policy", "myopic_policy", "play", "dialogue", "record", "reference"]

@@ -3,7 +3,7 @@ sop_ok and order value on 1,000 held-out scenarios, the last-line share against 
 decision groups (docs/design.md quotes it).
 
 It lives beside the world, not in it: the card reads the world as a user does (data's seed ranges,
-tse's metrics, the shop to compare, worlds.group_accuracy), and the world itself needs none of them.
+tse's metrics, the shop to compare, worlds.decision_accuracy), and the world itself needs none of them.
 """
 import data
 import tse
@@ -31,7 +31,7 @@ def card(n=1000):
           f"chars, {max(len(r['ref_strategies']) for r in recs['oracle'])} agent turns; "
           f"knobs: HORIZON={desk.HORIZON} PARAPHRASES={desk.PARAPHRASES} (make_world(horizon, paraphrases))")
     for name in ("behaviour", "oracle"):
-        acc = worlds.group_accuracy(desk, recs[name])
+        acc = worlds.decision_accuracy(desk, recs[name])
         print(f"decision groups in the {name}'s dialogues: share of decisions (accuracy against the disclosed "
               f"policy): " + ", ".join(f"{g} {n / acc['all'][1]:.3f} ({c / max(n, 1):.2f})"
                                        for g, (c, n) in acc.items() if g != "all"))

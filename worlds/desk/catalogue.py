@@ -199,16 +199,16 @@ def recognise(text):
     return read_agent_text(text)[0]
 
 
-def render(strategy, tr, rng, paraphrases=PARAPHRASES):
+def render(strategy, tracker, rng, paraphrases=PARAPHRASES):
     """Template text for `strategy`, its slots filled from what the tracker read off the dialogue."""
-    product, key = tr.liked or tr.pick(), strategy
+    product, key = tracker.liked or tracker.pick(), strategy
     if strategy == "offer_alternative":
-        key, product = key + ("/product" if tr.kind == "buy" else "/credit"), other_model(tr.sold or product)
-    slots = {"product": product, "sold": tr.sold or other_model(product), "order": tr.order or "0000",
-             "amount": tr.amount or 0, "fact": FACTS[tr.concern or "delivery"]}
-    slots["thing"] = f"the {product}" if tr.kind == "buy" else f"order #{slots['order']}"
+        key, product = key + ("/product" if tracker.kind == "buy" else "/credit"), other_model(tracker.sold or product)
+    slots = {"product": product, "sold": tracker.sold or other_model(product), "order": tracker.order or "0000",
+             "amount": tracker.amount or 0, "fact": FACTS[tracker.concern or "delivery"]}
+    slots["thing"] = f"the {product}" if tracker.kind == "buy" else f"order #{slots['order']}"
     if strategy in ("confirm", "execute"):
-        action = "buy" if tr.kind == "buy" else "credit" if tr.alt_ok else \
-            "exchange" if tr.kind == "exchange" else "refund"
+        action = "buy" if tracker.kind == "buy" else "credit" if tracker.alt_ok else \
+            "exchange" if tracker.kind == "exchange" else "refund"
         slots["action"] = ACTIONS[action][strategy == "execute"].format(**slots)
     return rng.choice(PARAPHRASE_BANK[key][:paraphrases]).format(**slots)

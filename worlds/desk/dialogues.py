@@ -8,11 +8,11 @@ from .customer import Customer
 from .policies import Tracker, oracle_policy
 
 
-def _step(cust, tr, z, t, rng, paraphrases=PARAPHRASES):
+def _step(cust, tracker, z, t, rng, paraphrases=PARAPHRASES):
     """One agent turn: the template text of `z`, the customer's reply to it, the tracker reading it."""
-    text = render(z, tr, rng, paraphrases)
+    text = render(z, tracker, rng, paraphrases)
     utt, event, done = cust.reply(text, t)
-    tr.update(z, utt, event)
+    tracker.update(z, utt, event)
     return text, utt, event, done
 
 
@@ -25,13 +25,13 @@ def play(scenario, policy, seed=0, horizon=HORIZON, paraphrases=PARAPHRASES):
 def dialogue(scenario, policy, seed=0, horizon=HORIZON, paraphrases=PARAPHRASES):
     """The turns of one rule-policy dialogue, and the customer at its end."""
     rng = random.Random(f"policy/{scenario['seed']}/{seed}")
-    cust, tr = Customer(scenario, seed), Tracker()
+    cust, tracker = Customer(scenario, seed), Tracker()
     turns = [{"role": "customer", "text": cust.opening(), "strategy": None, "event": None}]
-    tr.update(None, turns[0]["text"], "disclose")
+    tracker.update(None, turns[0]["text"], "disclose")
     for t in range(horizon):
-        z = policy(tr, scenario, rng)
-        assert z in allowed(tr.strategies), (z, tr.strategies)
-        text, utt, event, done = _step(cust, tr, z, t, rng, paraphrases)
+        z = policy(tracker, scenario, rng)
+        assert z in allowed(tracker.strategies), (z, tracker.strategies)
+        text, utt, event, done = _step(cust, tracker, z, t, rng, paraphrases)
         turns += [{"role": "agent", "text": text, "strategy": z, "event": None},
                   {"role": "customer", "text": utt, "strategy": None, "event": event}]
         if done:

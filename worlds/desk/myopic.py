@@ -21,24 +21,24 @@ _MYOPIC = {}
 
 
 def _table_policy(table, name="myopic_policy"):
-    def policy(tr, scenario, rng=None):
-        ok = allowed(tr.strategies)    # an unseen key falls back to the ranking of its previous strategy
-        return next((z for z in table.get((tr.prev, tr.last_text), []) + table.get(tr.prev, []) if z in ok), ok[0])
+    def policy(tracker, scenario, rng=None):
+        ok = allowed(tracker.strategies)    # an unseen key falls back to the ranking of its previous strategy
+        return next((z for z in table.get((tracker.prev, tracker.last_text), []) + table.get(tracker.prev, []) if z in ok), ok[0])
     policy.__name__ = name
     return policy
 
 
-def _finish(scenario, policy, cust, tr, t, z, horizon, rng):
+def _finish(scenario, policy, cust, tracker, t, z, horizon, rng):
     """Return of `z` at agent turn t, then `policy`: success, plus a little per request resolved (so a
     failing table still learns which steps make progress)."""
-    cust, tr, state = copy.copy(cust), copy.copy(tr), cust.rng.getstate()
+    cust, tracker, state = copy.copy(cust), copy.copy(tracker), cust.rng.getstate()
     cust.read, cust.st, cust.gate_breaks = list(cust.read), dict(cust.st), list(cust.gate_breaks)
-    cust.rng, tr.strategies = random.Random(), list(tr.strategies)
+    cust.rng, tracker.strategies = random.Random(), list(tracker.strategies)
     cust.rng.setstate(state)
     done = False
     while not done and t < horizon:
-        done, t = _step(cust, tr, z, t, rng)[3], t + 1
-        z = None if done or t >= horizon else policy(tr, scenario, rng)
+        done, t = _step(cust, tracker, z, t, rng)[3], t + 1
+        z = None if done or t >= horizon else policy(tracker, scenario, rng)
     return cust.success + 0.1 * (cust.i + cust.st.get("done", False)) / len(cust.reqs)
 
 
@@ -64,25 +64,25 @@ def fit_myopic(n_scenarios=400, seed=0, horizon=HORIZON, rounds=2, n_branch=120)
     for rnd in range(rounds):
         policy, q = (_table_policy(table) if rnd else oracle_policy), defaultdict(lambda: defaultdict(list))
         for sc in scenarios[:n_branch]:
-            cust, tr, t, done = Customer(sc), Tracker(), 0, False
-            tr.update(None, cust.opening(), "disclose")
+            cust, tracker, t, done = Customer(sc), Tracker(), 0, False
+            tracker.update(None, cust.opening(), "disclose")
             while not done and t < horizon:
-                for a in allowed(tr.strategies):
-                    ret = _finish(sc, policy, cust, tr, t, a, horizon, rng)
-                    q[(tr.prev, tr.last_text)][a].append(ret)
-                    q[tr.prev][a].append(ret)
-                done, t = _step(cust, tr, policy(tr, sc), t, rng)[3], t + 1
+                for a in allowed(tracker.strategies):
+                    ret = _finish(sc, policy, cust, tracker, t, a, horizon, rng)
+                    q[(tracker.prev, tracker.last_text)][a].append(ret)
+                    q[tracker.prev][a].append(ret)
+                done, t = _step(cust, tracker, policy(tracker, sc), t, rng)[3], t + 1
         table = {**table, **{k: sorted(qa, key=lambda a: -sum(qa[a]) / len(qa[a])) for k, qa in q.items()}}
         best = max(best, (score(table), -rnd - 1, table), key=lambda b: b[:2])
     return best[2]
 
 
 def _myopic(horizon):
-    def myopic_policy(tr, scenario, rng=None):
+    def myopic_policy(tracker, scenario, rng=None):
         """The fitted (prev, last line) table; fitted once per horizon, on first use."""
         if horizon not in _MYOPIC:
             _MYOPIC[horizon] = _table_policy(fit_myopic(horizon=horizon))
-        return _MYOPIC[horizon](tr, scenario, rng)
+        return _MYOPIC[horizon](tracker, scenario, rng)
     return myopic_policy
 
 

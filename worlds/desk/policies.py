@@ -70,71 +70,71 @@ class Tracker:
 PREREQ = {"compensate": "apologise", "confirm": "state_policy", "execute": "confirm", "ask_order": "verify"}
 
 
-def _first_allowed(z, tr, rng=None):
+def _first_allowed(z, tracker, rng=None):
     """`z` if the SOP allows it, else its prerequisite, else move on (off the planned path only)."""
-    ok = allowed(tr.strategies)
+    ok = allowed(tracker.strategies)
     return next((c for c in (z, PREREQ.get(z), "anything_else", "close") if c in ok), None) or \
         (rng.choice(ok) if rng else ok[0])
 
 
-def oracle_policy(tr, scenario, rng=None):
+def oracle_policy(tracker, scenario, rng=None):
     """The ideal run: it reads hidden facts (eligibility, tier, what is left on the stack) instead of
     guessing; deterministic given the scenario and the dialogue so far. It defines z*."""
-    if not tr.strategies:
+    if not tracker.strategies:
         return "greet"
-    r, tier = scenario["requests"][tr.index], scenario["tier"]
-    return _plan(tr, r["kind"], r["concern"], tier, r["kind"] == "buy" or eligible(r, tier),
-                 tr.index + 1 < len(scenario["requests"]))
+    r, tier = scenario["requests"][tracker.index], scenario["tier"]
+    return _plan(tracker, r["kind"], r["concern"], tier, r["kind"] == "buy" or eligible(r, tier),
+                 tracker.index + 1 < len(scenario["requests"]))
 
 
-def disclosed_policy(tr, scenario=None, rng=None):
+def disclosed_policy(tracker, scenario=None, rng=None):
     """The oracle's plan made only from what the dialogue has disclosed (the tracker), never the
     scenario: the best labels a reader of the dialogue can learn. Every fact the oracle uses is told
     before it is needed (the request and its days in the statement, the tier at verify, which the SOP
     puts before any eligibility or voucher step) except one: whether more requests are left. So it
     asks "anything else?" after each settled request, where the oracle closes after the last one."""
-    if not tr.strategies:
+    if not tracker.strategies:
         return "greet"
-    return _plan(tr, tr.kind, tr.concern, tr.tier, tr.eligible() is not False, more=True)
+    return _plan(tracker, tracker.kind, tracker.concern, tracker.tier, tracker.eligible() is not False, more=True)
 
 
-def _plan(tr, kind, concern, tier, eligible_now, more):
+def _plan(tracker, kind, concern, tier, eligible_now, more):
     """The oracle's step for the current request, given its kind, concern, the tier, whether it is
     inside the window, and whether more requests are left after it."""
-    if tr.no_more or tr.done or (kind == "complaint" and tr.apologised and tier != "Gold"):
-        z = "anything_else" if more and not tr.no_more else "close"
+    if tracker.no_more or tracker.done or (kind == "complaint" and tracker.apologised and tier != "Gold"):
+        z = "anything_else" if more and not tracker.no_more else "close"
     elif kind == "buy":
-        z = ("ask_need" if tr.budget is None else
-             ("offer_alternative" if tr.sold else "recommend") if tr.liked is None else
-             "answer" if concern and not tr.answered else "execute" if tr.confirmed else "confirm")
-    elif tr.order is None or not tr.verified:
-        z = "ask_order" if tr.order is None else "verify"
+        z = ("ask_need" if tracker.budget is None else
+             ("offer_alternative" if tracker.sold else "recommend") if tracker.liked is None else
+             "answer" if concern and not tracker.answered else "execute" if tracker.confirmed else "confirm")
+    elif tracker.order is None or not tracker.verified:
+        z = "ask_order" if tracker.order is None else "verify"
     elif kind == "complaint":
-        z = "compensate" if tr.apologised else "apologise"
+        z = "compensate" if tracker.apologised else "apologise"
     else:
-        z = ("state_policy" if not tr.policy else "answer" if concern and not tr.answered else
-             "offer_alternative" if not eligible_now and not tr.alt_ok else
-             "execute" if tr.confirmed else "confirm")
-    return _first_allowed(z, tr)
+        z = ("state_policy" if not tracker.policy else "answer" if concern and not tracker.answered else
+             "offer_alternative" if not eligible_now and not tracker.alt_ok else
+             "execute" if tracker.confirmed else "confirm")
+    return _first_allowed(z, tracker)
 
 
 DECISION_GROUPS = ("eligibility", "voucher/tier", "request stack", "rest")
 
 
-def decision_group(tr):
-    """Which kind of decision an agent faces at this point of the dialogue (tr: the tracker before
+def decision_group(tracker):
+    """Which kind of decision an agent faces at this point of the dialogue (tracker: the tracker before
     it). The groups the desk was built around need a fact told turns earlier:
       eligibility    a return / exchange whose terms are stated: confirm it, or offer store credit
                      (days since delivery, in the request, against the tier's window, told at verify);
       voucher/tier   a complaint after the apology: a voucher for Gold members, move on for Standard;
       request stack  a request is settled: "anything else?", or goodbye once the customer has no more;
       rest           everything else (greet, the questions, the steps the last line asks for)."""
-    if tr.done or tr.no_more:
+    if tracker.done or tracker.no_more:
         return "request stack"
-    if tr.kind == "complaint" and tr.apologised:
+    if tracker.kind == "complaint" and tracker.apologised:
         return "voucher/tier"
-    if tr.kind in ("return", "exchange") and tr.policy and not tr.alt_ok and not tr.confirmed and \
-            (tr.concern is None or tr.answered):
+    if tracker.kind in ("return", "exchange") and tracker.policy and not tracker.alt_ok and not tracker.confirmed and \
+            (tracker.concern is None or tracker.answered):
         return "eligibility"
     return "rest"
 
@@ -143,40 +143,40 @@ def read(turns):
     """The tracker before each agent turn of a dialogue's turns, as the rule policies saw it in
     dialogue(): one Tracker, yielded before each agent turn and updated in place after it (read it
     before asking for the next)."""
-    tr = Tracker()
-    tr.update(None, turns[0]["text"], "disclose")
+    tracker = Tracker()
+    tracker.update(None, turns[0]["text"], "disclose")
     for i in range(1, len(turns), 2):
-        yield tr
+        yield tracker
         if i + 1 < len(turns):
-            tr.update(turns[i]["strategy"], turns[i + 1]["text"], turns[i + 1]["event"])
+            tracker.update(turns[i]["strategy"], turns[i + 1]["text"], turns[i + 1]["event"])
 
 
-def behaviour_policy(tr, scenario, rng, eps=0.05):
+def behaviour_policy(tracker, scenario, rng, eps=0.05):
     """A typical human agent, sensible on average, with costly habits: names a model before asking the
     budget (40%), confirms before answering a stated concern (50%), confirms a refund without checking
     the window (50%), gives every complainer a voucher (70%), always asks "anything else?"."""
-    if not tr.strategies:
+    if not tracker.strategies:
         return "greet"
     if rng.random() < eps:
-        return rng.choice(allowed(tr.strategies))
-    concern = tr.concern and not tr.answered and (tr.last_text in SAY["not_ready"] or rng.random() < 0.5)
-    if tr.no_more or tr.done:
-        z = "close" if tr.no_more else "anything_else"
-    elif tr.kind == "buy":
-        z = ("ask_need" if tr.budget is None and tr.liked is None and (tr.prev == "recommend" or rng.random() < 0.6)
-             else ("offer_alternative" if tr.sold else "recommend") if tr.liked is None
-             else "answer" if concern else "execute" if tr.confirmed else "confirm")
-    elif not tr.verified or tr.order is None:
-        z = "verify" if not tr.verified else "ask_order"
-    elif tr.kind == "complaint":
-        z = "apologise" if not tr.apologised else "compensate" if rng.random() < 0.7 else "anything_else"
+        return rng.choice(allowed(tracker.strategies))
+    concern = tracker.concern and not tracker.answered and (tracker.last_text in SAY["not_ready"] or rng.random() < 0.5)
+    if tracker.no_more or tracker.done:
+        z = "close" if tracker.no_more else "anything_else"
+    elif tracker.kind == "buy":
+        z = ("ask_need" if tracker.budget is None and tracker.liked is None and (tracker.prev == "recommend" or rng.random() < 0.6)
+             else ("offer_alternative" if tracker.sold else "recommend") if tracker.liked is None
+             else "answer" if concern else "execute" if tracker.confirmed else "confirm")
+    elif not tracker.verified or tracker.order is None:
+        z = "verify" if not tracker.verified else "ask_order"
+    elif tracker.kind == "complaint":
+        z = "apologise" if not tracker.apologised else "compensate" if rng.random() < 0.7 else "anything_else"
     else:
-        z = ("state_policy" if not tr.policy else "execute" if tr.confirmed else "answer" if concern else
-             "offer_alternative" if tr.eligible() is False and not tr.alt_ok and
-             tr.last_text not in SAY["refuse_alt"] and rng.random() < 0.5 else "confirm")
-    return _first_allowed(z, tr, rng)
+        z = ("state_policy" if not tracker.policy else "execute" if tracker.confirmed else "answer" if concern else
+             "offer_alternative" if tracker.eligible() is False and not tracker.alt_ok and
+             tracker.last_text not in SAY["refuse_alt"] and rng.random() < 0.5 else "confirm")
+    return _first_allowed(z, tracker, rng)
 
 
-def random_policy(tr, scenario, rng):
+def random_policy(tracker, scenario, rng):
     """Uniform over the SOP-allowed strategies."""
-    return rng.choice(allowed(tr.strategies))
+    return rng.choice(allowed(tracker.strategies))
