@@ -28,11 +28,11 @@ import tse
 from experiments import flat
 
 
-def returns_to_go(rec, values, horizon, gamma=0.9):
+def returns_to_go(rec, event_values, horizon, gamma=0.9):
     """Memento's observed return of each agent turn t = 1..T: the TSE of the rest of the dialogue,
     G_t = sum_{s=t..H} gamma^(s-t) v_s / sum_{s=t..H} gamma^(s-t) (so G_1 = TSE(tau), and every
     G_t is in [0, 1] whatever t)."""
-    v, T = tse.turn_values(rec, values, horizon)
+    v, T = tse.turn_values(rec, event_values, horizon)
     return [sum(gamma ** (s - t) * v[s] for s in range(t, horizon)) /
             sum(gamma ** (s - t) for s in range(t, horizon)) for t in range(T)]
 
@@ -75,14 +75,14 @@ class CaseBank:
         x = x * self.idf
         return x / x.norm().clamp(min=1e-8)
 
-    def add(self, records, values, horizon, gamma=0.9):
+    def add(self, records, event_values, horizon, gamma=0.9):
         """One case per agent turn of each record: (state before it, its strategy, its return-to-go)."""
         keys, zs, gs = [], [], []
         zi = {z: i for i, z in enumerate(self.strategies)}
         for rec in records:
             turns = rec["turns"]
             agent_at = [i for i, t in enumerate(turns) if t["role"] == "agent"][:horizon]
-            for i, g in zip(agent_at, returns_to_go(rec, values, horizon, gamma)):
+            for i, g in zip(agent_at, returns_to_go(rec, event_values, horizon, gamma)):
                 keys.append(self.embed(turns[:i]))
                 zs.append(zi[turns[i]["strategy"]])
                 gs.append(g)
@@ -153,7 +153,7 @@ class MementoDialogues(rollout_lib.ExpertDialogues):
         return z, logps.gather(1, z[:, None]).squeeze(1)
 
 
-def memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios, values, world, args, it, seed):
+def memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios, event_values, world, args, it, seed):
     """Rollouts whose decisions the bank makes (with exploration), then every turn into the bank."""
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
@@ -161,8 +161,8 @@ def memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios, 
     trajs = MementoDialogues(bank, args.memento_eps, gen, (expert_model, tok_e), (agent_model, tok_a), batch, world,
                              seed).play(False, args.agent_temperature, args.max_reply_tokens)
     records = [tr["record"] for tr in trajs]
-    bank.add(records, values, world.HORIZON)
-    scores = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
+    bank.add(records, event_values, world.HORIZON)
+    scores = [gopo.joint_reward(tr["record"], event_values, world.HORIZON, args.alpha) for tr in trajs]
     return {"iter": it, **flat.rollout_metrics(trajs, scores, world, t0,
                                                gre=tse.mean(tse.record_gre(r, world.recognise) for r in records),
                                                cases=len(bank.z))}

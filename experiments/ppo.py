@@ -30,21 +30,21 @@ from experiments import flat
 
 
 # ----------------------------------------------------------------------------- PPO math (pure functions)
-def gae(rewards, values, gamma=1.0, lam=0.95):
+def gae(rewards, state_values, gamma=1.0, lam=0.95):
     """Generalised advantage estimation along one sequence.
 
-    rewards (T,), values (T + 1,) with values[T] the bootstrap value after the last step (0 at the end
+    rewards (T,), state_values (T + 1,) with state_values[T] the bootstrap value after the last step (0 at the end
     of a dialogue). delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}.
-    Returns (advantages (T,), returns (T,) = advantages + values[:T]).
+    Returns (advantages (T,), returns (T,) = advantages + state_values[:T]).
     """
     T = rewards.shape[0]
     adv = torch.zeros_like(rewards)
     running = torch.zeros((), dtype=rewards.dtype)
     for t in reversed(range(T)):
-        delta = rewards[t] + gamma * values[t + 1] - values[t]
+        delta = rewards[t] + gamma * state_values[t + 1] - state_values[t]
         running = delta + gamma * lam * running
         adv[t] = running
-    return adv, adv + values[:T]
+    return adv, adv + state_values[:T]
 
 
 def ppo_clip_loss(logp_new, logp_old, advantages, clip=0.2):
@@ -60,11 +60,11 @@ def kl_shaped_rewards(rewards, logp_policy, logp_ref, beta):
 
 
 # ----------------------------------------------------------------------------- rewards of one dialogue
-def turn_rewards(rec, values, horizon, gamma=0.9):
+def turn_rewards(rec, event_values, horizon, gamma=0.9):
     """PPO's per-turn rewards (T,), whose sum is exactly TSE(tau):
     r_t = gamma^(t-1) v_t / D for t = 1..T, plus at t = T the outcome's share of the horizon,
     sum_{t=T+1..H} gamma^(t-1) v_t / D, with D = sum_{t=1..H} gamma^(t-1)."""
-    v, T = tse.turn_values(rec, values, horizon)
+    v, T = tse.turn_values(rec, event_values, horizon)
     D = sum(gamma ** t for t in range(horizon))
     r = [gamma ** t * v[t] / D for t in range(T)]
     if T:
@@ -72,12 +72,12 @@ def turn_rewards(rec, values, horizon, gamma=0.9):
     return r
 
 
-def token_rewards(trajs, values, horizon, L):
+def token_rewards(trajs, event_values, horizon, L):
     """(B, L-1) rewards aligned with token_logps_values' targets: each turn's `turn_rewards` on the
     target index of its reply's last token (<|eot|>, at position end - 1), 0 elsewhere."""
     rewards = torch.zeros(len(trajs), L - 1)
     for b, tr in enumerate(trajs):
-        for (_, end), r in zip(tr["replies"], turn_rewards(tr["record"], values, horizon)):
+        for (_, end), r in zip(tr["replies"], turn_rewards(tr["record"], event_values, horizon)):
             rewards[b, end - 2] = r
     return rewards
 
@@ -96,7 +96,7 @@ class ValueHead(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- one iteration
-def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, values, world, args, it, seed):
+def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, event_values, world, args, it, seed):
     """Rollout -> per-token rewards, KL shaping, GAE -> a few epochs of clipped PPO. One metrics line."""
     t0 = time.time()
     trajs = flat.flat_rollout((model, tok), scenarios, world, args, seed)
@@ -106,7 +106,7 @@ def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, values, wor
     with torch.no_grad():
         old_logps, old_values = flat.token_logps_values(model, value_head, ids, attn, mask, T)   # (B, L-1) each
         ref_logps, _ = flat.token_logps_values(ref_model, None, ids, attn, mask, T)
-    rewards = token_rewards(trajs, values, world.HORIZON, ids.shape[1]).to(model.device)  # (B, L-1)
+    rewards = token_rewards(trajs, event_values, world.HORIZON, ids.shape[1]).to(model.device)  # (B, L-1)
     shaped = kl_shaped_rewards(rewards, old_logps, ref_logps, args.kl_coef)
     adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
     for b in range(len(trajs)):      # GAE over this dialogue's reply tokens only; V = 0 after the end
@@ -134,7 +134,7 @@ def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, values, wor
                 skipped += 1
     model.eval()
     kl = ((old_logps - ref_logps)[act]).mean().item()
-    scores = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
+    scores = [gopo.joint_reward(tr["record"], event_values, world.HORIZON, args.alpha) for tr in trajs]
     return {"iter": it, **flat.rollout_metrics(trajs, scores, world, t0, loss=tse.mean(pg_losses) if pg_losses else None,
                                                value_loss=tse.mean(v_losses) if v_losses else None, kl=kl,
                                                nonfinite_steps=skipped)}

@@ -314,7 +314,7 @@ def build_cases(tmp, checkpoint):
     cases["sft_from_seed_clash"] = Case(BASELINES, ["--algo", "ppo", "--sft-from", str(sft_from / "seed_clash")],
                                         ["--seed", "7"], keep=str(sft_from / "seed_clash"))
     cases["sft_from_without_checkpoint"] = Case(
-        BASELINES, ["--algo", "ppo", "--sft-from", str(sft_from / "no_checkpoint")], ["flat_sft", "--algo sft"],
+        BASELINES, ["--method", "ppo", "--sft-from", str(sft_from / "no_checkpoint")], ["flat_sft", "--method sft"],
         keep=str(sft_from / "no_checkpoint"))
     cases["gopo_noexpert_k1"] = Case(BASELINES, ["--algo", "gopo-noexpert", "--k", "1"], ["--k", ">= 2", "gopo-noexpert"])
     cases["noexpert_branch_k1"] = Case(BASELINES, ["--algo", "gopo-noexpert", "--rollouts", "branch", "--k", "1"],
@@ -410,8 +410,7 @@ def build_cases(tmp, checkpoint):
     for name, (args, needles, keep) in eval_cases.items():
         cases[name] = Case("eval.py", args, needles, keep=keep)
     cases["eval_memento_bad_bank"] = Case(BASELINES, ["eval", memento], ["bank.pt"], keep=memento)   # a baseline
-    cases["eval_baseline_run_in_eval_py"] = Case("eval.py", [memento], ["memento", "experiments.baselines eval"],
-                                                 keep=memento)
+    cases["eval_baseline_run_in_eval_py"] = Case("eval.py", [memento], ["bank.pt"], keep=memento)   # eval.py plays it
     return cases
 
 
@@ -425,10 +424,10 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory, tok, models, cli_env):
     tmp = tmp_path_factory.mktemp("bad_input")
-    checkpoint = tmp / "checkpoint"
-    checkpoint.save_model(models[0], tok, str(checkpoint))
+    folder = tmp / "checkpoint"
+    checkpoint.save_model(models[0], tok, str(folder))
     (tmp / "cases").mkdir()
-    cases = build_cases(tmp / "cases", checkpoint)
+    cases = build_cases(tmp / "cases", folder)
     for case in cases.values():
         if case.keep:
             case.snapshot = snapshot(case.keep)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from experiments import baselines
+from experiments import baselines, flat, memento, ppo
 
 
 def test_gae_equals_discounted_sum_of_td_errors():
@@ -12,7 +12,7 @@ def test_gae_equals_discounted_sum_of_td_errors():
     g, lam = 0.9, 0.8
     d = [r[0] + g * v[1] - v[0], r[1] + g * v[2] - v[1], r[2] + g * v[3] - v[2]]
     expected = torch.tensor([d[0] + g * lam * d[1] + (g * lam) ** 2 * d[2], d[1] + g * lam * d[2], d[2]])
-    adv, ret = baselines.gae(r, v, g, lam)
+    adv, ret = ppo.gae(r, v, g, lam)
     torch.testing.assert_close(adv, expected)
     torch.testing.assert_close(ret, expected + v[:3])
 
@@ -20,7 +20,7 @@ def test_gae_equals_discounted_sum_of_td_errors():
 def test_gae_lambda_one_is_monte_carlo_return_minus_value():
     r = torch.tensor([1.0, 0.0, 3.0])
     v = torch.tensor([0.2, 0.4, 0.6, 0.0])
-    adv, ret = baselines.gae(r, v, gamma=0.5, lam=1.0)
+    adv, ret = ppo.gae(r, v, gamma=0.5, lam=1.0)
     mc = torch.tensor([1.0 + 0.5 * 0.0 + 0.25 * 3.0, 0.0 + 0.5 * 3.0, 3.0])
     torch.testing.assert_close(ret, mc)
     torch.testing.assert_close(adv, mc - v[:3])
@@ -36,19 +36,19 @@ def test_gae_lambda_one_is_monte_carlo_return_minus_value():
 def test_ppo_clip_inside_and_outside_the_range(ratio, adv, expected):
     old = torch.tensor([-1.0])
     new = old + torch.log(torch.tensor([ratio]))
-    loss = baselines.ppo_clip_loss(new, old, torch.tensor([adv]), clip=0.2)
+    loss = ppo.ppo_clip_loss(new, old, torch.tensor([adv]), clip=0.2)
     torch.testing.assert_close(loss, torch.tensor([expected]))
 
 
 def test_clipped_ratio_has_no_gradient():
     new = torch.tensor([0.5], requires_grad=True)      # ratio e^0.5 = 1.65 > 1.2, advantage > 0
-    baselines.ppo_clip_loss(new, torch.tensor([0.0]), torch.tensor([1.0])).sum().backward()
+    ppo.ppo_clip_loss(new, torch.tensor([0.0]), torch.tensor([1.0])).sum().backward()
     assert new.grad.item() == 0.0
 
 
 def test_kl_penalty_sign():
     r = torch.tensor([1.0, 1.0])
-    shaped = baselines.kl_shaped_rewards(r, logp_policy=torch.tensor([-1.0, -3.0]),
+    shaped = ppo.kl_shaped_rewards(r, logp_policy=torch.tensor([-1.0, -3.0]),
                                          logp_ref=torch.tensor([-2.0, -2.0]), beta=0.5)
     assert shaped[0] < 1.0 < shaped[1]                 # drifting up is penalised, down is rewarded
     torch.testing.assert_close(shaped, torch.tensor([0.5, 1.5]))
@@ -80,7 +80,7 @@ def test_turn_rewards_sum_to_tse(values):
     for rec in rule_dialogues():
         for horizon, gamma in ((shop.HORIZON, 0.9), (4, 0.8)):
             m = tse.trajectory_metrics(rec, values, horizon, gamma)
-            r = baselines.turn_rewards(rec, values, horizon, gamma)
+            r = ppo.turn_rewards(rec, values, horizon, gamma)
             assert len(r) == min(m["turns"], horizon)
             assert sum(r) == pytest.approx(m["tse"], abs=1e-12)
 
@@ -94,11 +94,11 @@ def test_returns_to_go_by_hand():
         {"role": "agent", "text": "c", "strategy": "close", "event": None},
         {"role": "customer", "text": "d", "strategy": None, "event": "purchase"}]}
     values = {"positive": 0.6, "purchase": 1.0}
-    G = baselines.returns_to_go(rec, values, horizon=4, gamma=0.5)
+    G = memento.returns_to_go(rec, values, horizon=4, gamma=0.5)
     assert G[0] == pytest.approx((0.6 + 0.5 + 0.25 + 0.125) / (1 + 0.5 + 0.25 + 0.125))
     assert G[1] == pytest.approx(1.0)
     assert G[0] == pytest.approx(tse.tse(["positive", "purchase"], True, values, 4, 0.5))
-    r = baselines.turn_rewards(rec, values, horizon=4, gamma=0.5)
+    r = ppo.turn_rewards(rec, values, horizon=4, gamma=0.5)
     assert r == pytest.approx([0.6 / 1.875, (0.5 + 0.25 + 0.125) / 1.875])
 
 
@@ -106,19 +106,19 @@ def test_returns_to_go_by_hand():
 def test_flat_rollout_records_recognised_acts_and_rewards_sit_on_eot(tok, models, values):
     _, agent_model = models
     scenarios = [shop.make_scenario(s) for s in data.train_seeds(6)]
-    trajs = baselines.FlatDialogues((agent_model, tok), scenarios, shop, seed=3).play(greedy=False)
+    trajs = flat.FlatDialogues((agent_model, tok), scenarios, shop, seed=3).play(greedy=False)
     eot = tok.eos_token_id
-    ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
-    rewards = baselines.token_rewards(trajs, values, shop.HORIZON, ids.shape[1])
+    ids, attn, mask = flat.flat_batch(trajs, tok.pad_token_id)
+    rewards = ppo.token_rewards(trajs, values, shop.HORIZON, ids.shape[1])
     for b, tr in enumerate(trajs):
         assert tr["decisions"] == [] and tr["allowed"] is None
         agent_turns = [t for t in tr["record"]["turns"] if t["role"] == "agent"]
         assert len(agent_turns) == len(tr["replies"]) >= 1
         for t in agent_turns:                      # no strategy was asked for: the recognised act
             assert t["strategy"] == shop.recognise(t["text"])
-        flat = serialize.flat_prompt_ids(tok)
+        prompt = serialize.flat_prompt_ids(tok)
         for start, end in tr["replies"]:
-            assert tr["agent_ids"][start - len(flat):start] == flat     # no strategy token before a reply
+            assert tr["agent_ids"][start - len(prompt):start] == prompt     # no strategy token before a reply
             assert tr["agent_ids"][end - 1] == eot
         assert mask[b].sum() == sum(e - s for s, e in tr["replies"])
         nonzero = rewards[b].nonzero().squeeze(1).tolist()
@@ -132,9 +132,9 @@ def test_target_logps_equal_full_logits_in_value_and_gradient(tok, models):
     chunks recomputed in backward; here 7 positions per chunk, so many chunks) gives the log-probs
     at temperature T, the value head's V and their gradients that the plain (B, L, V) logits give."""
     _, agent_model = models
-    trajs = baselines.FlatDialogues((agent_model, tok), [shop.make_scenario(s) for s in range(3)], shop, seed=1).play()
-    ids, attn, mask = baselines.flat_batch(trajs, tok.pad_token_id)
-    head = baselines.ValueHead(agent_model.config.hidden_size)
+    trajs = flat.FlatDialogues((agent_model, tok), [shop.make_scenario(s) for s in range(3)], shop, seed=1).play()
+    ids, attn, mask = flat.flat_batch(trajs, tok.pad_token_id)
+    head = ppo.ValueHead(agent_model.config.hidden_size)
     torch.nn.init.normal_(head.linear.weight, generator=torch.Generator().manual_seed(0))
     model = copy.deepcopy(agent_model)
     T, where = 0.7, mask[:, 1:].bool()
@@ -160,7 +160,7 @@ def test_target_logps_equal_full_logits_in_value_and_gradient(tok, models):
 
 # ----------------------------------------------------------------------------- Memento's case bank
 def small_bank(k=3):
-    bank = baselines.CaseBank(["a", "b", "c"], [1.0, 1.0, 1.0], shop.STRATEGIES, k=k)
+    bank = memento.CaseBank(["a", "b", "c"], [1.0, 1.0, 1.0], shop.STRATEGIES, k=k)
     bank.keys = torch.nn.functional.normalize(torch.tensor(
         [[1.0, 0, 0], [1.0, 0.1, 0], [0, 1.0, 0], [0.9, 0.3, 0], [0, 0, 1.0]]), dim=1)
     Z = {z: i for i, z in enumerate(shop.STRATEGIES)}
@@ -200,12 +200,12 @@ def test_case_bank_choices_always_obey_the_sop():
 
 
 def test_case_bank_round_trips_through_a_file(tmp_path, logs, values):
-    bank = baselines.CaseBank.from_logs(logs, shop.STRATEGIES)
+    bank = memento.CaseBank.from_logs(logs, shop.STRATEGIES)
     bank.add(logs[:10], values, shop.HORIZON)
     assert len(bank.z) == sum(sum(t["role"] == "agent" for t in r["turns"]) for r in logs[:10])
     assert torch.allclose(bank.keys.norm(dim=1), torch.ones(len(bank.z)))
     torch.save(bank.state_dict(), tmp_path / "bank.pt")
-    again = baselines.CaseBank.load(tmp_path / "bank.pt")
+    again = memento.CaseBank.load(tmp_path / "bank.pt")
     assert torch.equal(again.keys, bank.keys) and torch.equal(again.z, bank.z) and torch.equal(again.g, bank.g)
     assert again.vocab == bank.vocab and again.k == bank.k
 
@@ -243,7 +243,7 @@ def mean_tse(trajs, values):
 def sampled_tse(model, tok, scen, values):
     """Mean TSE of 4 sampled flat-agent dialogues per scenario, always with the same random streams
     (common random numbers: a change in the score is a change of the policy, not of the dice)."""
-    return mean_tse(baselines.FlatDialogues((model, tok), [s for s in scen for _ in range(4)], shop, seed=999).play(),
+    return mean_tse(flat.FlatDialogues((model, tok), [s for s in scen for _ in range(4)], shop, seed=999).play(),
                     values)
 
 
@@ -280,18 +280,18 @@ def gaps_to_control(name, run, monkeypatch, module, attr, flip):
 
 def ppo_run(sft_models, tok, values, scen, offset):
     torch.manual_seed(0)
-    flat = copy.deepcopy(sft_models[2])
-    ref = copy.deepcopy(flat).eval()
-    head = baselines.ValueHead(flat.config.hidden_size)
-    opt = torch.optim.AdamW([*flat.parameters(), *head.parameters()], lr=3e-4, weight_decay=0.0)
-    params = [p.detach().clone() for p in flat.parameters()]
+    flat_model = copy.deepcopy(sft_models[2])
+    ref = copy.deepcopy(flat_model).eval()
+    head = ppo.ValueHead(flat_model.config.hidden_size)
+    opt = torch.optim.AdamW([*flat_model.parameters(), *head.parameters()], lr=3e-4, weight_decay=0.0)
+    params = [p.detach().clone() for p in flat_model.parameters()]
     for it in range(4):
-        m = baselines.ppo_iteration(flat, head, ref, tok, opt, scen, values, shop, SimpleNamespace(**ARGS), it,
+        m = ppo.ppo_iteration(flat_model, head, ref, tok, opt, scen, values, shop, SimpleNamespace(**ARGS), it,
                                     seed=offset + it)
         assert m["nonfinite_steps"] == 0 and math.isfinite(m["loss"]) and math.isfinite(m["value_loss"])
-    assert params_changed(params, flat) > 0
+    assert params_changed(params, flat_model) > 0
     assert head.linear.weight.abs().sum() > 0, "the value head did not learn"
-    return sampled_tse(flat, tok, scen, values)
+    return sampled_tse(flat_model, tok, scen, values)
 
 
 def test_ppo_follows_its_reward(sft_models, tok, values, monkeypatch):
@@ -302,20 +302,20 @@ def test_ppo_follows_its_reward(sft_models, tok, values, monkeypatch):
     The gain over the start alone is 0.013-0.051, smaller than what another machine changes, so it
     is not what is asserted. Fails when the update is disabled or its sign is wrong."""
     gaps = gaps_to_control("ppo", lambda scen, offset: ppo_run(sft_models, tok, values, scen, offset), monkeypatch,
-                           baselines, "turn_rewards", lambda rs: [-r for r in rs])
+                           ppo, "turn_rewards", lambda rs: [-r for r in rs])
     assert sum(gaps) / 2 > 0.08, f"PPO did not follow its reward: real - negated TSE {gaps}"
 
 
 def memento_run(sft_models, tok, logs, values, scen):
     """A bank started empty (vocabulary from the logs) after 4 Memento iterations; its greedy TSE."""
     expert_model, agent_model, _ = sft_models
-    bank = baselines.CaseBank.from_logs(logs, shop.STRATEGIES)
+    bank = memento.CaseBank.from_logs(logs, shop.STRATEGIES)
     for it in range(4):
         n = len(bank.z)
-        baselines.memento_iteration(expert_model, agent_model, tok, tok, bank, scen, values, shop,
+        memento.memento_iteration(expert_model, agent_model, tok, tok, bank, scen, values, shop,
                                     SimpleNamespace(**ARGS), it, seed=it)
         assert len(bank.z) > n
-    return mean_tse(baselines.MementoDialogues(bank, 0.0, None, expert_model, agent_model, tok, tok, scen,
+    return mean_tse(memento.MementoDialogues(bank, 0.0, None, expert_model, agent_model, tok, tok, scen,
                                                shop).play(greedy=True), values)
 
 
@@ -337,15 +337,15 @@ def test_memento_bank_follows_its_returns_without_touching_the_models(sft_models
 
 def ablation_run(sft_models, tok, values, scen, offset):
     torch.manual_seed(0)
-    flat = copy.deepcopy(sft_models[2])
-    opt = torch.optim.AdamW(flat.parameters(), lr=3e-4, weight_decay=0.0)
-    params = [p.detach().clone() for p in flat.parameters()]
+    flat_model = copy.deepcopy(sft_models[2])
+    opt = torch.optim.AdamW(flat_model.parameters(), lr=3e-4, weight_decay=0.0)
+    params = [p.detach().clone() for p in flat_model.parameters()]
     for it in range(4):
-        m = baselines.flat_dpo_iteration(flat, tok, opt, scen, values, shop, SimpleNamespace(**{**ARGS, "gopo_epochs": 4}),
+        m = baselines.flat_dpo_iteration(flat_model, tok, opt, scen, values, shop, SimpleNamespace(**{**ARGS, "gopo_epochs": 4}),
                                          it, seed=offset + it)
         assert m["pairs"] > 0 and m["nonfinite_steps"] == 0
-    assert params_changed(params, flat) > 0
-    return sampled_tse(flat, tok, scen, values)
+    assert params_changed(params, flat_model) > 0
+    return sampled_tse(flat_model, tok, scen, values)
 
 
 def test_noexpert_ablation_follows_its_preferences(sft_models, tok, values, monkeypatch):

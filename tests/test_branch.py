@@ -172,10 +172,10 @@ def test_the_flat_agent_branches_too_and_its_loss_skips_the_shared_replies(model
     replies token for token, and the ablation's loss mask (flat_batch(after_branch=True)) leaves
     exactly those replies out."""
     from types import SimpleNamespace
-    from experiments import baselines
+    from experiments import flat
     _, agent_model = models
     args = SimpleNamespace(k=K, agent_temperature=1.0, max_reply_tokens=12)
-    trajs = baselines.flat_rollout(agent_model, tok, SCENARIOS[:4], shop, args, 2, "branch")
+    trajs = flat.flat_rollout((agent_model, tok), SCENARIOS[:4], shop, args, 2, "branch")
     assert len(trajs) == 4 * K
     for n in range(4):
         group = trajs[n * K:(n + 1) * K]
@@ -184,8 +184,8 @@ def test_the_flat_agent_branches_too_and_its_loss_skips_the_shared_replies(model
         end = group[0]["replies"][b - 1][1] if b else 0
         for fork in group[1:]:
             assert fork["agent_ids"][:end] == group[0]["agent_ids"][:end] and fork["replies"][:b] == group[0]["replies"][:b]
-        _, _, mask = baselines.flat_batch(group, tok.pad_token_id, after_branch=True)
-        _, _, every = baselines.flat_batch(group, tok.pad_token_id)
+        _, _, mask = flat.flat_batch(group, tok.pad_token_id, after_branch=True)
+        _, _, every = flat.flat_batch(group, tok.pad_token_id)
         for t, m, e in zip(group, mask, every):
             cut = t["replies"][b][0]                        # the first reply the loss scores
             assert m[:cut].sum() == 0 and torch.equal(m[cut:], e[cut:])
