@@ -257,26 +257,30 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     def make(batch, index, **kw):
         return rollout_lib.ExpertDialogues(models["expert"], models["agent"], batch, world, seed, index=index, **kw)
     mine = parallel.share(list(range(len(scenarios))))      # distributed: each rank plays its scenarios' groups
-    trajs = [tr for group in parallel.gather(rollout_lib.play_groups(
+    groups = parallel.gather(rollout_lib.play_groups(
         make, [scenarios[i] for i in mine], args.k, mine, seed, args.rollouts, args.branch_at,
-        args.agent_temperature, args.max_reply_tokens)) for tr in group]   # every rank: the whole batch, in order
-    rollout_groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
-    # 2. score with R (eq. 3) and build pairs within each scenario
+        args.agent_temperature, args.max_reply_tokens))    # every rank: the whole batch, in order
+    trajs = [tr for group in groups for tr in group]
+    sizes = [len(group) for group in groups]                 # K each; fewer for a fork group with few decisions
+    rollout_groups = [list(range(sum(sizes[:n]), sum(sizes[:n + 1]))) for n in range(len(groups))]
+    # 2. score with R (eq. 3) and build pairs within each scenario (--rollouts fork: each fork with its spine)
     scores = [joint_reward(tr["record"], event_values, world.HORIZON, args.alpha) for tr in trajs]
     rewards = [m["R"] for m in scores]
-    chose = lambda i: segment_strategies(trajs[i], args.segment)   # noqa: E731  (--segment: pairs must differ there)
-    pairs = build_pairs(rewards, rollout_groups, args.delta, args.max_pairs,
+    scored, scored_groups, scored_rewards = fork_views(trajs, rollout_groups, rewards) if args.rollouts == "fork" \
+        else (trajs, rollout_groups, rewards)
+    chose = lambda i: segment_strategies(scored[i], args.segment)   # noqa: E731  (--segment: pairs must differ there)
+    pairs = build_pairs(scored_rewards, scored_groups, args.delta, args.max_pairs,
                         (lambda w, l: chose(w) != chose(l)) if args.segment else None)
     # 3. Expert update on the trajectory-level preference loss, eq. (4) (or (4'), --listwise)
-    units = rollout_groups if args.listwise else pairs
+    units = scored_groups if args.listwise else pairs
     expert_model.train()
     losses, stats = [], {}
     if units:
         ref_model = models["expert_sft"][0] if args.ref == "sft" else expert_model   # before any step
-        S_ref = reference_logps(ref_model, tok_e, trajs, units, world.STRATEGIES, args.segment)   # (N,)
+        S_ref = reference_logps(ref_model, tok_e, scored, units, world.STRATEGIES, args.segment)   # (N,)
         for _ in range(args.gopo_epochs):
-            loss, stats = expert_update(models["expert"], opts["expert"], trajs, units, S_ref, torch.tensor(rewards),
-                                        world.STRATEGIES, args)
+            loss, stats = expert_update(models["expert"], opts["expert"], scored, units, S_ref,
+                                        torch.tensor(scored_rewards), world.STRATEGIES, args)
             losses.append(loss)           # stats: the last step's forward, as a DPO trainer logs them
     expert_model.eval()
     if "expert_sft" in models:
@@ -294,8 +298,24 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     finite = [x for x in losses if math.isfinite(x)]
     return {"iter": it, **rollout_scores(scores), "gre": tse.mean(tse.record_gre(r, world.recognise) for r in recs),
             "loss": tse.mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
-            "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats, **decision_stats(trajs, pairs, world),
+            "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats, **decision_stats(trajs, pairs, world, scored),
             "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None, "seconds": round(time.time() - t0, 2)}
+
+
+def fork_views(trajs, rollout_groups, rewards):
+    """--rollouts fork: what the loss reads. Each fork is paired with its spine alone, and the two
+    share every decision before the fork's, so the spine is scored from there on: a view of it (the
+    same dialogue, a dict sharing its token lists, its "branch" set to the fork's) per fork.
+    Returns (views, groups of [spine view, fork], their rewards); the metrics still read each
+    dialogue once."""
+    views, groups, view_rewards = [], [], []
+    for g in rollout_groups:
+        spine = g[0]
+        for i in g[1:]:
+            groups.append([len(views), len(views) + 1])
+            views += [{**trajs[spine], "branch": trajs[i]["branch"]}, trajs[i]]
+            view_rewards += [rewards[spine], rewards[i]]
+    return views, groups, view_rewards
 
 
 def rollout_scores(scores):
@@ -304,9 +324,10 @@ def rollout_scores(scores):
     return {k: tse.mean(m[k] for m in scores) for k in ("R", "tse", "esndcg", "success")}
 
 
-def decision_stats(trajs, pairs, world):
+def decision_stats(trajs, pairs, world, paired=None):
     """Which decisions an iteration's rollouts get right, and which its pairs contrast, per decision
-    group (worlds.decisions: the kind of decision, the strategy taken, the label policy's choice):
+    group (worlds.decisions: the kind of decision, the strategy taken, the label policy's choice);
+    paired: the trajectories the pairs index (fork_views; default trajs):
       acc/<group>    share of the rollouts' decisions that match the label: each sampled decision
                      once (a fork's copied turns count in the dialogue they were copied from);
       pairs/<group>  share of the preference pairs whose first differing decision is of that group
@@ -316,6 +337,9 @@ def decision_stats(trajs, pairs, world):
         return {}
     seen = [worlds.decisions(world, tr["record"]) for tr in trajs]              # [(group, taken, label)] each
     counts = worlds.tally(world, [d[tr["branch"] if tr.get("fork") else 0:] for tr, d in zip(trajs, seen)])
+    if paired is not None and paired is not trajs:
+        by_record = {id(tr["record"]): d for tr, d in zip(trajs, seen)}
+        seen = [by_record[id(tr["record"])] for tr in paired]
     first = {g: 0 for g in [*worlds.decision_groups(world), "same"]}
     for w, l in pairs:
         first[first_difference_group(seen[w], seen[l])] += 1

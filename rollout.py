@@ -19,7 +19,7 @@ records (`record_turn`) is a subclass: the Expert's decision (`ExpertDialogues`,
 plays). experiments/ adds its own: the flat agent, no Expert (flat.py), and Memento, where a case
 bank decides (memento.py). An agent is passed as its (model, tokenizer) pair.
 
-K rollouts per scenario, the groups GOPO's pairs come from (`play_groups`), are played one of two ways:
+K rollouts per scenario, the groups GOPO's pairs come from (`play_groups`), are played one of three ways:
 
   independent  K whole dialogues from the customer's opening line. Two of them part at the first
                decision the dice make differently, mostly an early, easy one, and differ at almost
@@ -31,6 +31,16 @@ K rollouts per scenario, the groups GOPO's pairs come from (`play_groups`), are 
                those terms cancel exactly (the loss drops them: gopo.scored_logps) and the preference
                falls on decision b and what followed it. As in SDPO (Kong et al. 2025), the
                alternatives are sampled from the point where the dialogues part.
+  fork         one on-policy dialogue (the spine), then K - 1 forks of it, each at another of its
+               decisions (`fork_points`: uniform over the decisions where the SOP allows more than
+               one strategy, so a decision the Expert is sure of, rightly or wrongly, is reached as
+               often as an unsure one). At its fork decision a fork takes the runner-up of the
+               spine's own Gumbel draw there (Gumbel-top-2: the spine's strategy and the fork's are
+               an exact sample without replacement), so it differs from the spine at exactly that
+               decision, and every time; after it, it plays on with the policy. Each fork is paired
+               with the spine alone: their shared prefix cancels as in branch, and the preference
+               falls on the fork decision and what followed it (gopo.fork_views). As in MCTS-DPO and
+               Agent Q, the contrast is between sibling actions at one state.
 """
 import copy
 import random
@@ -67,10 +77,14 @@ def play_groups(make, scenarios, k, index, seed, rollouts="independent", branch_
     make(scenarios, index, starts=None, snapshots=False) -> a Dialogues of this method (ExpertDialogues,
     FlatDialogues), seeded with `seed`; index: each scenario's number in the whole batch (a rank's
     share keeps the numbers, and so the dialogues, it would have in one process).
-    rollouts: "independent" (K dialogues from the opening line) or "branch" (one dialogue, then K - 1
-    continuations of it from its decision `branch_point`: see the module docstring).
-    Each trajectory gets "branch", the decisions its group shares (0: none), and "fork", True where
-    its first `branch` turns are a copy of the group's first dialogue."""
+    rollouts: "independent" (K dialogues from the opening line), "branch" (one dialogue, then K - 1
+    continuations of it from its decision `branch_point`) or "fork" (one dialogue, then up to K - 1
+    forks of it, each at another decision, `fork_points`, taking the runner-up strategy there): see
+    the module docstring. A fork group holds fewer than K where the spine has fewer decisions to fork.
+    Each trajectory gets "branch", the decisions it shares with the group's first dialogue (0: none),
+    and "fork", True where its first `branch` turns are a copy of the group's first dialogue."""
+    if rollouts == "fork":
+        return play_forks(make, scenarios, k, index, seed, temperature, max_reply_tokens)
     if rollouts == "independent":
         trajs = make([s for s in scenarios for _ in range(k)], [g * k + j for g in index for j in range(k)]).play(
             False, temperature, max_reply_tokens)
@@ -90,6 +104,39 @@ def play_groups(make, scenarios, k, index, seed, rollouts="independent", branch_
             member["branch"], member["fork"] = b, m > 0
         groups.append(group)
     return groups
+
+
+def play_forks(make, scenarios, k, index, seed, temperature=0.7, max_reply_tokens=32):
+    """play_groups' "fork" mode: [spine, fork, ...] per scenario, each fork at its own decision."""
+    first = make(scenarios, [g * k for g in index], snapshots=True)
+    spines = first.play(False, temperature, max_reply_tokens)
+    points = [fork_points(tr, k - 1, random.Random(f"fork/{seed}/{g}")) for tr, g in zip(spines, index)]
+    starts, runner_up, batch, numbers = [], [], [], []
+    for n, pts in enumerate(points):
+        for j, b in enumerate(pts):
+            starts += first.fork(n, b, 1)
+            runner_up.append((spines[n]["decisions"][b][1], int(first.keys[n]), b))   # (spine's z, its dice, turn)
+            batch.append(scenarios[n])
+            numbers.append(index[n] * k + 1 + j)
+    forks = make(batch, numbers, starts=starts, runner_up=runner_up).play(False, temperature, max_reply_tokens) \
+        if batch else []
+    groups, at = [], 0
+    for tr, pts in zip(spines, points):
+        tr["branch"], tr["fork"] = 0, False
+        group = [tr] + forks[at:at + len(pts)]
+        for member, b in zip(group[1:], pts):
+            member["branch"], member["fork"] = b, True
+        at += len(pts)
+        groups.append(group)
+    return groups
+
+
+def fork_points(tr, m, rng):
+    """Up to m distinct decisions of a played dialogue to fork at, drawn uniformly among those where
+    the SOP allowed more than one strategy (a fork must take another), in turn order. Uniform, not by
+    entropy: the decisions the SFT Expert gets wrong with confidence are the ones entropy never picks."""
+    open_ = [t for t, row in enumerate(tr["allowed"]) if int(row.sum()) > 1]
+    return sorted(rng.sample(open_, min(m, len(open_))))
 
 
 def branch_point(tr, branch_at, rng):
@@ -205,8 +252,11 @@ class ExpertDialogues(Dialogues):
     the CS Agent writes the reply that carries out the decision."""
 
     def __init__(self, expert, agent, scenarios, world=shop, seed=0, index=None, cache=True, starts=None,
-                 snapshots=False):
+                 snapshots=False, runner_up=None):
+        """runner_up: per dialogue (a fork), (the spine's strategy index, the spine's dice key, the
+        turn): its first decision takes the runner-up of the spine's Gumbel draw at that turn."""
         super().__init__(agent, scenarios, world, seed, index, cache, starts, snapshots)
+        self.runner_up = runner_up
         self.expert_model, self.tok_e = expert_model, tok_e = expert
         self.strategy_ids = expert_lib.strategy_ids(tok_e, world.STRATEGIES)
         self.expert_ctx = engine.Context(expert_model, [tr["ids"] if starts is not None else serialize.start_ids(tok_e) +
@@ -228,8 +278,17 @@ class ExpertDialogues(Dialogues):
         uniforms = None if greedy else engine.uniforms(self.keys[live].to(logits.device), (2 * t) << 12,
                                                        len(strategies))                 # (B, Z)
         allowed = expert_lib.sop_mask(histories, strategies, self.world.allowed)        # (B, Z)
-        z, logp = self.decide(logits, allowed, uniforms, live)                          # (B,) each
         entropy = expert_lib.entropy(expert_lib.masked_logps(logits, self.strategy_ids, allowed)).tolist()
+        if self.runner_up is not None and t == 0:   # a fork's fork decision: the spine's draw, its choice out
+            spine_z, spine_keys, turns = zip(*(self.runner_up[i] for i in live))
+            uniforms = torch.stack([engine.uniforms(torch.tensor([key]), (2 * b) << 12, len(strategies))[0]
+                                    for key, b in zip(spine_keys, turns)]).to(logits.device)   # (B, Z)
+            chosen = allowed.clone()
+            chosen[torch.arange(len(live)), torch.tensor(spine_z)] = False
+            z, _ = self.decide(logits, chosen, uniforms, live)
+            logp = expert_lib.masked_logps(logits, self.strategy_ids, allowed).gather(1, z[:, None]).squeeze(1)
+        else:
+            z, logp = self.decide(logits, allowed, uniforms, live)                      # (B,) each
         asks = [{"strategy": strategies[k], "z": k, "logp": lp, "entropy": h, "history": hist}
                 for k, lp, h, hist in zip(z.tolist(), logp.tolist(), entropy, histories)]
         self.agent_ctx.extend([serialize.agent_prompt_ids(self.tok_a, a["strategy"], self.world.INSTRUCTIONS[a["strategy"]])

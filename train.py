@@ -146,11 +146,14 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--delta", type=positive(float), default=0.05, help="min reward gap for a preference pair")
     g.add_argument("--max-pairs", type=positive(int), default=4, help="pairs per scenario, at most")
     g.add_argument("--listwise", action="store_true", help="Plackett-Luce over the K rollouts instead of pairs")
-    g.add_argument("--rollouts", default="independent", choices=["independent", "branch"],
+    g.add_argument("--rollouts", default="independent", choices=["independent", "branch", "fork"],
                    help="how the K rollouts of a scenario are played: independent, K dialogues from the opening line; branch, "
                    "one dialogue, then K-1 continuations of it from one of its decisions (copies of the customer and the "
                    "contexts there), so a pair's dialogues share every decision before it and the preference falls on "
-                   "the branch (rollout.py; docs/branching.md). gopo and gopo-noexpert")
+                   "the branch (docs/branching.md; gopo and gopo-noexpert); fork, one dialogue (the spine), then K-1 forks "
+                   "of it, each at another decision with more than one allowed strategy, drawn uniformly, where it takes "
+                   "the runner-up of the spine's own draw and plays on: each fork is paired with the spine, and they "
+                   "differ first at exactly that decision (rollout.py; gopo only)")
     g.add_argument("--branch-at", default="entropy", choices=["entropy", "uniform"],
                    help="--rollouts branch: which decision to branch at: entropy, drawn in proportion to the entropy of the "
                    "Expert's SOP-masked distribution there (a forced or sure decision gives no contrast); uniform, any of "
@@ -191,12 +194,15 @@ def check_flags(args, p):
         die("--resume runs in one process without --fsdp; resume without torchrun")
     if args.d_model % 4:
         die(f"--d-model must be a multiple of the 4 attention heads, got {args.d_model}")
-    if args.rollouts == "branch" and args.k < 2:
-        die(f"--rollouts branch plays --k continuations from a branch point and compares them: --k must be >= 2, "
-            f"got {args.k}")
-    if args.segment and args.rollouts != "branch":
-        die(f"--segment {args.segment} scores decisions from a branch point: add --rollouts branch (independent "
-            "dialogues share no prefix, so nothing before their first difference cancels)")
+    if args.rollouts in ("branch", "fork") and args.k < 2:
+        die(f"--rollouts {args.rollouts} plays one dialogue and --k - 1 others from its decisions and compares "
+            f"them: --k must be >= 2, got {args.k}")
+    if args.segment and args.rollouts == "independent":
+        die(f"--segment {args.segment} scores decisions from a branch point: add --rollouts branch or fork "
+            "(independent dialogues share no prefix, so nothing before their first difference cancels)")
+    if args.rollouts == "fork" and args.listwise:
+        die("--listwise ranks a scenario's K rollouts from one shared branch point; --rollouts fork pairs each fork "
+            "with the spine at its own decision: drop --listwise")
     if args.method == "gopo" and args.k < 2:   # with one rollout per scenario build_pairs finds no pair: nothing learnt
         die(f"--k must be >= 2 for --method gopo: a preference pair compares two rollouts of one scenario, got {args.k}")
     if args.data != "sim" and not args.data_path:

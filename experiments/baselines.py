@@ -35,12 +35,12 @@ import tse
 from experiments import flat, memento, ppo
 
 
-def flat_dpo_iteration(model, tok, opt, scenarios, values, world, args, it, seed):
+def flat_dpo_iteration(model, tok, opt, scenarios, event_values, world, args, it, seed):
     """The no-Expert ablation: GOPO's rollout -> R -> pairs -> trajectory DPO, on the flat agent's
     reply tokens. S(tau) = sum of its reply-token log-probs; the reference is the agent that sampled."""
     t0 = time.time()
     trajs = flat.flat_rollout((model, tok), scenarios, world, args, seed, args.rollouts)
-    scores = [gopo.joint_reward(tr["record"], values, world.HORIZON, args.alpha) for tr in trajs]
+    scores = [gopo.joint_reward(tr["record"], event_values, world.HORIZON, args.alpha) for tr in trajs]
     rewards = [m["R"] for m in scores]
     rollout_groups = [list(range(i * args.k, (i + 1) * args.k)) for i in range(len(scenarios))]
     said = lambda tr: [tr["agent_ids"][s:e] for s, e in flat.scored_replies(tr, args.segment)]   # noqa: E731
@@ -110,6 +110,9 @@ def check_flags(args):
     if args.resume:
         cli.die(f"--resume continues train.py's gopo and sft runs only; start the {args.method} run again "
                 "(baselines take a few minutes)")
+    if args.rollouts == "fork":
+        cli.die("--rollouts fork takes the runner-up of the Expert's decision; a flat agent makes none: use "
+                "--rollouts independent or branch")
     if args.rollouts == "branch" and args.method != "gopo-noexpert":
         cli.die(f"--rollouts branch is for GOPO's preference pairs (gopo, gopo-noexpert); --method {args.method} "
                 "plays independent rollouts")
@@ -135,7 +138,7 @@ def main(argv=None):
 def trainer(run, models):
     """A baseline's (step(scenarios, it, seed) -> metrics line, save(run_dir)) for train.train_loop.
     models: the placed SFT models, the flat agent for ppo and gopo-noexpert, both agents for memento."""
-    method, args, values, world = run.args.method, run.args, run.event_values, run.world
+    method, args, event_values, world = run.args.method, run.args, run.event_values, run.world
     if method == "ppo":
         agent_model, tok_a = models["flat"]
         ref_model = copy.deepcopy(agent_model).eval()           # the frozen SFT flat agent (KL penalty)
@@ -147,20 +150,20 @@ def trainer(run, models):
             checkpoint.save_model(agent_model, tok_a, os.path.join(run_dir, "flat"))
             torch.save(value_head.state_dict(), os.path.join(run_dir, "value_head.pt"))
         return (lambda scenarios, it, seed: ppo.ppo_iteration(agent_model, value_head, ref_model, tok_a, opt, scenarios,
-                                                          values, world, args, it, seed)), save
+                                                          event_values, world, args, it, seed)), save
     if method == "gopo-noexpert":
         agent_model, tok_a = models["flat"]
         opt = torch.optim.AdamW(agent_model.parameters(), lr=args.flat_lr, weight_decay=0.0)
-        return (lambda scenarios, it, seed: flat_dpo_iteration(agent_model, tok_a, opt, scenarios, values, world,
+        return (lambda scenarios, it, seed: flat_dpo_iteration(agent_model, tok_a, opt, scenarios, event_values, world,
                                                                args, it, seed)), \
             (lambda run_dir: checkpoint.save_model(agent_model, tok_a, os.path.join(run_dir, "flat")))
     if method == "memento":
         (expert_model, tok_e), (agent_model, tok_a) = models["expert"], models["agent"]
         bank = memento.CaseBank.from_logs(run.logs, world.STRATEGIES, args.memento_k, args.memento_decay)
         if args.memento_logs:
-            bank.add(run.logs, values, world.HORIZON)
+            bank.add(run.logs, event_values, world.HORIZON)
         return (lambda scenarios, it, seed: memento.memento_iteration(expert_model, agent_model, tok_e, tok_a, bank, scenarios,
-                                                              values, world, args, it, seed)), \
+                                                              event_values, world, args, it, seed)), \
             (lambda run_dir: torch.save(bank.state_dict(), os.path.join(run_dir, "bank.pt")))
     raise ValueError(f"not a baseline: {method}")
 
