@@ -138,6 +138,8 @@ def check_saved_config(saved, path, p):
             continue
         if isinstance(a.default, bool):
             ok = isinstance(v, bool)
+        elif isinstance(a.default, list):   # --keep-at
+            ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
         else:
             try:
                 ok = not isinstance(v, (bool, dict, list)) and (a.type or str)(str(v)) == v \
@@ -245,17 +247,35 @@ def load_sft(run_dir, sft_from, need, values):
     return {name: lm.load(os.path.join(run_dir, f"{name}_sft")) for name in need}
 
 def keep_metrics(path, n):
-    """Keep the first n lines of metrics.jsonl (those of checkpointed iterations); rank 0."""
+    """Keep the first n lines of metrics.jsonl (those of checkpointed iterations), rank 0; returns them,
+    parsed (every rank)."""
+    lines = open(path).read().splitlines()[:n] if os.path.exists(path) else []
+    parallel.barrier()
     if parallel.is_main():
-        lines = open(path).read().splitlines()[:n] if os.path.exists(path) else []
         with open(path, "w") as f:
             f.write("".join(line + "\n" for line in lines))
+    return [json.loads(line) for line in lines]
 
 def append_metrics(path, m):
     """One iteration's line of metrics.jsonl; rank 0."""
     if parallel.is_main():
         with open(path, "a") as f:
             f.write(json.dumps(m) + "\n")
+
+
+def keep_models(run_dir, name, models):
+    """--keep-at: run_dir/name/, a run folder of the models as they are now, that eval.py evaluates like
+    the run itself: its expert/ and agent/, and copies of the run's config, event values and SFT
+    models (the rows it is compared with)."""
+    folder = os.path.join(run_dir, name)
+    for n in ("expert", "agent"):
+        save_model(*models[n], os.path.join(folder, n))
+    if parallel.is_main():
+        for f in ("config.json", "values.json", "sft.json"):
+            shutil.copy(os.path.join(run_dir, f), os.path.join(folder, f))
+        for d in ("expert_sft", "agent_sft"):
+            shutil.copytree(os.path.join(run_dir, d), os.path.join(folder, d), dirs_exist_ok=True)
+    parallel.barrier()
 
 
 def save_model(model, tokenizer, path):

@@ -50,6 +50,17 @@ def checked(kind, lo, lo_ok, hi=None):
     return parse
 
 
+def int_list(s):
+    """argparse type: "1,2,3" -> [1, 2, 3], each an integer > 0."""
+    try:
+        out = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected integers > 0, got '{s}'")
+    return list(out)
+
+
 def positive(kind):
     return checked(kind, 0, False)
 

@@ -257,9 +257,15 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     def make(batch, index, **kw):
         return rollout_lib.ExpertDialogues(models["expert"], models["agent"], batch, world, seed, index=index, **kw)
     mine = parallel.share(list(range(len(scenarios))))      # distributed: each rank plays its scenarios' groups
-    groups = parallel.gather(rollout_lib.play_groups(
-        make, [scenarios[i] for i in mine], args.k, mine, seed, args.rollouts, args.branch_at,
-        args.agent_temperature, args.max_reply_tokens))    # every rank: the whole batch, in order
+    n_independent = round(getattr(args, "mix", 0.0) * len(scenarios))   # --mix: the first scenarios independent
+    played = {}
+    for mode, part in (("independent", [i for i in mine if i < n_independent]),
+                       (args.rollouts, [i for i in mine if i >= n_independent])):
+        if part:
+            played.update(zip(part, rollout_lib.play_groups(make, [scenarios[i] for i in part], args.k, part, seed,
+                                                            mode, args.branch_at, args.agent_temperature,
+                                                            args.max_reply_tokens)))
+    groups = parallel.gather([played[i] for i in mine])     # every rank: the whole batch, in order
     trajs = [tr for group in groups for tr in group]
     sizes = [len(group) for group in groups]                 # K each; fewer for a fork group with few decisions
     rollout_groups = [list(range(sum(sizes[:n]), sum(sizes[:n + 1]))) for n in range(len(groups))]
@@ -299,7 +305,8 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     return {"iter": it, **rollout_scores(scores), "gre": tse.mean(tse.record_gre(r, world.recognise) for r in recs),
             "loss": tse.mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
             "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats, **decision_stats(trajs, pairs, world, scored),
-            "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None, "seconds": round(time.time() - t0, 2)}
+            "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None,
+            "turns_played": rollout_lib.turns_played(trajs), "seconds": round(time.time() - t0, 2)}
 
 
 def fork_views(trajs, rollout_groups, rewards):
@@ -311,6 +318,11 @@ def fork_views(trajs, rollout_groups, rewards):
     views, groups, view_rewards = [], [], []
     for g in rollout_groups:
         spine = g[0]
+        if not any(trajs[i]["fork"] for i in g):   # --mix: an independent group, read as it is
+            groups.append(list(range(len(views), len(views) + len(g))))
+            views += [trajs[i] for i in g]
+            view_rewards += [rewards[i] for i in g]
+            continue
         for i in g[1:]:
             groups.append([len(views), len(views) + 1])
             views += [{**trajs[spine], "branch": trajs[i]["branch"]}, trajs[i]]

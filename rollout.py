@@ -131,6 +131,12 @@ def play_forks(make, scenarios, k, index, seed, temperature=0.7, max_reply_token
     return groups
 
 
+def turns_played(trajs):
+    """The agent turns these dialogues simulated: a continuation's or a fork's copied turns were
+    played once, by the dialogue they were copied from (the budget is counted in these turns)."""
+    return sum(len(tr["replies"]) - (tr.get("branch", 0) if tr.get("fork") else 0) for tr in trajs)
+
+
 def fork_points(tr, m, rng):
     """Up to m distinct decisions of a played dialogue to fork at, drawn uniformly among those where
     the SOP allowed more than one strategy (a fork must take another), in turn order. Uniform, not by

@@ -136,7 +136,13 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
                    "150, --sft-steps on the desk")
     # ---- GOPO
     g = p.add_argument_group("GOPO")
-    g.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations")
+    g.add_argument("--iters", type=positive(int), default=20, help="GOPO iterations (at most, with --turn-budget)")
+    g.add_argument("--turn-budget", type=nonneg(int), default=0,
+                   help="stop after the iteration whose rollouts bring the simulated agent turns (metrics.jsonl's "
+                   "agent_turns) to this many (0: --iters alone): rollout modes compared at equal turns")
+    g.add_argument("--keep-at", type=cli.int_list, default=[], metavar="T1,T2,...",
+                   help="gopo: when agent_turns first reaches each of these, write the models as they are then into "
+                   "at-<T>/, a run folder that eval.py evaluates (learning curves at equal turns)")
     g.add_argument("--scenarios", type=positive(int), default=16, help="scenarios per iteration (B)")
     g.add_argument("--k", type=positive(int), default=4,
                    help="rollouts per scenario (K); gopo needs >= 2, its preference pairs compare them")
@@ -162,6 +168,9 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
                    help="--rollouts branch: the loss scores this many decisions from the branch on (0: all of them, to the "
                    "end); 1 puts each preference on the branch decision alone, as SDPO scores the segment where two "
                    "dialogues part. Pairs that chose the same at every scored decision are left out")
+    g.add_argument("--mix", type=checked(float, 0, True, 1), default=0.0,
+                   help="--rollouts branch or fork: the share of each iteration's scenarios played with independent "
+                   "rollouts instead, so that the decisions the branch or fork pairs do not contrast keep being trained")
     g.add_argument("--gopo-epochs", type=positive(int), default=2, help="gradient steps per iteration")
     g.add_argument("--lr", type=positive(float), default=1e-3, help="Expert learning rate in GOPO")
     g.add_argument("--ref", default="rollout", choices=["rollout", "sft"],
@@ -200,6 +209,11 @@ def check_flags(args, p):
     if args.segment and args.rollouts == "independent":
         die(f"--segment {args.segment} scores decisions from a branch point: add --rollouts branch or fork "
             "(independent dialogues share no prefix, so nothing before their first difference cancels)")
+    if args.mix and args.rollouts == "independent":
+        die(f"--mix {args.mix} mixes independent groups into --rollouts branch or fork; with --rollouts independent "
+            "every group is independent already")
+    if args.keep_at and args.method != "gopo":
+        die(f"--keep-at keeps GOPO's models along the way; --method {args.method} has none to keep")
     if args.rollouts == "fork" and args.listwise:
         die("--listwise ranks a scenario's K rollouts from one shared branch point; --rollouts fork pairs each fork "
             "with the spine at its own decision: drop --listwise")
@@ -228,7 +242,8 @@ def main(argv=None):
         step = lambda scenarios, it, seed: gopo.iteration(models, opts, scenarios, run.event_values, run.world,  # noqa: E731
                                                           run.args, it, seed)
         save_state = lambda progress: checkpoint.save_state(run.path("state"), models, opts, progress)  # noqa: E731
-        train_loop(run, step, progress, save_state)
+        keep = lambda turns: checkpoint.keep_models(run.dir, f"at-{turns}", models)  # noqa: E731
+        train_loop(run, step, progress, save_state, keep)
         for name in ("expert", "agent"):
             checkpoint.save_model(*models[name], run.path(name))
     save_outputs(run)
@@ -338,20 +353,27 @@ def run_sft(run, models):
     say("SFT: " + ", ".join(f"{name} loss {losses[name][-1]:.3f}" for name in models))
     return models
 
-def train_loop(run, step, progress=None, save_state=None):
+def train_loop(run, step, progress=None, save_state=None, keep=None):
     """5. The method's iterations, on fresh training scenarios (never the held-out ones) that every
     method shares. step(scenarios, it, seed) -> a metrics.jsonl line; progress: {"iterations_done",
-    "bad_in_a_row"} of a resumed run; save_state(progress): gopo's --resume."""
+    "bad_in_a_row"} of a resumed run; save_state(progress): gopo's --resume; keep(T): gopo's --keep-at.
+    --turn-budget ends the loop early, at equal simulated turns for every method."""
     args, world = run.args, run.world
     start, bad_in_a_row = (progress or {}).get("iterations_done", 0), (progress or {}).get("bad_in_a_row", 0)
-    checkpoint.keep_metrics(run.path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
+    kept = checkpoint.keep_metrics(run.path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
+    agent_turns = kept[-1].get("agent_turns", 0) if kept else 0        # the budget spent, in simulated agent turns
     from tqdm import tqdm
     for it in (bar := tqdm(range(start, args.iters), initial=start, total=args.iters, desc=args.method,
                            disable=not parallel.is_main())):
         seeds = data.train_seeds(args.scenarios, offset=len(run.logs) + it * args.scenarios)
         with run.amp():
             m = step([world.make_scenario(s) for s in seeds], it, args.seed * 100_003 + it)
+        before, agent_turns = agent_turns, agent_turns + m.pop("turns_played")
+        m["agent_turns"] = agent_turns
         checkpoint.append_metrics(run.path("metrics.jsonl"), m)
+        for t in args.keep_at:
+            if keep and before < t <= agent_turns:
+                keep(t)
         bar.set_postfix(R=f"{m['R']:.3f}", tse=f"{m['tse']:.3f}")
         bad_in_a_row = bad_in_a_row + 1 if m.get("nonfinite_steps") else 0
         if bad_in_a_row:
@@ -363,6 +385,9 @@ def train_loop(run, step, progress=None, save_state=None):
         if save_state and not parallel.distributed() and args.save_every and \
                 ((it + 1) % args.save_every == 0 or it + 1 == args.iters):
             save_state({"iterations_done": it + 1, "bad_in_a_row": bad_in_a_row})
+        if args.turn_budget and agent_turns >= args.turn_budget:
+            bar.write(f"--turn-budget {args.turn_budget}: {agent_turns} agent turns after {it + 1} iterations")
+            break
 
 def save_outputs(run):
     """6. curves.png and time.json (after the method's own checkpoints)."""

@@ -110,6 +110,9 @@ def check_flags(args):
     if args.resume:
         cli.die(f"--resume continues train.py's gopo and sft runs only; start the {args.method} run again "
                 "(baselines take a few minutes)")
+    if args.mix:
+        cli.die(f"--mix is for train.py's gopo (independent groups mixed into branch or fork groups); --method "
+                f"{args.method} plays one kind of group")
     if args.rollouts == "fork":
         cli.die("--rollouts fork takes the runner-up of the Expert's decision; a flat agent makes none: use "
                 "--rollouts independent or branch")

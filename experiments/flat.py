@@ -63,7 +63,7 @@ def rollout_metrics(trajs, scores, world, t0, pairs=(), **extra):
     accuracy (gopo.decision_stats; a flat agent's decision is the act recognised in its reply) and,
     given its preference pairs, what they contrast."""
     return {**gopo.rollout_scores(scores), **extra, **gopo.decision_stats(trajs, pairs, world),
-            "seconds": round(time.time() - t0, 2)}
+            "turns_played": rollout_lib.turns_played(trajs), "seconds": round(time.time() - t0, 2)}
 
 
 def play_flat(ckpt, method, scenarios, world, seed, max_reply_tokens=32):

@@ -315,7 +315,7 @@ def memento_run(sft_models, tok, logs, values, scen):
         memento.memento_iteration(expert_model, agent_model, tok, tok, bank, scen, values, shop,
                                     SimpleNamespace(**ARGS), it, seed=it)
         assert len(bank.z) > n
-    return mean_tse(memento.MementoDialogues(bank, 0.0, None, expert_model, agent_model, tok, tok, scen,
+    return mean_tse(memento.MementoDialogues(bank, 0.0, None, (expert_model, tok), (agent_model, tok), scen,
                                                shop).play(greedy=True), values)
 
 
@@ -329,7 +329,7 @@ def test_memento_bank_follows_its_returns_without_touching_the_models(sft_models
     expert_model, agent_model, _ = sft_models
     params = [p.detach().clone() for m in (expert_model, agent_model) for p in m.parameters()]
     gaps = gaps_to_control("memento", lambda scen, offset: memento_run(sft_models, tok, logs, values, scen), monkeypatch,
-                           baselines, "returns_to_go", lambda gs: [-g for g in gs])
+                           memento, "returns_to_go", lambda gs: [-g for g in gs])
     now = [p for m in (expert_model, agent_model) for p in m.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(params, now)), "Memento changed an LM"
     assert sum(gaps) / 2 > 0.12, f"the bank did not follow its returns: real - negated TSE {gaps}"

@@ -12,6 +12,7 @@ import data
 import expert as expert_lib
 import lm
 import serialize
+import tse
 import worlds
 from worlds import desk
 from conftest import ROOT, hf_env
@@ -172,7 +173,10 @@ def test_ceilings_refuses_a_folder_that_is_not_a_run_and_a_real_data_run(tmp_pat
 
 def test_the_probe_end_to_end_on_a_tiny_desk_run(tmp_path):
     """A tiny desk run (--rollouts branch), then the probe and experiments.pairs: the reports have the
-    issue's keys, each value a number; metrics.jsonl has each decision group's accuracy."""
+    issue's keys, each value a number; metrics.jsonl has each decision group's accuracy. The oracle's
+    TSE and success are recomputed here from the world's own oracle dialogues on the same held-out
+    customers (tse.trajectory_metrics with the run's values.json), and every reported TSE mean, the
+    paired ceiling - SFT difference and the share of the gap closed agree with the per-scenario TSEs."""
     env = hf_env()
     train = [sys.executable, "train.py", "--world", "desk", "--out", str(tmp_path), "--run", "r", "--n-logs", "30",
              "--d-model", "32", "--n-layer", "1", "--vocab-size", "512", "--sft-steps", "6", "--agent-sft-steps", "6",
@@ -186,6 +190,25 @@ def test_the_probe_end_to_end_on_a_tiny_desk_run(tmp_path):
     report = json.loads((tmp_path / "r" / "ceilings.json").read_text())
     for key in ("tse", "tse_template", "success"):
         assert isinstance(report["expert_ceiling"][key], float)
+    # the oracle row, independently: the desk's default world (the run's: no --horizon, --paraphrases)
+    values = json.loads((tmp_path / "r" / "values.json").read_text())
+    oracle = [desk.play(desk.make_scenario(s), desk.oracle_policy) for s in data.test_seeds(4)]
+    per_oracle = [tse.trajectory_metrics(rec, values, desk.HORIZON)["tse"] for rec in oracle]
+    assert report["oracle"]["tse"] == pytest.approx(sum(per_oracle) / 4, abs=1e-9), (report["oracle"], per_oracle)
+    assert report["oracle"]["success"] == pytest.approx(sum(r["success"] for r in oracle) / 4, abs=1e-9)
+    assert 0 < report["oracle"]["tse"] <= 1 and len(set(per_oracle)) > 1
+    # the reported means are the means of the per-scenario TSEs, and the gap is computed from them
+    per = report["per_scenario_tse"]
+    mean = lambda xs: sum(xs) / len(xs)   # noqa: E731
+    for row, key in (("expert_ceiling", "ceiling"), ("sft", "sft"), ("method", "method")):
+        assert report[row]["tse"] == pytest.approx(mean(per[key]), abs=1e-9), (row, report[row], per[key])
+        assert report[row]["tse_ci95"][0] <= report[row]["tse"] <= report[row]["tse_ci95"][1]
+    assert report["ceiling_minus_sft_tse"][0] == pytest.approx(mean(per["ceiling"]) - mean(per["sft"]), abs=1e-9)
+    gap = mean(per["ceiling"]) - mean(per["sft"])
+    if gap > 0:
+        assert report["gap_closed"] == pytest.approx((mean(per["method"]) - mean(per["sft"])) / gap, abs=1e-9)
+    else:
+        assert report["gap_closed"] is None
     for key in ("tse", "success"):
         assert isinstance(report["cs_ceiling"][key], float)
     assert set(report["groups"]) == {*desk.DECISION_GROUPS, "all"}

@@ -203,3 +203,40 @@ def test_grid_tabulates_each_cells_relative_tse(runs, cli_env, tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0 and md.strip() in stdout
     rc, _, err = run_cli(["-m", "experiments.grid", str(tmp_path / "notes")], cli_env)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "no cell" in err
+
+
+def test_ceiling_gap_is_the_pooled_share_of_the_gap_computed_by_hand(tmp_path):
+    """experiments.compare.ceiling_gap (README "Results": GOPO closes 0.14 [0.07, 0.22] of the gap),
+    on hand-made TSEs of 2 seeds x 3 scenarios, each seed's ceilings.json written here. Per scenario,
+    averaged over the seeds: method m = (0.4, 0.4, 0.4), sft s = (0.3, 0.2, 0.2), ceiling c = (0.7,
+    0.8, 0.7). The share is sum(m - s) / sum(c - s) = 0.5 / 1.5 = 1/3 (not the mean of the per-seed
+    shares, 0.353 and 0.308, nor of the per-scenario shares, 0.328); the paired gains are 0.5 / 3
+    (method - sft) and 1.5 / 3 (ceiling - sft)."""
+    from experiments import compare
+    method = [[0.5, 0.4, 0.3], [0.3, 0.4, 0.5]]
+    sft = [[0.2, 0.3, 0.1], [0.4, 0.1, 0.3]]
+    ceiling = [[0.8, 0.6, 0.9], [0.6, 1.0, 0.5]]
+    runs = []
+    for seed, c in enumerate(ceiling):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        (run / "ceilings.json").write_text(json.dumps({"per_scenario_tse": {"ceiling": c, "sft": sft[seed],
+                                                                            "method": method[seed]}}))
+        runs.append((str(run), {"seed": seed}))
+    g = compare.ceiling_gap(runs, method, sft, 3, 400)
+    assert g["mean"] == pytest.approx(1 / 3, abs=1e-12)
+    # any resample's share is a mediant of the per-scenario shares 0.1/0.4, 0.2/0.6, 0.2/0.5
+    lo, hi = g["ci95"]
+    assert 0.25 - 1e-12 <= lo <= 1 / 3 <= hi <= 0.4 + 1e-12 and lo < hi, g["ci95"]
+    assert g["gain"][0] == pytest.approx(0.5 / 3, abs=1e-12)
+    assert g["ceiling_minus_sft"][0] == pytest.approx(1.5 / 3, abs=1e-12)
+    # a method that closes a quarter of every scenario's gap: a quarter, with a zero-width interval
+    flat = compare.ceiling_gap(runs, [[0.3 + 0.1, 0.2 + 0.15, 0.2 + 0.125]] * 2, [[0.3, 0.2, 0.2]] * 2, 3, 400)
+    assert flat["mean"] == pytest.approx(0.25, abs=1e-12)
+    assert flat["ci95"] == pytest.approx([0.25, 0.25], abs=1e-12)
+    # a method below its SFT start closes a negative share
+    assert compare.ceiling_gap(runs, sft, method, 3, 400)["mean"] == pytest.approx(-0.5 / 1.0, abs=1e-12)
+    # no ceilings.json for a seed, or one for another number of scenarios: no share
+    assert compare.ceiling_gap(runs, method, sft, 4, 400) is None
+    (tmp_path / "s1" / "ceilings.json").unlink()
+    assert compare.ceiling_gap(runs, method, sft, 3, 400) is None

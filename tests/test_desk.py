@@ -374,8 +374,8 @@ def sft_desk():
     return expert_model, agent_model, tok, values
 
 
-@pytest.mark.parametrize("rollouts, nll_coef", [("independent", 0.1), ("branch", 0.1), ("independent", 0.0)])
-def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts, nll_coef, monkeypatch):
+@pytest.mark.parametrize("rollouts", ["independent", "branch", "fork"])
+def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts, monkeypatch):
     """Four GOPO iterations on 16 desk training scenarios, and the same four with every preference
     pair swapped (the control): greedy R on those scenarios ends clearly higher after the real run,
     with independent rollouts and with --rollouts branch (K continuations of one dialogue).
@@ -384,19 +384,26 @@ def test_a_short_gopo_run_on_the_desk_follows_its_preferences(sft_desk, rollouts
     holds R where the control loses it; 10 iterations raise it (0.266 -> 0.289, control 0.141).
     Branch: see the LEARNS line (-rP). The tiny CS Agent here (200 SFT steps) cannot copy order
     numbers, so most of R comes from ESNDCG, the Expert's own decisions; the CS Agent is frozen and
-    greedy, so every change is the Expert's."""
+    greedy, so every change is the Expert's.
+
+    No gain is asserted, only that R does not fall (by more than 0.03): at this budget there is no
+    gain to assert. Measured (offset 1000), natively / under ATEN_CPU_CAPABILITY=default
+    OMP_NUM_THREADS=1: start 0.266; independent real 0.271 / 0.263, swapped 0.148 / 0.148 (gains
+    +0.005 / -0.003); branch real 0.250 / 0.250, swapped 0.148 / 0.148 (-0.016). A gain needs more
+    iterations (10 above), 2.5x this test's time. The DPO term alone (nll_coef=0) does not hold here: real
+    0.180 / 0.180 against swapped 0.148 / 0.148, a gap of 0.032 and a fall of 0.086, so this world
+    has no nll_coef=0 case (the shop's learning test, tests/test_gopo.py, has)."""
     from types import SimpleNamespace
     from conftest import gopo_against_swapped
     expert_model, agent_model, tok, values = sft_desk
     scenarios = [desk.make_scenario(s) for s in data.train_seeds(16, offset=1000)]
-    args = SimpleNamespace(k=4, beta=0.5, nll_coef=nll_coef, alpha=0.5, delta=0.05, max_pairs=4, listwise=False,
+    args = SimpleNamespace(k=4, beta=0.5, nll_coef=0.1, alpha=0.5, delta=0.05, max_pairs=4, listwise=False,
                            gopo_epochs=2, agent_temperature=0.0, cs_samples=0, beta_cs=0.1, max_reply_tokens=24,
                            ref="rollout", rollouts=rollouts, branch_at="entropy", segment=0)
 
     R0, real, swapped = gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, desk, args, 4,
                                              1e-2, monkeypatch)
-    print(f"LEARNS gopo on the desk, {rollouts}, nll_coef {nll_coef}: start {R0:.3f} real {real:.3f} "
-          f"swapped {swapped:.3f}")
+    print(f"LEARNS gopo on the desk, {rollouts}: start {R0:.3f} real {real:.3f} swapped {swapped:.3f}")
     assert real - swapped > 0.06, f"GOPO ({rollouts}) did not follow its preferences on the desk: start {R0:.3f}, " \
         f"real {real:.3f}, swapped {swapped:.3f}"
     assert real > R0 - 0.03, f"GOPO ({rollouts}) lost R on the desk: {R0:.3f} -> {real:.3f}"

@@ -6,7 +6,10 @@ strategy there, one the SOP allows, exactly the runner-up of the spine's Gumbel 
 its own copy of the customer; in a (spine, fork) pair the loss scores both from the fork decision on
 (gopo.fork_views), so the shared prefix is out of the margin and the NLL; and the dialogues do not
 depend on the batch split. The desk learning test with fork pairs is in test_desk.py (its SFT start)."""
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +117,38 @@ def test_fork_points_are_distinct_open_decisions():
         seen.add(tuple(pts))
     assert seen == {(1, 3), (1, 4), (3, 4)}                         # uniform: every pair drawn
     assert rollout_lib.fork_points({"allowed": allowed}, 5, rng) == [1, 3, 4]
+
+
+def test_mix_plays_the_first_share_independent(models, tok):
+    """--mix F: the first round(F * B) scenarios of an iteration get independent groups, the rest fork
+    groups; fork_views reads an independent group as it is (its K rollouts, pairs among them)."""
+    groups = play(models, tok, SCENARIOS[:2], [0, 1])
+    expert_model, agent_model = models
+    make = lambda batch, idx, **kw: rollout_lib.ExpertDialogues((expert_model, tok), (agent_model, tok), batch,  # noqa: E731
+                                                                 shop, 3, index=idx, **kw)
+    independent = rollout_lib.play_groups(make, SCENARIOS[2:3], K, [2], 3, "independent", "uniform", 1.0, 12)
+    trajs = [t for g in groups + independent for t in g]
+    sizes = [len(g) for g in groups + independent]
+    rollout_groups = [list(range(sum(sizes[:n]), sum(sizes[:n + 1]))) for n in range(len(sizes))]
+    views, pair_groups, _ = gopo.fork_views(trajs, rollout_groups, [0.0] * len(trajs))
+    assert pair_groups[-1] == list(range(len(views) - K, len(views)))           # the independent group, whole
+    assert all(len(g) == 2 for g in pair_groups[:-1])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("command, needles", [
+    (["train.py", "--rollouts", "fork", "--k", "1"], ["--k must be >= 2"]),
+    (["train.py", "--rollouts", "fork", "--listwise"], ["--listwise"]),
+    (["train.py", "--mix", "0.5"], ["--mix", "independent"]),
+    (["train.py", "--rollouts", "fork", "--mix", "1.5"], ["--mix"]),
+    (["-m", "experiments.baselines", "--method", "gopo-noexpert", "--rollouts", "fork"], ["fork", "flat agent"]),
+])
+def test_bad_fork_flags_are_one_line_and_write_nothing(tmp_path, command, needles):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, *command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(n in r.stderr for n in needles), r.stderr
+    assert not out.exists()

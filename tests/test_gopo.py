@@ -399,7 +399,9 @@ def test_gopo_follows_its_preferences(sft_shop, tok, values, monkeypatch, nll_co
 
     nll_coef=0: the DPO term alone, with no NLL of the winners. The swapped control swaps the NLL's
     winners too, so with lambda > 0 the NLL alone could make real beat swapped; without it, only the
-    preference loss can. NLL_MEASURED
+    preference loss can. Measured (offset 1000), natively / under ATEN_CPU_CAPABILITY=default
+    OMP_NUM_THREADS=1: start 0.443; nll_coef 0.1: real 0.540 / 0.540, swapped 0.386 / 0.391;
+    nll_coef 0: real 0.540 / 0.539, swapped 0.380 / 0.375 (gaps 0.160 / 0.164, gains +0.097 / +0.096).
 
     The CS Agent is frozen during GOPO (cs_samples=0, greedy replies), so any change of R comes from
     the Expert's decisions.
@@ -427,7 +429,11 @@ def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
     random numbers, temperature 1) the recogniser reads as their strategy, on the ~420 agent turns
     of 60 other logged dialogues. Measured (rollout seeds varied 5x): 0.567 at the start, 0.588-0.620
     after the real run, 0.326-0.444 after the swapped one: gaps 0.162-0.289. The gain itself is small
-    (+0.02..+0.05: this one-step-per-iteration DPO is a light touch, as in train.py)."""
+    (+0.02..+0.05: this one-step-per-iteration DPO is a light touch, as in train.py), but it is there,
+    and asserted (+0.015). Measured again, natively / under ATEN_CPU_CAPABILITY=default
+    OMP_NUM_THREADS=1, pair-sampling seed 0 (this test): start 0.562, real 0.600 / 0.600, swapped
+    0.414 / 0.414 (gain +0.038 / +0.038); seeds 0-4: gains +0.031..+0.082 / +0.028..+0.082, gaps
+    0.186..0.280 / 0.186..0.278."""
     import random
     torch.manual_seed(0)
     agent_model = lm.build_tiny_model(tok, d_model=64, n_layer=2, n_head=2, seed=1)
@@ -469,7 +475,7 @@ def test_cs_alignment_follows_adherence(tok, logs, monkeypatch):
     swapped = run()
     print(f"LEARNS cs: start {start:.3f} real {real:.3f} swapped {swapped:.3f}")
     assert real - swapped > 0.08, f"CS alignment did not follow adherence: start {start:.3f}, real {real:.3f}, swapped {swapped:.3f}"
-    assert real > start - 0.03, f"CS alignment lowered adherence: {start:.3f} -> {real:.3f}"
+    assert real > start + 0.015, f"CS alignment did not raise adherence: {start:.3f} -> {real:.3f}"
 
 
 def test_sft_length_buckets_give_the_padded_batchs_loss_and_gradient(models, tok, logs, monkeypatch):

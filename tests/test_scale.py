@@ -6,6 +6,7 @@ saved checkpoint's logits. Rollouts are split over the ranks, and dialogues end 
 on each rank, so a finished run also shows that generation under FSDP does not hang.
 """
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -75,22 +76,60 @@ def test_fsdp_checkpoint_reloads_on_one_process(runs):
             torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=0, atol=1e-4)
 
 
+def assert_gopo_iterations_finite(run_dir):
+    """Both GOPO iterations took every step: no step skipped as non-finite, and a finite loss (the
+    iteration found pairs to learn from). A run whose every step was skipped logs loss None."""
+    m = metrics(run_dir)
+    assert len(m) == 2, m
+    for r in m:
+        assert r["nonfinite_steps"] == 0, (run_dir.name, r["iter"], r["nonfinite_steps"])
+        assert r["pairs"] > 0 and r["loss"] is not None and math.isfinite(r["loss"]), \
+            (run_dir.name, r["iter"], r["pairs"], r["loss"])
+
+
+def assert_float32_weights(folder):
+    """Every tensor of a saved model folder is float32: the master weights were not cast to bf16."""
+    from safetensors.torch import load_file
+    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    assert files, f"no safetensors in {folder}"
+    for f in files:
+        dtypes = {k: v.dtype for k, v in load_file(os.path.join(folder, f)).items()}
+        assert dtypes and set(dtypes.values()) == {torch.float32}, \
+            (str(folder), {k: d for k, d in dtypes.items() if d != torch.float32})
+
+
 def test_fsdp_bf16_grad_ckpt_runs_close(runs):
-    """bf16 compute with fp32 master weights: same pipeline, losses within bf16 rounding."""
+    """bf16 compute with fp32 master weights: same pipeline, SFT losses within bf16 rounding, every
+    GOPO step taken with a finite loss, and the sharded master weights (gathered into the saved
+    checkpoints) are float32."""
     single, bf16 = (json.load(open(runs / r / "sft.json")) for r in ("single", "bf16"))
     torch.testing.assert_close(torch.tensor(bf16["agent_loss"]), torch.tensor(single["agent_loss"]),
                                rtol=0.02, atol=0.02)
-    assert len(metrics(runs / "bf16")) == 2
+    assert_gopo_iterations_finite(runs / "bf16")
+    for name in ("expert", "agent", "expert_sft", "agent_sft"):
+        assert_float32_weights(runs / "bf16" / name)
 
 
 def test_single_process_bf16_runs_close_to_fp32(runs):
     """--bf16 in one process (autocast over fp32 weights and AdamW states): SFT losses within bf16
-    rounding of the fp32 run's, and the GOPO iterations run with finite losses."""
+    rounding of the fp32 run's; every GOPO step taken with a finite loss; the weights and both AdamW
+    states (the --resume state after the last iteration, and the saved checkpoints) are float32."""
     single, bf16 = (json.load(open(runs / r / "sft.json")) for r in ("single", "single_bf16"))
     for key in ("expert_loss", "agent_loss"):
         torch.testing.assert_close(torch.tensor(bf16[key]), torch.tensor(single[key]), rtol=0.02, atol=0.02)
-    m = metrics(runs / "single_bf16")
-    assert len(m) == 2 and all(r["loss"] is None or r["loss"] == r["loss"] for r in m) and m[0]["pairs"] > 0
+    assert_gopo_iterations_finite(runs / "single_bf16")
+    run_dir = runs / "single_bf16"
+    for folder in (run_dir / "expert", run_dir / "agent", run_dir / "state" / "expert", run_dir / "state" / "agent"):
+        assert_float32_weights(folder)
+    trainer = torch.load(run_dir / "state" / "trainer.pt")
+    assert trainer["iterations_done"] == 2
+    n_states = {}
+    for opt in ("opt_e", "opt_a"):
+        states = trainer[opt]["state"].values()
+        moments = [(k, v.dtype) for st in states for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+        assert all(d == torch.float32 for _, d in moments), (opt, {d for _, d in moments})
+        n_states[opt] = len(moments)
+    assert n_states["opt_e"] > 0, "the Expert's AdamW state is empty: no GOPO step was taken"
 
 
 def test_generation_under_fsdp_returns_when_ranks_stop_at_different_lengths(tmp_path):
