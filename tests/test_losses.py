@@ -61,15 +61,17 @@ def test_expert_loss_matches_a_per_decision_formula(listwise):
     losses.sum().backward()
     as_lists = lambda x: [[float(v) for v, m in zip(row, mrow) if m] for row, mrow in zip(x, mask)]   # noqa: E731
     st, rf, n = as_lists(steps.detach()), as_lists(ref), mask.sum(-1).tolist()
-    if listwise:
-        want = 0.0
+
+    def formula(s):   # the summed loss from per-decision log-probs s, written out here
+        if not listwise:
+            return per_decision_loss(s, rf, n, units, rewards.tolist(), beta, nll)
+        out = 0.0
         for u in units:
-            r = [beta * (sum(st[i]) - sum(rf[i])) for i in u]
+            r = [beta * (sum(s[i]) - sum(rf[i])) for i in u]
             best = max(u, key=lambda i: float(rewards[i]))
-            want += plackett_luce(r, [float(rewards[i]) for i in u]) + nll * -sum(st[best]) / n[best]
-    else:
-        want = per_decision_loss(st, rf, n, units, rewards.tolist(), beta, nll)
-    assert float(losses.detach().sum()) == pytest.approx(want, rel=1e-5)
+            out += plackett_luce(r, [float(rewards[i]) for i in u]) + nll * -sum(s[best]) / n[best]
+        return out
+    assert float(losses.detach().sum()) == pytest.approx(formula(st), rel=1e-5)
     # the gradient, by central differences of the independent formula on each decision's log-prob
     eps = 1e-3
     for b, t in [(3, 0), (0, 2), (1, 1), (4, 3), (2, 0), (1, 3)]:
@@ -77,14 +79,7 @@ def test_expert_loss_matches_a_per_decision_formula(listwise):
             s = [row[:] for row in st]
             if mask[b, t]:
                 s[b][t] += delta
-            if listwise:
-                out = 0.0
-                for u in units:
-                    r = [beta * (sum(s[i]) - sum(rf[i])) for i in u]
-                    best = max(u, key=lambda i: float(rewards[i]))
-                    out += plackett_luce(r, [float(rewards[i]) for i in u]) + nll * -sum(s[best]) / n[best]
-                return out
-            return per_decision_loss(s, rf, n, units, rewards.tolist(), beta, nll)
+            return formula(s)
         numeric = (f(eps) - f(-eps)) / (2 * eps)
         assert float(steps.grad[b, t]) == pytest.approx(numeric, abs=2e-4), (b, t)
     if not listwise:
@@ -128,13 +123,14 @@ def test_listwise_ties_share_a_rank():
     beta = 0.7
     got = gopo.listwise_loss(pol, ref, R, beta)
     got[0].backward(retain_graph=True)
-    assert float(got[0]) == 0.0 and torch.count_nonzero(pol.grad) == 0
+    got_ = got.detach()
+    assert float(got_[0]) == 0.0 and torch.count_nonzero(pol.grad) == 0
     for n in (1, 2):
         r = [beta * float(pol[n, k] - ref[n, k]) for k in range(3)]
-        assert float(got[n]) == pytest.approx(plackett_luce(r, R[n].tolist()), rel=1e-5)
+        assert float(got_[n]) == pytest.approx(plackett_luce(r, R[n].tolist()), rel=1e-5)
     # the swapped order of two tied rollouts gives the same loss: no order is preferred among ties
     swapped = gopo.listwise_loss(pol.detach()[[1]][:, [1, 0, 2]], ref[[1]][:, [1, 0, 2]], R[[1]], beta)
-    assert float(swapped) == pytest.approx(float(got[1]), rel=1e-6)
+    assert float(swapped) == pytest.approx(float(got_[1]), rel=1e-6)
 
 
 def test_wilson_z_follows_the_level():
