@@ -55,6 +55,13 @@ class OracleDialogues(rollout_lib.ExpertDialogues):
         return torch.tensor(out), torch.zeros(len(out))
 
 
+def probe_rows(method):
+    """The rows the probe plays of a gopo or sft run: the method's, then its two-agent SFT start (last).
+    An sft run's own last row is its flat agent (sft-flat), which is no start of the Expert this probe
+    is about."""
+    return checkpoint.METHODS["gopo"].rows if method == "gopo" else ("sft",)
+
+
 def follow(w, scenario, prefix, seed=0):
     """The world's own dialogue with the strategies `prefix`, template text: (turns, ended). ended:
     the customer finished within the prefix (else a next decision is due)."""
@@ -154,7 +161,7 @@ def main(argv=None):
     if method not in ("gopo", "sft"):
         die(f"{run}: an --method {method} run; give a gopo or sft run of train.py (its SFT models are the same)")
     w = checkpoint.world_of(config, run)
-    rows = checkpoint.METHODS[method].rows
+    rows = probe_rows(method)
     ckpt = checkpoint.load_run(run, rows)
     values = checkpoint.read_values(os.path.join(run, "values.json"))
     logs = checkpoint.read_logs(run, w)
