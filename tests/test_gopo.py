@@ -24,76 +24,7 @@ Z = len(shop.STRATEGIES)
 ZI = {z: i for i, z in enumerate(shop.STRATEGIES)}
 
 
-def sigmoid_dpo(pc, pr, rc, rr, beta):
-    """Textbook DPO loss of one pair, written out with math (Rafailov et al. 2023, eq. 7)."""
-    margin = beta * ((pc - rc) - (pr - rr))
-    return -math.log(1.0 / (1.0 + math.exp(-margin)))
-
-
-# ----------------------------------------------------------------------------- 1-4: pure loss functions
-def test_preference_loss_is_textbook_dpo_on_single_turn_trajectories():
-    g = torch.Generator().manual_seed(0)
-    B, beta = 16, 0.3
-    pc, pr, rc, rr = (-5 * torch.rand(B, generator=g, dtype=torch.float64) for _ in range(4))
-    losses, cr, rj = gopo.preference_loss(pc, pr, rc, rr, beta)
-    assert losses.shape == cr.shape == rj.shape == (B,)
-    expected = torch.tensor([sigmoid_dpo(*map(float, v), beta) for v in zip(pc, pr, rc, rr)],
-                            dtype=torch.float64)
-    torch.testing.assert_close(losses, expected, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(cr, beta * (pc - rc))
-    torch.testing.assert_close(rj, beta * (pr - rr))
-    # the same through trajectory_logps with one decision per trajectory (T = 1, mask all ones)
-    one = torch.ones(B, 1)
-    S = [gopo.trajectory_logps(x[:, None].float(), one) for x in (pc, pr, rc, rr)]
-    losses1, _, _ = gopo.preference_loss(*S, beta)
-    torch.testing.assert_close(losses1, expected.float(), rtol=1e-5, atol=1e-6)
-    # swapping chosen and rejected changes the loss (it is not symmetric)
-    swapped, _, _ = gopo.preference_loss(pr, pc, rr, rc, beta)
-    assert not torch.allclose(swapped, losses)
-
-
-def test_preference_loss_gradient_pushes_chosen_up_and_rejected_down():
-    pc = torch.tensor([-2.0], requires_grad=True)
-    pr = torch.tensor([-2.0], requires_grad=True)
-    losses, _, _ = gopo.preference_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
-    assert losses.item() == pytest.approx(math.log(2))
-    losses.sum().backward()
-    assert pc.grad.item() == pytest.approx(-0.25) and pr.grad.item() == pytest.approx(0.25)
-
-
-def test_trajectory_logps_sums_only_masked_steps():
-    step_logps = torch.tensor([[-1.0, -2.0, -3.0],
-                               [-0.5, 123.0, 7.0],      # padded steps hold garbage
-                               [-4.0, -0.25, 55.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
-    expected = torch.tensor([-6.0, -0.5, -4.25])
-    torch.testing.assert_close(gopo.trajectory_logps(step_logps, mask.float()), expected)
-    torch.testing.assert_close(gopo.trajectory_logps(step_logps, mask.bool()), expected)
-
-
-def test_listwise_loss_k2_equals_pairwise_and_k3_is_plackett_luce():
-    beta = 0.7
-    g = torch.Generator().manual_seed(1)
-    # K = 2: rows with the better rollout in either column
-    pol, ref = -3 * torch.rand(6, 2, generator=g), -3 * torch.rand(6, 2, generator=g)
-    R = torch.rand(6, 2, generator=g)
-    lw = gopo.listwise_loss(pol, ref, R, beta)
-    w, l = R.argmax(-1), R.argmin(-1)
-    ar = torch.arange(6)
-    pw, _, _ = gopo.preference_loss(pol[ar, w], pol[ar, l], ref[ar, w], ref[ar, l], beta)
-    torch.testing.assert_close(lw, pw, rtol=1e-5, atol=1e-6)
-    # K = 3, hand-written Plackett-Luce with the rollouts deliberately out of reward order
-    pol3 = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -2.5]])
-    ref3 = torch.tensor([[-1.5, -1.0, -1.0], [-2.0, -2.0, -2.0]])
-    R3 = torch.tensor([[0.2, 0.9, 0.5], [0.7, 0.1, 0.4]])
-    got = gopo.listwise_loss(pol3, ref3, R3, beta)
-    for n in range(2):
-        order = sorted(range(3), key=lambda k: -float(R3[n, k]))       # best first
-        r = [beta * float(pol3[n, k] - ref3[n, k]) for k in order]
-        want = -sum(r[i] - math.log(sum(math.exp(x) for x in r[i:])) for i in range(2))
-        assert float(got[n]) == pytest.approx(want, rel=1e-5)
-
-
+# ----------------------------------------------------------------------------- pairs (the losses: test_losses.py)
 def test_build_pairs_within_groups_margin_order_and_cap():
     rewards = [0.9, 0.1, 0.5, 0.52,      # group A
                0.3, 0.3, 0.31,           # group B: every gap < delta -> no pairs
