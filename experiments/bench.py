@@ -22,7 +22,13 @@ and noisy: the absolute times are printed for context only).
   4. train_wall_s / train_peak_rss_mb: the default `python train.py`, in a subprocess.
 Writes bench.json (or --json).
 
+  turn_cost (--batch-sizes): seconds per simulated agent turn of one sampled rollout batch of B
+     dialogues (the run's world and models, B / --k scenarios), for each B, interleaved; and each
+     B's cost per turn relative to the first B's. Below 1.0 = the batch is sublinear: the same turn
+     budget costs less wall time in bigger batches (fewer, larger iterations).
+
     python -m experiments.bench --sft out/desk     # only: SFT's length groups against one padded batch
+    python -m experiments.bench --run out/desk --batch-sizes 64,128,256   # only: what a turn costs per batch size
 
   sft_speedup = seconds of SFT forward + backward on random batches of 16 whole logged dialogues,
      each padded to its longest / the same batches in 4 length groups (lm.length_buckets), on RUN's
@@ -67,6 +73,9 @@ p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                help="where the measured rollouts and steps run: auto = CUDA when there is a GPU")
 p.add_argument("--sft", default=None, metavar="RUN",
                help="only measure sft_speedup on this run's CS Agent (agent_sft/) and logs.jsonl, any world")
+p.add_argument("--batch-sizes", default=None, metavar="B1,B2,..",
+               help="only measure the seconds per simulated agent turn of a rollout batch of each size "
+               "(dialogues per batch, multiples of --k), on --run's models")
 p.add_argument("--profile", action="store_true",
                help="also print a torch.profiler table of one 16-turn rollout batch (where the time goes)")
 
@@ -162,6 +171,31 @@ def sft_speedup(run, repeats, batch_size=16, n_batches=4):
             "sft_real_token_share": real / padded, "sft_speedup": t_padded / t_grouped}
 
 
+def turn_cost(run, sizes, k, repeats, device):
+    """Seconds per simulated agent turn of one rollout batch of B dialogues, for each B in sizes,
+    measured side by side. Returns the results' dict."""
+    expert, agent = (lm.load(os.path.join(run, name)) for name in ("expert", "agent"))
+    expert, agent = (expert[0].to(device), expert[1]), (agent[0].to(device), agent[1])
+    config, world = run_world(run)
+    turns = {}
+
+    def batch_of(B):
+        scenarios = [world.make_scenario(s) for s in data.train_seeds(B // k, offset=50_000)]
+        batch = [s for s in scenarios for _ in range(k)]
+
+        def play():
+            turns[B] = rollout_lib.turns_played(rollout_lib.rollout(expert, agent, batch, world, seed=1))
+        return play
+    seconds = side_by_side([batch_of(B) for B in sizes], repeats)
+    per_turn = [s / turns[B] for s, B in zip(seconds, sizes)]
+    for B, s, c in zip(sizes, seconds, per_turn):
+        print(f"{B:4d} dialogues: {turns[B]} turns in {s:.1f} s, {c * 1e3:.2f} ms per turn, "
+              f"{c / per_turn[0]:.2f} of the {sizes[0]}-dialogue batch's cost per turn", flush=True)
+    return {"turn_cost_run": run, "turn_cost_batch_sizes": sizes, "turn_cost_turns": [turns[B] for B in sizes],
+            "turn_cost_s": seconds, "turn_cost_s_per_turn": per_turn,
+            "turn_cost_relative": [c / per_turn[0] for c in per_turn]}
+
+
 def endless_world(horizon=None, base=shop):
     """A world (default: the shop) whose customers never end the dialogue and whose SOP allows every
     strategy where it would end it, so every dialogue runs the whole horizon (default: the world's;
@@ -194,6 +228,17 @@ def main():
         if not all(os.path.exists(os.path.join(args.sft, f)) for f in ("agent_sft", "logs.jsonl", "config.json")):
             p.error(f"--sft {args.sft}: not a run with SFT checkpoints (needs agent_sft/, logs.jsonl, config.json)")
         res.update(sft_speedup(args.sft, args.repeats))
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        return
+    if args.batch_sizes:
+        try:
+            sizes = [int(b) for b in args.batch_sizes.split(",")]
+        except ValueError:
+            p.error(f"--batch-sizes {args.batch_sizes}: expected comma-separated integers")
+        if args.run is None or any(b < args.k or b % args.k for b in sizes):
+            p.error("--batch-sizes needs --run, and sizes that are positive multiples of --k")
+        res.update(turn_cost(args.run, sizes, args.k, args.repeats, device))
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
         return

@@ -33,3 +33,5 @@ for seed in $SEEDS; do
     done
   done
 done
+# the learning curves of every arm and seed there so far: a table, $OUT/curves.json and the figure
+$PYTHON -m experiments.curves "$OUT" --png "$OUT/curves.png"
