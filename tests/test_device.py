@@ -197,10 +197,19 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     for stage in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert f"== {stage}" in p.stdout, stage
-    # (e): a line per batch with both tokens/s and their ratio, then the target's verdict
-    assert len(re.findall(r"dialogues: rollout \d+ reply tokens .* tokens/s; model.generate .* tokens/s; ratio \d",
-                          p.stdout)) == 3, p.stdout[-3000:]
-    assert re.search(r"target \(rollout / generate tokens/s >= 0.85 at \d+ dialogues\): (met|missed)", p.stdout)
+    # (e): versions and packed GQA, cold and warm, a rollout line per batch (both arms, sampled generate,
+    # ratio), the targets' verdicts, the time split with live rows per turn, the decode arms, a profile
+    assert re.search(r"transformers 5\.\d+.*packed GQA for one-token queries: (yes|no)", p.stdout)
+    assert re.search(r"cold: .* tokens/s\nwarm: .* tokens/s", p.stdout)
+    assert len(re.findall(r"dialogues: rollout \d+ reply tokens, tokens/s: fp32\+autocast \d+, bf16 copy \d+; "
+                          r"sampled generate .* tokens/s; ratio \d", p.stdout)) == 2, p.stdout[-3000:]
+    assert re.search(r"target at \d+ dialogues, warm, bf16 copy: ratio .* >= 0.85: (met|missed); .* >= 2000: (met|missed)",
+                     p.stdout)
+    assert len(re.findall(r"split at \d+ dialogues, .* = prefill .* decode .* turns \(live rows", p.stdout)) == 2
+    decode = re.findall(r"decode B= *\d+, .*ms/step: (.*)", p.stdout)
+    assert len(decode) == 2 and all(len(line.split("; ")) == 7 for line in decode), decode
+    assert len(re.findall(r"profile, one decode step, .* wall .* ms", p.stdout)) == 4
+    assert "skipped" not in p.stdout
     assert "GOPO --rollouts branch: iteration" in p.stdout      # (c): a branched iteration on the device too
     assert "GPU CHECK PASSED" in p.stdout
 
