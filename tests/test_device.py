@@ -205,6 +205,7 @@ def test_gpu_check_dry_run(tmp_path):
                           r"sampled generate .* tokens/s; ratio \d", p.stdout)) == 2, p.stdout[-3000:]
     assert re.search(r"target at \d+ dialogues, warm, bf16 copy: ratio .* >= 0.85: (met|missed); .* >= 2000: (met|missed)",
                      p.stdout)
+    assert re.search(r"done check at \d+ dialogues .*every 1 steps \d+, every 4 steps \d+, every 8 steps \d+", p.stdout)
     assert len(re.findall(r"split at \d+ dialogues, .* = prefill .* decode .* turns \(live rows", p.stdout)) == 2
     decode = re.findall(r"decode B= *\d+, .*ms/step: (.*)", p.stdout)
     assert len(decode) == 2 and all(len(line.split("; ")) == 7 for line in decode), decode

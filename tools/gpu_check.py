@@ -16,6 +16,7 @@
     autocast against the bf16 copy) beside a sampled `generate`, the time split and live rows per
     turn, a decode micro-benchmark with one arm per cost, and a profile of one step.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -289,6 +290,16 @@ def stage_e():
                   f"{'met' if roll / gen >= TARGET_RATIO else 'missed'}; {roll:.0f} reply tokens/s >= 2000: "
                   f"{'met' if roll >= 2000 else 'missed'}" + (" [dry run: toy model on CPU, not a measurement]" if DRY else ""))
 
+    # how often to ask whether every row is done: each ask is a host sync, each step past the end a wasted forward
+    if left("done check"):
+        rates = []
+        for every in (1, 4, 8):
+            with patched(engine.DONE_CHECK, DEV.type, every):
+                trajs, t = play("bf16 copy", TARGET_BATCH)
+            rates.append(f"every {every} steps {replies(trajs) / t:.0f}")
+        print(f"done check at {TARGET_BATCH} dialogues (bf16 copy), reply tokens/s: {', '.join(rates)} "
+              f"(engine.DONE_CHECK[{DEV.type!r}] = {engine.DONE_CHECK.get(DEV.type, 8)})")
+
     # where a rollout's time goes, and the live rows of each turn (a separate, synced pass)
     if left("split"):
         spent, turns = {"prefill": 0.0, "decode": 0.0}, []
@@ -355,26 +366,32 @@ def stage_e():
                 return time.time() - t0
         return run
 
-    def sampler_alone(b, compiled=None):
+    def sampler(x, rows, counter):     # one step of Context.sample's draw at T = 0.7
+        return engine.gumbel_argmax(x / 0.7, engine.draw(rows, counter, x.shape[-1]))
+
+    def sampler_alone(b, fn):
         logits = torch.randn(b, len(tok), device=DEV)
         rows = engine.row_keys(torch.arange(b, device=DEV))
-        step = compiled or (lambda x, c: engine.gumbel_argmax(x / 0.7, engine.draw(rows, c, x.shape[-1])))
+        counters = [torch.tensor(c, device=DEV) for c in range(E_STEPS)]   # tensors: one graph for every step
 
         def run():
             sync()
             t0 = time.time()
-            for c in range(E_STEPS):
-                step(logits, c)
+            for c in counters:
+                fn(logits, rows, c)
             sync()
             return time.time() - t0
         return run
 
+    compiled = [None]
+
     def compiled_sampler(b):
-        rows = engine.row_keys(torch.arange(b, device=DEV))
-        fn = torch.compile(lambda x, c: engine.gumbel_argmax(x / 0.7, engine.draw(rows, c, x.shape[-1])), dynamic=True)
+        """The sampler under torch.compile (one graph, dynamic batch), or None where it does not compile."""
         try:
-            fn(torch.randn(b, len(tok), device=DEV), 0)
-            return fn
+            compiled[0] = compiled[0] or torch.compile(sampler, dynamic=True)
+            compiled[0](torch.randn(b, len(tok), device=DEV), engine.row_keys(torch.arange(b, device=DEV)),
+                        torch.tensor(0, device=DEV))
+            return compiled[0]
         except Exception as e:       # a compiler missing, an unsupported op: the plain sampler stays
             print(f"F' torch.compile of the sampler failed at batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             return None
@@ -386,7 +403,7 @@ def stage_e():
         arms = {"A hf bf16 greedy": hf_loop(bf16_a, b, False, False), "A' hf bf16 sampled": hf_loop(bf16_a, b, True, False),
                 "B hf fp32+autocast greedy": hf_loop(fp32_a, b, False, True),
                 "C ctx bf16 greedy": ctx_loop(bf16_a, b, 0.0, False), "D ctx bf16 sampled": ctx_loop(bf16_a, b, 0.7, False),
-                "E ctx fp32+autocast sampled": ctx_loop(fp32_a, b, 0.7, True), "F sampler": sampler_alone(b)}
+                "E ctx fp32+autocast sampled": ctx_loop(fp32_a, b, 0.7, True), "F sampler": sampler_alone(b, sampler)}
         if E_COMPILE:
             fn = compiled_sampler(b)
             if fn is not None:
@@ -426,6 +443,19 @@ def stage_e():
             print(events.table(sort_by="self_device_time_total" if DEV.type == "cuda" else "self_cpu_time_total",
                                row_limit=6))
     print(f"stage (e) took {time.time() - t_start:.0f} s")
+
+
+@contextlib.contextmanager
+def patched(table, key, value):
+    old = table.get(key)
+    table[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            table.pop(key)
+        else:
+            table[key] = old
 
 
 def check(what, ok):
