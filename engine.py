@@ -72,6 +72,11 @@ def gumbel_argmax(scores, uniforms):
 # sync, free on CPU (so every step, as before: no wasted forwards), a pipeline stall on a GPU. The
 # steps run past the end are undone (Context.sample), so any value gives the same dialogues.
 DONE_CHECK = {"cpu": 1, "cuda": 8}
+# Where a decode step passes its mask as the 4D boolean mask HF's sdpa path would build from the 2D one:
+# HF's builder first asks the device whether the 2D mask has a hole (a host sync in every forward);
+# a 4D mask skips the builder. The same SDPA inputs where the cache has a hole (a rollout's does
+# from its first left-padded prefill on), so CPU keeps the 2D mask and its numbers in every case.
+MASK_4D = {"cuda": True}
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -205,9 +210,10 @@ class Context:
         if self.cache is None:
             self.cache = Cache(layer_class_to_replicate=GrowingLayer)
         name = cache_argument(self.model)
-        with head:
-            out = self.model(input_ids=chunk, attention_mask=attn, position_ids=pos, **{name: self.cache},
-                             use_cache=True, logits_to_keep=1)
+        mask_4d = appended is not None and MASK_4D.get(dev.type, False) and _plain_sdpa(self.model.config)
+        with head:   # mask (B, 1, 1, S + 1) for a one-token step: it attends to every real slot
+            out = self.model(input_ids=chunk, attention_mask=attn.bool()[:, None, None, :] if mask_4d else attn,
+                             position_ids=pos, **{name: self.cache}, use_cache=True, logits_to_keep=1)
         self.cache, self.attn = getattr(out, name), attn
         self.pos = self.pos + mask.sum(1)              # a new tensor: `sample` keeps the old one to roll back
         return out.logits[:, -1].float() if rows is not None else out.logits[:, -1, :self.n_vocab].float()
@@ -259,6 +265,13 @@ class Context:
         self.pos, self.attn = pos, self.attn[:, :n_slots]
         for layer in self.cache.layers:
             layer.truncate(n_slots)               # every layer holds as many slots as `attn` has columns
+
+
+def _plain_sdpa(config):
+    """SDPA attention with full attention in every layer: a 4D boolean mask means there what HF's
+    own builder would make (eager wants an additive mask; a sliding window, another mask per layer)."""
+    return config._attn_implementation == "sdpa" and all(
+        t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
 
 
 def generate(model, prompts, pad_id, stop_id, max_new_tokens=32, temperature=1.0, keys=None, counter=0,

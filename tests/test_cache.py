@@ -207,3 +207,30 @@ def test_expert_head_on_its_strategy_rows_plays_the_same_dialogues(models, tok, 
         return out if rows is None else out[:, rows]
     monkeypatch.setattr(engine.Context, "logits", full_head)
     assert_same_dialogues(rows_only, play(models, tok, scenarios), atol=1e-5)
+
+
+def test_decode_step_with_a_4d_mask_reads_what_the_2d_mask_says(models, tok, monkeypatch):
+    """On a GPU a decode step passes its mask as the 4D boolean mask HF's sdpa path would build
+    (engine.MASK_4D: HF's builder asks the device whether the mask has a hole, a host sync per
+    forward). Forced on CPU: with holes in the cache (ragged prompts, a rollout's case) the next
+    logits equal the 2D mask's bit for bit, at every step; without a hole HF drops its mask and
+    SDPA runs unmasked, which may round differently: within 1e-5."""
+    _, agent_model = models
+    rng = random.Random(2)
+    for ragged in (True, False):
+        prompts = [[tok.bos_token_id] + [rng.randrange(5, len(tok)) for _ in range(rng.randint(1, 12) if ragged else 7)]
+                   for _ in range(5)]
+        out = []
+        for on in (False, True):
+            monkeypatch.setitem(engine.MASK_4D, "cpu", on)
+            ctx = engine.Context(agent_model, prompts, tok.pad_token_id)
+            logits, steps = ctx.logits(), []
+            live = torch.tensor([True, True, not ragged, True, True])       # ragged: one row finished too
+            for _ in range(4):
+                logits = ctx.logits((logits.argmax(-1), live))
+                steps.append(logits)
+            out.append(torch.stack(steps))
+        if ragged:
+            assert torch.equal(*out)
+        else:
+            torch.testing.assert_close(*out, rtol=0, atol=1e-5)

@@ -340,13 +340,13 @@ def stage_e():
 
         def run():
             with lm.autocast(DEV, autocast), torch.no_grad():
-                cache = DynamicCache()
-                out = model(input_ids=ids, use_cache=True, past_key_values=cache, logits_to_keep=1)
+                cache = {engine.cache_argument(model): DynamicCache()}   # past_key_values (5.17) or cache (5.24)
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
                 nxt = out.logits[:, -1].argmax(-1)
                 sync()
                 t0 = time.time()
                 for _ in range(E_STEPS):
-                    out = model(input_ids=nxt[:, None], use_cache=True, past_key_values=cache, logits_to_keep=1)
+                    out = model(input_ids=nxt[:, None], use_cache=True, logits_to_keep=1, **cache)
                     logits = out.logits[:, -1].float()
                     nxt = torch.multinomial(torch.softmax(logits / 0.7, -1), 1)[:, 0] if sampled else logits.argmax(-1)
                 sync()
