@@ -12,6 +12,7 @@ that fast and reproducible:
     rollouts run in one process, on several ranks, or on CPU or GPU (up to float rounding of
     the logits).
 """
+import contextlib
 import functools
 import inspect
 
@@ -38,17 +39,44 @@ def uniforms(keys, counter, n):
 
     keys: (B,) int64 (any values: a dialogue's seed); counter: a Python int (which draw of that
     dialogue: its turn, its token step). 24 random bits per value, so 1.0 is never reached."""
-    k = _mix(_mix(keys & _M32) ^ ((keys >> 32) & _M32))                              # (B,)
-    k = _mix(k ^ ((counter * 0x9E3779B1) & _M32))                                    # (B,)
-    cols = _mix(torch.arange(n, device=keys.device, dtype=torch.int64))              # (n,)
-    h = _mix(k[:, None] ^ cols[None, :])                                             # (B, n)
+    return draw(row_keys(keys), counter, n)
+
+
+def row_keys(keys):
+    """The counter-free half of `uniforms`' row hash, (B,) int64: a decode loop mixes it once per
+    call, not once per token."""
+    return _mix(_mix(keys & _M32) ^ ((keys >> 32) & _M32))
+
+
+def draw(rows, counter, n):
+    """`uniforms` from the row hashes `row_keys(keys)` (B,): the same bits."""
+    k = _mix(rows ^ ((counter * 0x9E3779B1) & _M32))                                 # (B,)
+    h = _mix(k[:, None] ^ _columns(n, rows.device)[None, :])                          # (B, n)
     return ((h >> 8).float() + 0.5) / float(1 << 24)
+
+
+@functools.lru_cache(maxsize=16)
+def _columns(n, device):
+    """The column hashes (n,) int64, the same for every draw over n columns: made once per (n, device)
+    (8 bytes a column: 1.2 MB for Qwen's 151,936), not at every token."""
+    return _mix(torch.arange(n, device=device, dtype=torch.int64))
 
 
 def gumbel_argmax(scores, uniforms):
     """An exact sample from softmax(scores) (Gumbel-max), cheaper than torch.multinomial:
     scores (..., K), uniforms (..., K) in (0, 1). -inf scores are never chosen."""
     return (scores - (-uniforms.clamp(min=1e-20).log()).log()).argmax(-1)
+
+
+# How often the decode loop asks whether every row is done, per device type: the question is a host
+# sync, free on CPU (so every step, as before: no wasted forwards), a pipeline stall on a GPU. The
+# steps run past the end are undone (Context.sample), so any value gives the same dialogues.
+DONE_CHECK = {"cpu": 1, "cuda": 8}
+# Where a decode step passes its mask as the 4D boolean mask HF's sdpa path would build from the 2D one:
+# HF's builder first asks the device whether the 2D mask has a hole (a host sync in every forward);
+# a 4D mask skips the builder. The same SDPA inputs where the cache has a hole (a rollout's does
+# from its first left-padded prefill on), so CPU keeps the 2D mask and its numbers in every case.
+MASK_4D = {"cuda": True}
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -58,6 +86,12 @@ class GrowingLayer(DynamicLayer):
     keys/values are views of the first `n` slots of the (B, H, capacity, D) buffers."""
 
     def update(self, key_states, value_states, *args, **kwargs):
+        # K arrives in fp32 under autocast over fp32 weights (RoPE runs on the fp32 residual) while V is
+        # bf16; attention casts K to bf16 anyway, so keeping it in V's dtype gives the same bits with
+        # half the cache and no re-cast of the whole cache in every layer at every step
+        return self.append(key_states.to(value_states.dtype), value_states)
+
+    def append(self, key_states, value_states):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.buf_k = self.buf_v = None
@@ -75,6 +109,12 @@ class GrowingLayer(DynamicLayer):
         self.n = n + add
         self.keys, self.values = self.buf_k[:, :, :self.n], self.buf_v[:, :, :self.n]
         return self.keys, self.values
+
+    def truncate(self, n):
+        """Forget every slot from n on (the decode loop's steps past the end of a turn)."""
+        if self.is_initialized and self.n > n:
+            self.n = n
+            self.keys, self.values = self.buf_k[:, :, :n], self.buf_v[:, :, :n]
 
     def select(self, rows, slots):
         """Keep batch rows `rows` (B',) and, for each kept row, its cache slots `slots` (B', S')."""
@@ -119,8 +159,9 @@ class Context:
     def __init__(self, model, prompts, pad_id, cache=True, n_vocab=None):
         self.model, self.pad_id, self.use_cache, self.n_vocab = model, pad_id, cache, n_vocab
         self.ids = [list(p) for p in prompts]
-        self.pos = torch.zeros(len(prompts), dtype=torch.long)   # (B,) tokens of each row in the cache
-        self.cache, self.attn = None, None                       # attn (B, S): real (1) or hole (0)
+        dev = model.device      # the cache's bookkeeping lives beside it: no host sync per token
+        self.pos = torch.zeros(len(prompts), dtype=torch.long, device=dev)   # (B,) tokens of each row in the cache
+        self.cache, self.attn = None, None                                   # attn (B, S): real (1) or hole (0)
 
     def extend(self, rows):
         for ids, new in zip(self.ids, rows):
@@ -131,69 +172,106 @@ class Context:
         slots move to the right end, in order (keys already carry their rotary positions), so
         attention never spans more slots than the longest dialogue. Once per turn: O(cache)."""
         self.ids = [self.ids[i] for i in rows]
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.pos.device)
         self.pos = self.pos[index]
         if self.cache is None or not rows:
             return
-        real = self.attn[index]                                                      # (B, S), CPU
-        n_slots = int(real.sum(1).max())
+        real = self.attn[index]                                                      # (B, S)
+        n_slots = int(real.sum(1).max())                                             # one sync per turn
         if len(rows) == len(self.attn) and n_slots > 0.75 * real.shape[1]:
             return                                         # no row dropped, few holes: not worth a copy
         slots = torch.sort(real, dim=1, stable=True).indices[:, real.shape[1] - n_slots:]   # (B, S')
-        dev = self.model.device
         for layer in self.cache.layers:
-            layer.select(index.to(dev), slots.to(dev))
+            layer.select(index, slots)
         self.attn = real.gather(1, slots)
 
     @torch.no_grad()
-    def logits(self, appended=None):
+    def logits(self, appended=None, rows=None):
         """Next-token logits (B, V) after each row's last token (meaningless for a row with no new
-        token). appended: (tokens (B,), live (B,) bool), the one token per live row just extended:
-        the decode fast path, which feeds the tensors instead of rebuilding a chunk from lists."""
+        token). appended: (tokens (B,), live (B,) bool) on the device, the one token per live row just
+        sampled: the decode fast path, which feeds the tensors instead of rebuilding a chunk from
+        lists (with the cache only; the caller keeps `ids`). rows: only these output rows (R,) of the
+        vocabulary, (B, R), fp32 (lm.head_rows: the Expert reads its Z strategy rows, not 150k)."""
         dev = self.model.device
+        head = contextlib.nullcontext() if rows is None else \
+            lm.head_only(self.model, lambda hidden, out: lm.head_rows(hidden, out, torch.tensor(rows, device=dev)))
         if not self.use_cache:
             ids, attn = lm.pad(self.ids, self.pad_id, left=True)
-            out = lm.forward_logits(self.model, ids, attn, logits_to_keep=1)[:, -1]
-            return out[:, :self.n_vocab].float()
+            with head:
+                out = lm.forward_logits(self.model, ids, attn, logits_to_keep=1)[:, -1]
+            return out.float() if rows is not None else out[:, :self.n_vocab].float()
         if appended is not None:
-            chunk, mask = appended[0][:, None].cpu(), appended[1].long()[:, None].cpu()   # (B, 1)
+            chunk, mask = appended[0][:, None], appended[1].long()[:, None]                # (B, 1)
         else:   # left-padded, so every row's last new token is the last column
             chunk, mask = lm.pad([ids[p:] for ids, p in zip(self.ids, self.pos.tolist())], self.pad_id, left=True)
+            chunk, mask = chunk.to(dev), mask.to(dev)
         pos = (self.pos[:, None] + mask.cumsum(1) - 1).clamp(min=0)                 # (B, C) real tokens only
         attn = mask if self.attn is None else torch.cat([self.attn, mask], 1)        # (B, S + C)
         if self.cache is None:
             self.cache = Cache(layer_class_to_replicate=GrowingLayer)
         name = cache_argument(self.model)
-        out = self.model(input_ids=chunk.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                         **{name: self.cache}, use_cache=True, logits_to_keep=1)
+        mask_4d = appended is not None and MASK_4D.get(dev.type, False) and _plain_sdpa(self.model.config)
+        with head:   # mask (B, 1, 1, S + 1) for a one-token step: it attends to every real slot
+            out = self.model(input_ids=chunk, attention_mask=attn.bool()[:, None, None, :] if mask_4d else attn,
+                             position_ids=pos, **{name: self.cache}, use_cache=True, logits_to_keep=1)
         self.cache, self.attn = getattr(out, name), attn
-        self.pos += mask.sum(1)
-        return out.logits[:, -1, :self.n_vocab].float()
+        self.pos = self.pos + mask.sum(1)              # a new tensor: `sample` keeps the old one to roll back
+        return out.logits[:, -1].float() if rows is not None else out.logits[:, -1, :self.n_vocab].float()
 
     def sample(self, stop_id, max_new_tokens=32, temperature=1.0, keys=None, counter=0):
         """Append one sampled continuation to every row (greedy when temperature == 0), each ending
         at `stop_id` or cut at max_new_tokens. Returns the B lists of new ids.
 
         keys (B,) int64, one per row, and counter: token step s of this call draws
-        `uniforms(keys, counter + s, V)`, so a row's sample depends on its key alone."""
+        `uniforms(keys, counter + s, V)`, so a row's sample depends on its key alone.
+
+        The loop stays on the device: tokens, `done` and the mask never come to the host but once at
+        the end (one `.tolist()` per call), and whether every row is done is asked only every
+        DONE_CHECK[device] steps. The steps run past the last row's stop are undone (their tokens
+        dropped, their cache slots truncated, positions restored), so the ids, the cache and the
+        numbers are exactly those of stopping at once; the noise is counter-based, so no stream moves."""
         start = [len(ids) for ids in self.ids]
         logits = self.logits()                                                      # (B, V) on the device
-        done = torch.zeros(len(self.ids), dtype=torch.bool, device=logits.device)
-        keys = keys.to(logits.device) if keys is not None else None
+        dev = logits.device
+        done = torch.zeros(len(self.ids), dtype=torch.bool, device=dev)
+        rows = row_keys(keys.to(dev)) if temperature != 0 else None                   # (B,)
+        every = DONE_CHECK.get(dev.type, 8) if self.use_cache else 1
+        steps, marks = [], []              # the tokens (B,) of each step; (pos, slots) before each forward
         for step in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                nxt = gumbel_argmax(logits / temperature, uniforms(keys, counter + step, logits.shape[-1]))
+                nxt = gumbel_argmax(logits / temperature, draw(rows, counter + step, logits.shape[-1]))
             live = ~done
             done = done | (nxt == stop_id)
-            for ids, t, alive in zip(self.ids, nxt.tolist(), live.tolist()):      # one host sync per token
-                if alive:
-                    ids.append(t)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            steps.append(nxt)
+            if not self.use_cache:         # the reference path re-encodes `ids`: they grow every step
+                self.extend([[t] if alive else [] for t, alive in zip(nxt.tolist(), live.tolist())])
+            if step == max_new_tokens - 1 or ((step + 1) % every == 0 and bool(done.all())):
                 break          # the last tokens are encoded by the next call, with what follows them
+            marks.append((self.pos, self.attn.shape[1] if self.attn is not None else 0))
             logits = self.logits((nxt.masked_fill(~live, self.pad_id), live))
+        if not self.use_cache:
+            return [ids[s:] for ids, s in zip(self.ids, start)]
+        tokens = torch.stack(steps, 1).tolist()                          # (B, steps): the one host copy
+        ends = [row.index(stop_id) + 1 if stop_id in row else len(row) for row in tokens]
+        if all(stop_id in row for row in tokens) and max(ends) < len(steps):
+            self._undo(*marks[max(ends) - 1])   # steps past the last stop: as if the loop had stopped there
+        self.extend([row[:e] for row, e in zip(tokens, ends)])
         return [ids[s:] for ids, s in zip(self.ids, start)]
+
+    def _undo(self, pos, n_slots):
+        """Roll the cache back to `n_slots` slots and the positions to `pos` (a decode step's mark)."""
+        self.pos, self.attn = pos, self.attn[:, :n_slots]
+        for layer in self.cache.layers:
+            layer.truncate(n_slots)               # every layer holds as many slots as `attn` has columns
+
+
+def _plain_sdpa(config):
+    """SDPA attention with full attention in every layer: a 4D boolean mask means there what HF's
+    own builder would make (eager wants an additive mask; a sliding window, another mask per layer)."""
+    return config._attn_implementation == "sdpa" and all(
+        t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
 
 
 def generate(model, prompts, pad_id, stop_id, max_new_tokens=32, temperature=1.0, keys=None, counter=0,

@@ -128,14 +128,15 @@ def trajectory_from_record(tok, rec, strategies, allowed, instructions):
 
 
 @torch.no_grad()
-def decide(logits, strategy_ids, allowed, uniforms=None):
-    """One decision per dialogue from the next-token logits at its end.
+def decide(z_logits, allowed, uniforms=None):
+    """One decision per dialogue from the strategy logits at its end.
 
-    logits (B, V) where the strategy token goes, strategy_ids: the Z strategy tokens, allowed (B, Z)
-    SOP masks, uniforms (B, Z) in (0, 1) for sampling (Gumbel-max), None for greedy.
+    z_logits (B, Z): the Z strategy tokens' logits where the strategy token goes (the output layer's
+    strategy rows only: engine.Context.logits(rows=...)), allowed (B, Z) SOP masks, uniforms (B, Z)
+    in (0, 1) for sampling (Gumbel-max), None for greedy.
     Returns (z indices (B,), log pi_E(z | h) (B,)).
     """
-    logps = masked_logps(logits, strategy_ids, allowed)                        # (B, Z)
+    logps = mask_and_normalise(z_logits.float(), allowed.to(z_logits.device))   # (B, Z)
     if uniforms is None:
         z = logps.argmax(-1)
     else:   # forbidden strategies stay at -inf, so they are never sampled

@@ -254,8 +254,11 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     (expert_model, tok_e), (agent_model, tok_a) = models["expert"], models["agent"]
     # 1. K rollouts per scenario, sampled from the current Expert (its log-probs recorded):
     #    independent dialogues, or continuations of one dialogue from a branch decision (--rollouts)
+    # the models the rollouts play with: a bf16 copy of each with --bf16 on a GPU (lm.rollout_model)
+    playing = {name: (lm.rollout_model(models[name][0], args), models[name][1]) for name in ("expert", "agent")}
+
     def make(batch, index, **kw):
-        return rollout_lib.ExpertDialogues(models["expert"], models["agent"], batch, world, seed, index=index, **kw)
+        return rollout_lib.ExpertDialogues(playing["expert"], playing["agent"], batch, world, seed, index=index, **kw)
     mine = parallel.share(list(range(len(scenarios))))      # distributed: each rank plays its scenarios' groups
     n_independent = round(getattr(args, "mix", 0.0) * len(scenarios))   # --mix: the first scenarios independent
     played = {}
@@ -293,7 +296,7 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
         stats["kl_to_sft"] = kl_to(expert_model, models["expert_sft"][0], tok_e, trajs, world.STRATEGIES)
     # 4. CS alignment, eq. (5): turn-level DPO on adherence
     with parallel.gathered(agent_model):   # the same pairs on every rank (same trajectories, same seed)
-        cs_pairs = cs_alignment_pairs(agent_model, tok_a, trajs, world.recognise, args.cs_samples, rng,
+        cs_pairs = cs_alignment_pairs(playing["agent"][0], tok_a, trajs, world.recognise, args.cs_samples, rng,
                                       max_new_tokens=args.max_reply_tokens) if args.cs_samples else []
     cs_loss = None
     if cs_pairs:

@@ -277,14 +277,15 @@ class ExpertDialogues(Dialogues):
         strategies = self.world.STRATEGIES
         histories = [[strategies[k] for _, k in self.trajs[i]["decisions"]] for i in live]
         with parallel.gathered(self.expert_model):      # FSDP: one model's full weights at a time
-            logits = self.expert_ctx.logits() if live else None                         # (B, V)
+            logits = self.expert_ctx.logits(rows=self.strategy_ids) if live else None   # (B, Z): its rows only
         if not live:
             return []
         # counter (2t) << 12: turn t's decision
         uniforms = None if greedy else engine.uniforms(self.keys[live].to(logits.device), (2 * t) << 12,
                                                        len(strategies))                 # (B, Z)
         allowed = expert_lib.sop_mask(histories, strategies, self.world.allowed)        # (B, Z)
-        entropy = expert_lib.entropy(expert_lib.masked_logps(logits, self.strategy_ids, allowed)).tolist()
+        logps = expert_lib.mask_and_normalise(logits, allowed.to(logits.device))         # (B, Z)
+        entropy = expert_lib.entropy(logps).tolist()
         if self.runner_up is not None and t == 0:   # a fork's fork decision: the spine's draw, its choice out
             spine_z, spine_keys, turns = zip(*(self.runner_up[i] for i in live))
             uniforms = torch.stack([engine.uniforms(torch.tensor([key]), (2 * b) << 12, len(strategies))[0]
@@ -292,7 +293,7 @@ class ExpertDialogues(Dialogues):
             chosen = allowed.clone()
             chosen[torch.arange(len(live)), torch.tensor(spine_z)] = False
             z, _ = self.decide(logits, chosen, uniforms, live)
-            logp = expert_lib.masked_logps(logits, self.strategy_ids, allowed).gather(1, z[:, None]).squeeze(1)
+            logp = logps.gather(1, z[:, None]).squeeze(1)
         else:
             z, logp = self.decide(logits, allowed, uniforms, live)                      # (B,) each
         asks = [{"strategy": strategies[k], "z": k, "logp": lp, "entropy": h, "history": hist}
@@ -303,8 +304,9 @@ class ExpertDialogues(Dialogues):
 
     def decide(self, logits, allowed, uniforms, live):
         """(B,) strategy indices and their log-probs under the masked Expert: a sample, or the argmax
-        when uniforms is None (greedy). logits (B, V), allowed (B, Z), uniforms (B, Z) or None."""
-        return expert_lib.decide(logits, self.strategy_ids, allowed, uniforms)
+        when uniforms is None (greedy). logits (B, Z): the strategy rows only; allowed (B, Z),
+        uniforms (B, Z) or None."""
+        return expert_lib.decide(logits, allowed, uniforms)
 
     def record_turn(self, tr, ask, text, utterance, done):
         name = ask["strategy"]

@@ -107,7 +107,8 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--fsdp", action="store_true", help="shard both models with FSDP2 (each decoder block, then the root); "
                    "needs torchrun (--nproc_per_node 1 is fine)")
     g.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master weights and fp32 AdamW states: "
-                   "autocast in one process, FSDP2 mixed precision (fp32 gradient reduction) with --fsdp")
+                   "autocast in one process (on a GPU the rollouts play a bf16 copy of each model, refreshed after "
+                   "every step: 2 bytes per parameter more), FSDP2 mixed precision (fp32 gradient reduction) with --fsdp")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on each block")
     g.add_argument("--save-every", type=nonneg(int), default=1,
                    help="gopo: write the --resume state every N iterations (0: never): both models and AdamW states, 12 "

@@ -147,7 +147,7 @@ class MementoDialogues(rollout_lib.ExpertDialogues):
         self.bank, self.explore, self.gen = bank, explore, gen
 
     def decide(self, logits, allowed, uniforms, live):
-        logps = expert_lib.masked_logps(logits, self.strategy_ids, allowed)      # (B, Z): one distribution
+        logps = expert_lib.mask_and_normalise(logits, allowed.to(logits.device))   # (B, Z): one distribution
         z = self.bank.choose([self.trajs[i]["turns"] for i in live], allowed, logps.cpu(), self.explore,
                              self.gen).to(logps.device)
         return z, logps.gather(1, z[:, None]).squeeze(1)

@@ -147,6 +147,45 @@ def test_bf16_rollout_log_probs_match_scoring_and_the_first_margin_is_zero(model
     assert stats["rewards/margins"] == 0 and stats["rewards/chosen"] == 0 and stats["rewards/accuracies"] == 0
 
 
+def test_bf16_rollout_copy_follows_every_step_and_is_used_only_on_a_gpu(models, tok, strategy_ids, monkeypatch):
+    """lm.rollout_model: under --bf16 in one process on CUDA the rollouts play a bf16 copy of each
+    model (lm.bf16_copy), equal to the model cast to bf16 after every optimizer step, refreshed in
+    place and only when the weights moved; tied rows stay tied, buffers keep their dtype. Everywhere
+    else (CPU, fp32, --fsdp) the model itself. The copy's rollouts record decision log-probs within
+    the bf16 tolerance above of the fp32 model's scoring forward."""
+    model = copy.deepcopy(models[0])
+    copy_ = lm.bf16_copy(model)
+
+    def assert_follows():
+        for (name, c), p in zip(copy_.named_parameters(), model.parameters()):
+            assert c.dtype == torch.bfloat16 and not c.requires_grad and torch.equal(c, p.detach().to(torch.bfloat16)), name
+        for c, b in zip(copy_.buffers(), model.buffers()):
+            assert c.dtype == b.dtype and torch.equal(c, b)
+    assert_follows()
+    assert copy_.get_input_embeddings().weight is copy_.get_output_embeddings().weight      # tied, as the model
+    versions = [c._version for c in copy_.parameters()]
+    assert lm.bf16_copy(model) is copy_ and [c._version for c in copy_.parameters()] == versions   # no step: no copy
+    ids = torch.tensor([[tok.bos_token_id, 7, 9, 11]])
+    assert lm.guarded_step(model, torch.optim.SGD(model.parameters(), lr=1.0), model(input_ids=ids).logits.pow(2).mean())
+    assert lm.bf16_copy(model) is copy_
+    assert_follows()
+    on = SimpleNamespace(bf16=True, fsdp=False)
+    assert lm.rollout_model(model, on) is model                                               # CPU: autocast as before
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))   # as if on a GPU
+    assert lm.rollout_model(model, on) is copy_
+    assert lm.rollout_model(model, SimpleNamespace(bf16=False, fsdp=False)) is model
+    assert lm.rollout_model(model, SimpleNamespace(bf16=True, fsdp=True)) is model          # FSDP casts itself
+    monkeypatch.undo()
+    scenarios = [shop.make_scenario(s) for s in data.train_seeds(6, offset=7400)]
+    with lm.autocast(torch.device("cpu"), True):
+        trajs = rollout_lib.rollout((copy_, tok), (lm.bf16_copy(models[1]), tok), scenarios, seed=2, max_reply_tokens=12)
+    batch = expert_lib.collate(trajs, tok.pad_token_id, Z)
+    with torch.no_grad():
+        step = expert_lib.decision_logps(model, batch, strategy_ids)
+    for b, tr in enumerate(trajs):
+        torch.testing.assert_close(step[b, :len(tr["ref_logps"])], torch.tensor(tr["ref_logps"]), rtol=0, atol=0.05)
+
+
 def test_gpu_check_dry_run(tmp_path):
     """tools/gpu_check.sh with DRY_RUN=1: every stage of the prepared GPU check, on CPU, with a tiny
     stand-in for the 1.5B model, so the script cannot rot between the rare GPU sessions. PYTHON is
@@ -158,10 +197,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     for stage in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert f"== {stage}" in p.stdout, stage
-    # (e): a line per batch with both tokens/s and their ratio, then the target's verdict
-    assert len(re.findall(r"dialogues: rollout \d+ reply tokens .* tokens/s; model.generate .* tokens/s; ratio \d",
-                          p.stdout)) == 3, p.stdout[-3000:]
-    assert re.search(r"target \(rollout / generate tokens/s >= 0.85 at \d+ dialogues\): (met|missed)", p.stdout)
+    # (e): versions and packed GQA, cold and warm, a rollout line per batch (both arms, sampled generate,
+    # ratio), the targets' verdicts, the time split with live rows per turn, the decode arms, a profile
+    assert re.search(r"transformers 5\.\d+.*packed GQA for one-token queries: (yes|no)", p.stdout)
+    assert re.search(r"cold: .* tokens/s\nwarm: .* tokens/s", p.stdout)
+    assert len(re.findall(r"dialogues: rollout \d+ reply tokens, tokens/s: fp32\+autocast \d+, bf16 copy \d+; "
+                          r"sampled generate .* tokens/s; ratio \d", p.stdout)) == 2, p.stdout[-3000:]
+    assert re.search(r"target at \d+ dialogues, warm, bf16 copy: ratio .* >= 0.85: (met|missed); .* >= 2000: (met|missed)",
+                     p.stdout)
+    assert re.search(r"done check at \d+ dialogues .*every 1 steps \d+, every 4 steps \d+, every 8 steps \d+", p.stdout)
+    assert len(re.findall(r"split at \d+ dialogues, .* = prefill .* decode .* turns \(live rows", p.stdout)) == 2
+    decode = re.findall(r"decode B= *\d+, .*ms/step: (.*)", p.stdout)
+    assert len(decode) == 2 and all(len(line.split("; ")) == 7 for line in decode), decode
+    assert len(re.findall(r"profile, one decode step, .* wall .* ms", p.stdout)) == 4
+    assert "skipped" not in p.stdout
     assert "GOPO --rollouts branch: iteration" in p.stdout      # (c): a branched iteration on the device too
     assert "GPU CHECK PASSED" in p.stdout
 

@@ -201,7 +201,7 @@ def test_masked_logps_gives_forbidden_strategies_zero_probability(models, tok, s
     gen = torch.Generator().manual_seed(0)
     for prev in ["greet", "recommend", "upsell"]:
         logits = engine.Context(expert_model, [ctx] * 200, tok.pad_token_id).logits()       # (200, V)
-        z, logp = expert_lib.decide(logits, strategy_ids, expert_lib.sop_mask([[prev]] * 200, shop.STRATEGIES, shop.allowed),
+        z, logp = expert_lib.decide(logits[:, strategy_ids], expert_lib.sop_mask([[prev]] * 200, shop.STRATEGIES, shop.allowed),
                                     uniforms=torch.rand(200, len(shop.STRATEGIES), generator=gen))
         assert {shop.STRATEGIES[k] for k in z.tolist()} <= set(shop.SOP[prev])
         assert torch.all(torch.isfinite(logp))

@@ -11,10 +11,12 @@
     a greedy eval, single-process bf16 (autocast over fp32 weights and AdamW states), with and
     without activation checkpointing. Prints rollout tokens/s, the preference-step time and peak
     GPU memory beside what docs/scaling.md's formulas predict.
-(e) the same 1.5B-shaped pair's rollout tokens/s at 8, 64 and 256 dialogues, single-process bf16,
-    beside a bare HF `model.generate` at the same batch and the same final lengths on the same
-    device, and their ratio (target: >= 0.85 at 64 dialogues; stage_e says what is counted).
+(e) where a rollout's time goes, on the same 1.5B-shaped pair (stage_e lists its sections):
+    versions and packed GQA, cold and warm rollouts, warm rollouts at 8/64/256 dialogues (fp32 +
+    autocast against the bf16 copy) beside a sampled `generate`, the time split and live rows per
+    turn, a decode micro-benchmark with one arm per cost, and a profile of one step.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -44,8 +46,11 @@ QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
 TOY = dict(QWEN_1_5B, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=2048)
 SHAPE = TOY if DRY else QWEN_1_5B
-# stage (e): dialogues per rollout, and the batch whose ratio has a target (the dry run: toy sizes)
-THROUGHPUT_BATCHES, TARGET_BATCH, TARGET_RATIO = ((2, 4, 8), 4, 0.85) if DRY else ((8, 64, 256), 64, 0.85)
+# stage (e): dialogues per rollout and decode batch, the batch with targets, the cold/warm batch; the
+# micro-benchmark's prompt length, steps and repeats; the stage's time budget (the dry run: toy sizes)
+E_BATCHES, TARGET_BATCH, TARGET_RATIO, COLD_BATCH = ((1, 2), 2, 0.85, 1) if DRY else ((8, 64, 256), 64, 0.85, 8)
+E_PROMPT, E_STEPS, E_REPEATS, E_REPLY, E_BUDGET_S = (12, 3, 1, 4, 120) if DRY else (300, 32, 3, 32, 420)
+E_COMPILE = not DRY          # torch.compile of the sampler: minutes of CPU compiling, so not in the dry run
 
 
 def world_and_tokenizer(n_logs=64):
@@ -99,11 +104,11 @@ def stage_a():
 def predicted_gb(n_params, tokens, layers, d, grad_ckpt):
     """docs/scaling.md, one process, bf16 autocast, both agents of P parameters on one GPU: fp32
     weights of both (8P bytes), fp32 AdamW moments of both (16P), the fp32 gradients of the one
-    being updated (4P, freed after its step): 28P; plus the activations of the largest training
+    being updated (4P, freed after its step), the bf16 rollout copies of both (4P): 32P; plus the activations of the largest training
     forward, about 34 d bytes per token and layer without checkpointing (bf16, Korthikanti et al.
     2022, SDPA attention) and 4 d (the fp32 block input) with it; plus the chunked output layer's
     fp32 (1024, V) logits, their softmax and gradient."""
-    states = 28 * n_params
+    states = 32 * n_params
     acts = tokens * layers * d * (4 if grad_ckpt else 34)
     head = 3 * 1024 * 151_936 * 4
     return (states + acts + head) / 1e9
@@ -134,17 +139,19 @@ def stage_c(grad_ckpt):
     args = SimpleNamespace(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.0, max_pairs=4, listwise=False,
                            gopo_epochs=1, agent_temperature=0.7, cs_samples=8, beta_cs=0.1, max_reply_tokens=32,
                            kl_coef=0.02, clip=0.2, gae_lambda=1.0, vf_coef=0.5, ppo_epochs=1, ppo_minibatch=4, ref="rollout",
-                           rollouts="independent", branch_at="entropy", segment=0)
+                           rollouts="independent", branch_at="entropy", segment=0, bf16=True, fsdp=False)
     scen = [shop.make_scenario(s) for s in data.train_seeds(2, offset=3000)]     # 8 dialogues: fits 80 GB
     opt_e = torch.optim.AdamW(expert_model.parameters(), lr=1e-6, weight_decay=0.0)
     opt_a = torch.optim.AdamW(agent_model.parameters(), lr=1e-7, weight_decay=0.0)
     reset_peak()
     with lm.autocast(DEV, True):
-        t0 = time.time()
-        trajs = rollout_lib.rollout((expert_model, tok), (agent_model, tok), [s for s in scen for _ in range(args.k)],
-                                    seed=1, max_reply_tokens=32)
-        sync()
-        t_roll = time.time() - t0
+        t_roll = []     # the first rollout of the process pays CUDA's start (the 40-89 tokens/s record); the second is warm
+        for _ in range(2):       # the models gopo.iteration plays: --bf16 on a GPU, a bf16 copy of each (lm.rollout_model)
+            t0 = time.time()
+            trajs = rollout_lib.rollout((lm.rollout_model(expert_model, args), tok), (lm.rollout_model(agent_model, args), tok),
+                                        [s for s in scen for _ in range(args.k)], seed=1, max_reply_tokens=32)
+            sync()
+            t_roll.append(time.time() - t0)
         emitted = sum(e - s for t in trajs for s, e in t["replies"])
         models, opts = {"expert": (expert_model, tok), "agent": (agent_model, tok)}, {"expert": opt_e, "agent": opt_a}
         m = gopo.iteration(models, opts, scen, values, shop, args, 0, seed=0)
@@ -161,8 +168,8 @@ def stage_c(grad_ckpt):
           mb["pairs"] == 0 or (mb["loss"] is not None and mb["loss"] == mb["loss"]))
     print(f"GOPO --rollouts branch: iteration {mb['seconds']:.1f} s (pairs {mb['pairs']}) against {m['seconds']:.1f} s "
           f"independent, peak {peak_gb():.1f} GB")
-    print(f"GOPO: rollout {emitted} reply tokens in {t_roll:.1f} s = {emitted / t_roll:.0f} tokens/s "
-          f"({len(trajs)} dialogues, {DEV.type}); iteration {m['seconds']:.1f} s (pairs {m['pairs']}, cs_pairs {m['cs_pairs']}); "
+    print(f"GOPO: rollout {emitted} reply tokens in {t_roll[0]:.1f} s cold = {emitted / t_roll[0]:.0f} tokens/s, "
+          f"{t_roll[1]:.1f} s warm = {emitted / t_roll[1]:.0f} tokens/s ({len(trajs)} dialogues, {DEV.type}, bf16 copies); iteration {m['seconds']:.1f} s (pairs {m['pairs']}, cs_pairs {m['cs_pairs']}); "
           f"peak {peak_gopo:.1f} GB, predicted {predicted_gb(n, tokens, SHAPE['num_hidden_layers'], SHAPE['hidden_size'], grad_ckpt):.1f} GB "
           f"({n / 1e9:.2f}B parameters per model, ~{tokens} padded training tokens)")
     # the PPO step on the CS Agent as the flat agent (its reference a frozen copy, as train.py does)
@@ -186,28 +193,69 @@ def stage_c(grad_ckpt):
 
 
 def stage_e():
-    """Rollout throughput against its floor: at each batch of THROUGHPUT_BATCHES dialogues, the
-    repo's sampled rollout (rollout.rollout, as in stage (c): Expert decisions, CS Agent replies,
-    the simulated customer, the KV cache kept across turns), then a bare HF `model.generate` of the
-    CS Agent alone at the same batch, from the same first prompts (each dialogue's opening up to its
-    first reply), to the same final lengths (as many new tokens per row as the dialogues grew on
-    average: min_new_tokens = max_new_tokens, so no row stops early), greedy (the cheapest decode).
-    Both in single-process bf16 autocast over fp32 weights, on the same device. Prints each one's
-    tokens/s (the rollout's: the reply tokens it sampled; generate's: every token it decoded) and
-    their ratio; the target is a ratio >= TARGET_RATIO at TARGET_BATCH dialogues (a measure, so a
-    miss is printed, not failed)."""
+    """Where a rollout's time goes on the device (docs/scaling.md, "stage (e)"; the plan it follows:
+    one short script, every section timed, the rest skipped if it runs past E_BUDGET_S). Sections:
+      versions  torch, transformers, the GPU; whether transformers packs GQA for one-token queries
+      cold/warm the same 8-dialogue rollout twice in this fresh process: the first pays CUDA's start
+      rollout  warm rollouts at each of E_BATCHES dialogues, fp32 weights under autocast (the path
+               before issue 31) and the bf16 copy (lm.bf16_copy, what --bf16 plays now), beside a bare
+               sampled HF `generate` (bf16 weights) at the same batch, from each dialogue's first
+               prompt to the same final lengths; the targets: ratio >= TARGET_RATIO and >= 2,000
+               reply tokens/s at TARGET_BATCH
+      split    at TARGET_BATCH: prefill forwards, decode forwards and the rest (sampler, host work,
+               customers), and the live rows and decode steps of each turn (the lockstep tail)
+      decode   ms per decode step at each batch, prompts of E_PROMPT tokens, E_STEPS steps, median of
+               E_REPEATS after a warm pass: A a bare HF loop (DynamicCache), bf16, greedy; A' sampled
+               (softmax + multinomial, as generate); B = A with fp32 weights + autocast; C
+               Context.sample bf16 greedy; D the same sampled; E = D with fp32 + autocast; F the
+               sampler alone; F' F under torch.compile (where it compiles). B-A: the weight casts;
+               D-C: the sampler; C-A: the engine (mask, positions, GrowingLayer)
+      profile  torch.profiler over one decode step of E and of A at the smallest and largest batch:
+               the top ops, and the device time against the host time (host >= device: launch-bound)"""
+    import statistics
+    import transformers
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+    import engine
+    t_start = time.time()
+
+    def left(section):
+        if time.time() - t_start < E_BUDGET_S:
+            return True
+        print(f"skipped ({section}): past the {E_BUDGET_S} s budget of this stage")
+        return False
+
+    # versions, and packed GQA (transformers >= 5.24 reshapes a one-token query onto the KV heads)
+    from transformers.integrations import sdpa_attention
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+          f"device {torch.cuda.get_device_name() if DEV.type == 'cuda' else 'cpu'}; packed GQA for one-token "
+          f"queries: {'yes' if hasattr(sdpa_attention, 'pack_gqa') else 'no (repeat_kv copies K and V)'}; "
+          f"done asked every {engine.DONE_CHECK.get(DEV.type, 8)} decode steps")
     torch.manual_seed(0)
     _, _, tok = world_and_tokenizer()
     expert_model, agent_model = qwen_pair(tok)
+    fast = {"fp32+autocast": (expert_model, agent_model), "bf16 copy": (lm.bf16_copy(expert_model), lm.bf16_copy(agent_model))}
+    print(f"models built in {time.time() - t_start:.0f} s ({lm.n_params(agent_model) / 1e9:.2f}B parameters each)")
 
-    def play(n, offset=4000):
+    def play(arm, n, offset=4000):
         scen = [shop.make_scenario(s) for s in data.train_seeds(n, offset=offset)]
+        e, a = fast[arm]
         sync()
         t0 = time.time()
         with lm.autocast(DEV, True), torch.no_grad():
-            trajs = rollout_lib.rollout((expert_model, tok), (agent_model, tok), scen, seed=1, max_reply_tokens=32)
+            trajs = rollout_lib.rollout((e, tok), (a, tok), scen, seed=1, max_reply_tokens=E_REPLY)
         sync()
         return trajs, time.time() - t0
+
+    def replies(trajs):
+        return sum(e - s for t in trajs for s, e in t["replies"])
+
+    # cold, then warm: the first rollout of this process pays CUDA's context, kernels and allocator
+    for what in ("cold", "warm"):
+        trajs, t = play("bf16 copy", COLD_BATCH, offset=3000)
+        print(f"{what}: {COLD_BATCH} dialogues (bf16 copy) {replies(trajs)} reply tokens in {t:.2f} s = "
+              f"{replies(trajs) / t:.0f} tokens/s")
 
     def generate(prompts, new):
         width = max(len(p) for p in prompts)      # left-padded, as generate expects for a decoder
@@ -215,33 +263,199 @@ def stage_e():
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEV)
         sync()
         t0 = time.time()
-        with lm.autocast(DEV, True), torch.no_grad():
-            out = agent_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new, min_new_tokens=new,
-                                       do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with torch.no_grad():
+            out = fast["bf16 copy"][1].generate(input_ids=ids, attention_mask=attn, max_new_tokens=new,
+                                                min_new_tokens=new, do_sample=True, temperature=0.7, top_k=0,
+                                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         sync()
         return out.shape[1] - width, time.time() - t0
 
-    trajs, _ = play(2, offset=3900)             # warm-up: kernels, allocator, first-call overheads
-    generate([t["agent_ids"][:t["replies"][0][0]] for t in trajs], 4)
-    ratio_at_target = None
-    for n in THROUGHPUT_BATCHES:
-        trajs, t_roll = play(n)
-        emitted = sum(e - s for t in trajs for s, e in t["replies"])
+    for n in E_BATCHES:
+        if not left(f"rollout at {n}"):
+            break
+        line = []
+        for arm in fast:
+            trajs, t = play(arm, n)
+            line.append(f"{arm} {replies(trajs) / t:.0f}")
         prompts = [t["agent_ids"][:t["replies"][0][0]] for t in trajs]     # start, opening, first strategy prompt
-        final = [len(t["agent_ids"]) for t in trajs]
-        new = round(sum(f - len(p) for f, p in zip(final, prompts)) / n)
+        new = round(sum(len(t["agent_ids"]) - len(p) for t, p in zip(trajs, prompts)) / n)
+        generate(prompts, 2)
         made, t_gen = generate(prompts, new)
-        check(f"model.generate decoded all {new} tokens per row at {n} dialogues", made == new)
-        roll_tps, gen_tps = emitted / t_roll, n * new / t_gen
-        ratio = roll_tps / gen_tps
+        check(f"generate decoded all {new} tokens per row at {n} dialogues", made == new)
+        roll, gen = replies(trajs) / t, n * new / t_gen
+        print(f"{n:4d} dialogues: rollout {replies(trajs)} reply tokens, tokens/s: {', '.join(line)}; sampled "
+              f"generate (bf16) {n} x {new} tokens = {gen:.0f} tokens/s; ratio {roll / gen:.2f} (bf16 copy)")
         if n == TARGET_BATCH:
-            ratio_at_target = ratio
-        print(f"{n:4d} dialogues: rollout {emitted} reply tokens in {t_roll:.1f} s = {roll_tps:.0f} tokens/s; "
-              f"model.generate {n} x {new} tokens (first prompts {sum(map(len, prompts)) / n:.0f}, final lengths "
-              f"{sum(final) / n:.0f} tokens on average) in {t_gen:.1f} s = {gen_tps:.0f} tokens/s; ratio {ratio:.2f}")
-    print(f"target (rollout / generate tokens/s >= {TARGET_RATIO} at {TARGET_BATCH} dialogues): "
-          f"{'met' if ratio_at_target >= TARGET_RATIO else 'missed'} ({ratio_at_target:.2f})"
-          + (" [dry run: toy model on CPU, not a measurement]" if DRY else ""))
+            print(f"target at {n} dialogues, warm, bf16 copy: ratio {roll / gen:.2f} >= {TARGET_RATIO}: "
+                  f"{'met' if roll / gen >= TARGET_RATIO else 'missed'}; {roll:.0f} reply tokens/s >= 2000: "
+                  f"{'met' if roll >= 2000 else 'missed'}" + (" [dry run: toy model on CPU, not a measurement]" if DRY else ""))
+
+    # how often to ask whether every row is done: each ask is a host sync, each step past the end a wasted forward
+    if left("done check"):
+        rates = []
+        for every in (1, 4, 8):
+            with patched(engine.DONE_CHECK, DEV.type, every):
+                trajs, t = play("bf16 copy", TARGET_BATCH)
+            rates.append(f"every {every} steps {replies(trajs) / t:.0f}")
+        print(f"done check at {TARGET_BATCH} dialogues (bf16 copy), reply tokens/s: {', '.join(rates)} "
+              f"(engine.DONE_CHECK[{DEV.type!r}] = {engine.DONE_CHECK.get(DEV.type, 8)})")
+
+    # where a rollout's time goes, and the live rows of each turn (a separate, synced pass)
+    if left("split"):
+        spent, turns = {"prefill": 0.0, "decode": 0.0}, []
+        logits, sample = engine.Context.logits, engine.Context.sample
+
+        def timed_logits(self, appended=None, rows=None):
+            sync()
+            t0 = time.time()
+            out = logits(self, appended, rows)
+            sync()
+            spent["decode" if appended is not None else "prefill"] += time.time() - t0
+            return out
+
+        def counted_sample(self, *args, **kwargs):
+            out = sample(self, *args, **kwargs)
+            turns.append((len(out), max(map(len, out))))
+            return out
+        engine.Context.logits, engine.Context.sample = timed_logits, counted_sample
+        try:
+            for arm in fast:
+                spent.update(prefill=0.0, decode=0.0)
+                turns.clear()
+                trajs, t = play(arm, TARGET_BATCH)
+                rest = t - spent["prefill"] - spent["decode"]
+                print(f"split at {TARGET_BATCH} dialogues, {arm}: {t:.2f} s = prefill {spent['prefill']:.2f} + decode "
+                      f"{spent['decode']:.2f} + the rest {rest:.2f} (sampler, host, customers); turns (live rows, "
+                      f"tokens of the longest reply): {' '.join(f'{b}x{s}' for b, s in turns)}")
+        finally:
+            engine.Context.logits, engine.Context.sample = logits, sample
+
+    # decode micro-benchmark
+    def prompts_for(b):
+        g = torch.Generator().manual_seed(b)
+        return torch.randint(5, len(tok), (b, E_PROMPT), generator=g).tolist()
+
+    def hf_loop(model, b, sampled, autocast):
+        ids = torch.tensor(prompts_for(b), device=DEV)
+
+        def run():
+            with lm.autocast(DEV, autocast), torch.no_grad():
+                cache = {engine.cache_argument(model): DynamicCache()}   # past_key_values (5.17) or cache (5.24)
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
+                nxt = out.logits[:, -1].argmax(-1)
+                sync()
+                t0 = time.time()
+                for _ in range(E_STEPS):
+                    out = model(input_ids=nxt[:, None], use_cache=True, logits_to_keep=1, **cache)
+                    logits = out.logits[:, -1].float()
+                    nxt = torch.multinomial(torch.softmax(logits / 0.7, -1), 1)[:, 0] if sampled else logits.argmax(-1)
+                sync()
+                return time.time() - t0
+        return run
+
+    def ctx_loop(model, b, temperature, autocast):
+        def run():
+            with lm.autocast(DEV, autocast), torch.no_grad():
+                ctx = engine.Context(model, prompts_for(b), tok.pad_token_id, n_vocab=len(tok))
+                ctx.logits()
+                ctx.extend([[5]] * b)          # so that sample's first forward is a one-token step too
+                sync()
+                t0 = time.time()
+                ctx.sample(-1, E_STEPS, temperature, torch.arange(b), 0)     # -1: no row ever stops
+                sync()
+                return time.time() - t0
+        return run
+
+    def sampler(x, rows, counter):     # one step of Context.sample's draw at T = 0.7
+        return engine.gumbel_argmax(x / 0.7, engine.draw(rows, counter, x.shape[-1]))
+
+    def sampler_alone(b, fn):
+        logits = torch.randn(b, len(tok), device=DEV)
+        rows = engine.row_keys(torch.arange(b, device=DEV))
+        counters = [torch.tensor(c, device=DEV) for c in range(E_STEPS)]   # tensors: one graph for every step
+
+        def run():
+            sync()
+            t0 = time.time()
+            for c in counters:
+                fn(logits, rows, c)
+            sync()
+            return time.time() - t0
+        return run
+
+    compiled = [None]
+
+    def compiled_sampler(b):
+        """The sampler under torch.compile (one graph, dynamic batch), or None where it does not compile."""
+        try:
+            compiled[0] = compiled[0] or torch.compile(sampler, dynamic=True)
+            compiled[0](torch.randn(b, len(tok), device=DEV), engine.row_keys(torch.arange(b, device=DEV)),
+                        torch.tensor(0, device=DEV))
+            return compiled[0]
+        except Exception as e:       # a compiler missing, an unsupported op: the plain sampler stays
+            print(f"F' torch.compile of the sampler failed at batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            return None
+
+    bf16_a, fp32_a = fast["bf16 copy"][1], agent_model
+    for b in E_BATCHES:
+        if not left(f"decode at {b}"):
+            break
+        arms = {"A hf bf16 greedy": hf_loop(bf16_a, b, False, False), "A' hf bf16 sampled": hf_loop(bf16_a, b, True, False),
+                "B hf fp32+autocast greedy": hf_loop(fp32_a, b, False, True),
+                "C ctx bf16 greedy": ctx_loop(bf16_a, b, 0.0, False), "D ctx bf16 sampled": ctx_loop(bf16_a, b, 0.7, False),
+                "E ctx fp32+autocast sampled": ctx_loop(fp32_a, b, 0.7, True), "F sampler": sampler_alone(b, sampler)}
+        if E_COMPILE:
+            fn = compiled_sampler(b)
+            if fn is not None:
+                arms["F' sampler compiled"] = sampler_alone(b, fn)
+        ms = {}
+        for name, run in arms.items():
+            run()                                                   # warm: kernels, allocator, caches
+            ms[name] = 1000 * statistics.median(run() for _ in range(E_REPEATS)) / E_STEPS
+        print(f"decode B={b:3d}, {E_PROMPT}-token prompts, ms/step: " + "; ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+
+    # one decode step under the profiler: today's path (E) and the bare loop (A)
+    for b in (E_BATCHES[0], E_BATCHES[-1]):
+        if not left(f"profile at {b}"):
+            break
+        for name, model, autocast in (("E ctx fp32+autocast", fp32_a, True), ("A hf bf16", bf16_a, False)):
+            with lm.autocast(DEV, autocast), torch.no_grad():
+                ctx = engine.Context(model, prompts_for(b), tok.pad_token_id, n_vocab=len(tok))
+                logits = ctx.logits()
+                step = lambda: ctx.logits((logits.argmax(-1), torch.ones(b, dtype=torch.bool, device=DEV)))  # noqa: E731
+                step()
+                sync()
+                t0 = time.time()
+                step()
+                t1 = time.time()
+                sync()
+                wall, enqueue = time.time() - t0, t1 - t0
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+                with profile(activities=activities) as prof:
+                    step()
+                    sync()
+            events = prof.key_averages()
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+            print(f"profile, one decode step, {name}, B={b}: wall {1000 * wall:.2f} ms, enqueued in {1000 * enqueue:.2f} ms "
+                  f"(launch-bound where the two are close); kernels {sum(e.count for e in kernels)} busy "
+                  f"{sum(e.self_device_time_total for e in kernels) / 1000:.2f} ms; "
+                  f"{sum(e.count for e in events if e.device_type == DeviceType.CPU)} host ops")
+            print(events.table(sort_by="self_device_time_total" if DEV.type == "cuda" else "self_cpu_time_total",
+                               row_limit=6))
+    print(f"stage (e) took {time.time() - t_start:.0f} s")
+
+
+@contextlib.contextmanager
+def patched(table, key, value):
+    old = table.get(key)
+    table[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            table.pop(key)
+        else:
+            table[key] = old
 
 
 def check(what, ok):
@@ -266,7 +480,7 @@ def peak_gb():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1 if DRY else max(1, os.cpu_count() or 1))   # the dry run: a shared CPU (the tests)
     stage = sys.argv[1]
     if stage == "a":
         stage_a()

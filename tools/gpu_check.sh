@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check (about 8 minutes on one H100, start included, before stage (e), which has
-# not run on a GPU yet: budget a few minutes more). Run it from the repo root
-# whenever a GPU is at hand, and paste its output into docs/scaling.md with the card it ran on.
+# The prepared GPU check (about 8 minutes on one H100, start included, before stage (e); stage (e)
+# adds about 7, within its own 420 s budget). Run it from the repo root whenever a GPU is at hand,
+# and paste its output into docs/scaling.md with the card it ran on. A short lease (15 minutes of
+# device time): run stage (e) alone, `timeout 540 python tools/gpu_check.py e`.
 #
 #   bash tools/gpu_check.sh                 # on a CUDA machine
 #   DRY_RUN=1 bash tools/gpu_check.sh       # the same stages on CPU, tiny sizes (tests/test_device.py runs this)
@@ -10,9 +11,10 @@
 # (a) device checks on CUDA (tools/gpu_check.py a)
 # (c) a Qwen2.5-1.5B-shaped model as both agents: a GOPO iteration, a PPO step and an eval in
 #     single-process bf16, without and with --grad-ckpt: tokens/s, step time, peak memory vs formula
-# (e) the same pair's rollout tokens/s at 8, 64 and 256 dialogues (single-process bf16) beside a bare
-#     HF model.generate at the same batch and final lengths, and their ratio (target >= 0.85 at 64);
-#     the dry run uses 2, 4 and 8 dialogues of the toy model
+# (e) where a rollout's time goes (about 7 min, a 420 s budget inside): versions and packed GQA, cold
+#     and warm rollouts, rollouts at 8/64/256 dialogues (fp32 + autocast, bf16 copy) beside a sampled
+#     generate (targets at 64: >= 0.85 x generate, >= 2,000 reply tokens/s), the time split and live
+#     rows per turn, decode ms/step per arm at B = 8/64/256, a profile of one step; dry run: toy sizes
 # (d) one `torchrun --nproc_per_node 1 train.py --fsdp --bf16` iteration
 # (b) the tiny default run on CUDA: train.py, then eval.py's table, with wall times (last: the longest)
 # A machine with no network (the GPU image) is fine: nothing is downloaded.
@@ -43,7 +45,7 @@ stage "(c) Qwen2.5-1.5B-shaped model, single-process bf16, no activation checkpo
 stage "(c) the same with --grad-ckpt"
 "$PYTHON" tools/gpu_check.py c --grad-ckpt
 
-stage "(e) rollout tokens/s against a bare model.generate, single-process bf16"
+stage "(e) where a rollout's time goes: cold/warm, rollouts against a sampled generate, decode arms, profile"
 "$PYTHON" tools/gpu_check.py e
 
 stage "(d) torchrun --nproc_per_node 1 train.py --fsdp --bf16 on $DEVICE"
