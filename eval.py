@@ -53,21 +53,29 @@ p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollou
 p.add_argument("--show", type=cli.nonneg(int), default=0, metavar="N",
                help="print the first N held-out customers' dialogues, the starting model's and the trained one's, "
                "turn by turn")
-g = p.add_argument_group("prompted planners (planner.py): an instruct LM replaces the run's Expert, the run's CS "
-                         "Agent writes; built-in worlds only")
-g.add_argument("--planner", action="append", default=[], metavar="MODEL",
-               help="a local instruct model folder (or a hub id with HF_HUB_OFFLINE=0): adds the row "
-               "prompted:<folder name>, its choice the allowed strategy it scores highest; repeatable")
-g.add_argument("--planner-url", metavar="URL",
-               help="an OpenAI-compatible chat-completions server, e.g. http://127.0.0.1:8000/v1 (key: "
-               "OPENAI_API_KEY when set): adds the row served:<--planner-model>")
-g.add_argument("--planner-model", metavar="NAME", help="the model name the --planner-url server is asked for")
-g.add_argument("--planner-shots", type=cli.nonneg(int), default=0, metavar="N",
-               help="N logged training dialogues of the run (its first N) as examples in the prompt")
-g.add_argument("--planner-timeout", type=cli.positive(float), default=60.0, metavar="S",
-               help="--planner-url: seconds per request before it is retried (twice at most)")
-g.add_argument("--show-prompt", action="store_true",
-               help="print the planners' prompt at the first held-out customer's first decision and exit")
+
+
+def add_planner_flags(parser, show_prompt=True):
+    """The prompted planners' flags (planner.py), on eval.py and experiments.compare (no --show-prompt)."""
+    g = parser.add_argument_group("prompted planners (planner.py): an instruct LM replaces the run's Expert, the "
+                                  "run's CS Agent writes; built-in worlds only")
+    g.add_argument("--planner", action="append", default=[], metavar="MODEL",
+                   help="a local instruct model folder (or a hub id with HF_HUB_OFFLINE=0): adds the row "
+                   "prompted:<folder name>, its choice the allowed strategy it scores highest; repeatable")
+    g.add_argument("--planner-url", metavar="URL",
+                   help="an OpenAI-compatible chat-completions server, e.g. http://127.0.0.1:8000/v1 (key: "
+                   "OPENAI_API_KEY when set): adds the row served:<--planner-model>")
+    g.add_argument("--planner-model", metavar="NAME", help="the model name the --planner-url server is asked for")
+    g.add_argument("--planner-shots", type=cli.nonneg(int), default=0, metavar="N",
+                   help="N logged training dialogues of the run (its first N) as examples in the prompt")
+    g.add_argument("--planner-timeout", type=cli.positive(float), default=60.0, metavar="S",
+                   help="--planner-url: seconds per request before it is retried (twice at most)")
+    if show_prompt:
+        g.add_argument("--show-prompt", action="store_true",
+                       help="print the planners' prompt at the first held-out customer's first decision and exit")
+
+
+add_planner_flags(p)
 
 
 def dialogue_metrics(rec, values, world):
@@ -238,7 +246,7 @@ def planners_of(args, run, config, method, device):
     if bool(args.planner_url) != bool(args.planner_model):
         die("--planner-url and --planner-model go together (the server's address, and the model it serves)")
     if not args.planner and not args.planner_url:
-        if args.show_prompt or args.planner_shots:
+        if getattr(args, "show_prompt", False) or args.planner_shots:
             die("--show-prompt and --planner-shots need --planner or --planner-url")
         return {}
     if config.get("data", "sim") != "sim":
@@ -261,10 +269,10 @@ def planners_of(args, run, config, method, device):
             planner_lib.Planner(model.to(device), tok, world, shots)
     if args.planner_url:
         served = planner_lib.ServedPlanner(args.planner_url, args.planner_model, world, shots, args.planner_timeout)
-        if not args.show_prompt:
+        if not getattr(args, "show_prompt", False):
             served.check()
         out[f"served:{args.planner_model}{suffix}"] = served
-    if args.show_prompt:
+    if getattr(args, "show_prompt", False):
         first = world.make_scenario(data.test_seeds(1)[0])
         opening = world.Customer(first, seed=args.seed * 1_000_003).opening()
         msgs = planner_lib.messages(world, [{"role": "customer", "text": opening}], shots)

@@ -26,7 +26,8 @@ only where the model would stop there. The SOP holds by construction: forbidden 
 The KV cache (engine.Context): each dialogue's rendered prompt only grows (a turn appends the chosen
 name, its end-of-turn and the next user message), so each turn encodes only its new tokens; the
 candidates of a decision are one batched forward over the allowed names, reading a K-row view of that
-dialogue's cache. A chat template that rewrites earlier turns (e.g. one that drops past reasoning)
+dialogue's cache. The system message, the same in every dialogue, is encoded once per batch
+(engine.Context.shared). A chat template that rewrites earlier turns (e.g. one that drops past reasoning)
 breaks the growing prefix: refused with a one-line error (use --planner-url for such a model).
 
 Served (`ServedPlanner`, --planner-url): the same messages go to a chat-completions endpoint
@@ -183,9 +184,11 @@ class PromptedDialogues(rollout_lib.Dialogues):
         self.planner = planner
         for tr in self.trajs:
             tr["strategies"] = []                       # chosen so far
-        if isinstance(planner, Planner):
-            self.ctx = engine.Context(planner.model, [[] for _ in scenarios], planner.tok.pad_token_id)
-            self.text = ["" for _ in scenarios]         # the rendered prompt already in ctx, per dialogue
+        if isinstance(planner, Planner):   # the system message, the same for every dialogue, is encoded once
+            system = planner.tok.apply_chat_template(messages(world, [], planner.shots), tokenize=False)
+            self.ctx = engine.Context.shared(planner.model, serialize.encode(planner.tok, system), len(scenarios),
+                                             planner.tok.pad_token_id)
+            self.text = [system for _ in scenarios]     # the rendered prompt already in ctx, per dialogue
 
     def ask(self, t, live, greedy):
         world, trajs = self.world, self.trajs

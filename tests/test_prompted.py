@@ -163,7 +163,7 @@ def fake_run(folder, models, tok):
     for c in ("expert", "expert_sft", "agent_sft"):
         shutil.copytree(os.path.join(folder, "agent"), os.path.join(folder, c))
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"method": "gopo", "max_reply_tokens": 8}, f)
+        json.dump({"method": "gopo", "seed": 0, "max_reply_tokens": 8}, f)
     with open(os.path.join(folder, "values.json"), "w") as f:
         json.dump({"purchase": 1.0, "leave": 0.0}, f)
     data.write_jsonl([shop.play(shop.make_scenario(s), shop.behaviour_policy) for s in data.train_seeds(3)],
@@ -236,3 +236,14 @@ def test_eval_rows_in_process_and_served(tmp_path, models, tok, planner_folder, 
             n_invalid += not valid
             n += 1
     assert report["prompted"][f"served:{planner_folder}"]["invalid"] == pytest.approx(n_invalid / n)
+
+
+def test_compare_adds_the_prompted_row(tmp_path, models, tok, planner_folder):
+    """experiments.compare --planner: the prompted row, pooled like a method, with GOPO's relative TSE."""
+    from experiments import compare
+    run = fake_run(str(tmp_path / "gopo"), models, tok)
+    compare.main([run, "--n-scenarios", "2", "--planner", planner_folder, "--planner-shots", "1",
+                  "--out", str(tmp_path)])
+    report = json.load(open(tmp_path / "compare.json"))
+    assert "prompted:tinychat-1shot" in report and "prompted:tinychat-1shot" in report["relative_tse"]
+    assert len(report["per_seed_tse"]["prompted:tinychat-1shot"]) == 1
