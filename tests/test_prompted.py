@@ -208,9 +208,14 @@ def run_eval(args, env):
 
 
 def test_eval_rows_in_process_and_served(tmp_path, models, tok, planner_folder, server, cli_env):
-    """eval.py --planner and --planner-url on one run: the rows, the invalid column; the served answers
-    are parsed, counted, and equal the in-process greedy generation on the same prompt token for token."""
+    """eval.py --planner and --planner-url on one run: --show-prompt prints and writes nothing; the rows,
+    the invalid column; the served answers are parsed, counted, and equal the in-process greedy
+    generation on the same prompt token for token (so, with a valid answer, the same choice)."""
     run = fake_run(str(tmp_path / "run"), models, tok)
+    before = sorted(os.listdir(run))
+    shown = run_eval([run, "--planner", planner_folder, "--show-prompt"], cli_env)   # prints, writes nothing
+    assert shown.returncode == 0 and sorted(os.listdir(run)) == before, shown.stderr[-3000:]
+    assert shown.stdout.rstrip().endswith("Allowed now: greet<|im_end|>\n<|im_start|>assistant")
     p = run_eval([run, "--n-scenarios", "3", "--planner", planner_folder, "--planner-url", server,
                   "--planner-model", planner_folder], cli_env)
     assert p.returncode == 0, p.stderr[-3000:]
