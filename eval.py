@@ -299,7 +299,7 @@ def evaluate_builtin(run, config, values, ckpt, rows, method, args, planners=Non
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
     for name, pl in (planners or {}).items():   # the run's CS Agent: the one its first row plays
         t0 = time.time()
-        recs = planner_lib.play(pl, ckpt[METHODS[method].agent], scenarios, world, args.seed, max_reply)
+        recs = planner_lib.play(pl, ckpt[METHODS[method].agent], scenarios, world, args.seed, max_reply, args.batch)
         cost[name] = time.time() - t0
         results[name], records[name] = summarize(per_dialogue(recs, values, world)), recs
         data.write_jsonl(recs, os.path.join(run, "eval_" + re.sub(r"[^\w.-]+", "_", name) + ".jsonl"))

@@ -179,8 +179,8 @@ class PromptedDialogues(rollout_lib.Dialogues):
     name chosen in-process) and "planner_valid" (False where that answer was invalid and the fallback
     played; always True in-process)."""
 
-    def __init__(self, planner, agent, scenarios, world, seed=0):
-        super().__init__(agent, scenarios, world, seed)
+    def __init__(self, planner, agent, scenarios, world, seed=0, index=None):
+        super().__init__(agent, scenarios, world, seed, index)
         self.planner = planner
         for tr in self.trajs:
             tr["strategies"] = []                       # chosen so far
@@ -236,11 +236,13 @@ class PromptedDialogues(rollout_lib.Dialogues):
         super().keep(rows)
 
 
-def play(planner, agent, scenarios, world, seed, max_reply_tokens=32):
+def play(planner, agent, scenarios, world, seed, max_reply_tokens=32, batch=100):
     """Greedy held-out dialogues with the planner deciding and `agent` (model, tokenizer) writing, BATCH
-    dialogues at a time -> records."""
+    dialogues at a time -> records. Dialogue j is numbered j % batch, as eval.method_records numbers it
+    in its --batch chunks, so its customer rolls the same dice as in the run's own rows."""
     return [tr["record"] for n in range(0, len(scenarios), BATCH)
-            for tr in PromptedDialogues(planner, agent, scenarios[n:n + BATCH], world, seed).play(
+            for tr in PromptedDialogues(planner, agent, scenarios[n:n + BATCH], world, seed,
+                                        [j % batch for j in range(n, min(n + BATCH, len(scenarios)))]).play(
                 True, 0.7, max_reply_tokens)]
 
 

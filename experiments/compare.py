@@ -172,7 +172,7 @@ def main(argv=None):
         for run, _ in methods[host]:
             agent = loaded[run][checkpoint.METHODS[method_of[host]].agent]
             with lm.autocast(device, args.bf16):
-                recs = planner_lib.play(pl, agent, scenarios, world, args.seed)
+                recs = planner_lib.play(pl, agent, scenarios, world, args.seed, batch=args.batch)
             values = checkpoint.read_values(os.path.join(run, "values.json"))
             per = eval_lib.per_dialogue(recs, values, world)
             for k in METRICS:
