@@ -208,7 +208,8 @@ def run_eval(args, env):
 
 
 def test_eval_rows_in_process_and_served(tmp_path, models, tok, planner_folder, server, cli_env):
-    """eval.py --planner and --planner-url on one run: --show-prompt prints and writes nothing; the rows,
+    """eval.py --planner and --planner-url on one run: --show-prompt prints and writes nothing; a model
+    name the server rejects is one line, exit 2, nothing written; the rows,
     the invalid column; the served answers are parsed, counted, and equal the in-process greedy
     generation on the same prompt token for token (so, with a valid answer, the same choice)."""
     run = fake_run(str(tmp_path / "run"), models, tok)
@@ -216,6 +217,10 @@ def test_eval_rows_in_process_and_served(tmp_path, models, tok, planner_folder, 
     shown = run_eval([run, "--planner", planner_folder, "--show-prompt"], cli_env)   # prints, writes nothing
     assert shown.returncode == 0 and sorted(os.listdir(run)) == before, shown.stderr[-3000:]
     assert shown.stdout.rstrip().endswith("Allowed now: greet<|im_end|>\n<|im_start|>assistant")
+    rejected = run_eval([run, "--planner-url", server, "--planner-model", "no-such/model", "--planner-timeout", "20"],
+                        cli_env)   # the server cannot load that name: one line, exit 2, nothing written
+    assert rejected.returncode == 2 and sorted(os.listdir(run)) == before, rejected.stderr[-3000:]
+    assert len(rejected.stderr.splitlines()) == 1 and "no-such/model" in rejected.stderr, rejected.stderr[-3000:]
     p = run_eval([run, "--n-scenarios", "3", "--planner", planner_folder, "--planner-url", server,
                   "--planner-model", planner_folder], cli_env)
     assert p.returncode == 0, p.stderr[-3000:]
