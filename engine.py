@@ -163,6 +163,20 @@ class Context:
         self.pos = torch.zeros(len(prompts), dtype=torch.long, device=dev)   # (B,) tokens of each row in the cache
         self.cache, self.attn = None, None                                   # attn (B, S): real (1) or hole (0)
 
+    @classmethod
+    def shared(cls, model, prefix, n, pad_id, n_vocab=None):
+        """n rows that all start with the same `prefix` ids, encoded once (one row's forward) and its
+        cache copied to every row: a prompted planner's system prompt, the same in every dialogue."""
+        one = cls(model, [prefix], pad_id, n_vocab=n_vocab)
+        one.logits()
+        ctx = cls(model, [prefix] * n, pad_id, n_vocab=n_vocab)
+        rows = torch.zeros(n, dtype=torch.long, device=model.device)
+        slots = torch.arange(len(prefix), device=model.device).expand(n, -1)
+        for layer in one.cache.layers:
+            layer.select(rows, slots)
+        ctx.cache, ctx.attn, ctx.pos = one.cache, one.attn.expand(n, -1).clone(), one.pos.expand(n).clone()
+        return ctx
+
     def extend(self, rows):
         for ids, new in zip(self.ids, rows):
             ids += new

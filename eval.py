@@ -4,6 +4,7 @@
     python eval.py out/gopo --n-scenarios 500
     python eval.py out/ppo                   # a baseline's run, the same way
     python -m experiments.compare out/sft out/ppo ...   # the comparison (experiments/compare.py)
+    python eval.py out/gopo --planner models/smollm2 --planner-shots 3   # + a prompted planner's row (planner.py)
 
 One run: the run's method (any of checkpoint.METHODS: gopo, sft, ppo, memento, gopo-noexpert), the
 SFT model(s) it started from (checkpoint.METHODS[method].rows), and the
@@ -16,6 +17,8 @@ leaves the range of the values it summarises.
 """
 import json
 import os
+import re
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
 
@@ -27,6 +30,7 @@ import cli
 import data
 import lm
 import parallel
+import planner as planner_lib
 import plots
 import rollout as rollout_lib
 import tse
@@ -49,6 +53,29 @@ p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollou
 p.add_argument("--show", type=cli.nonneg(int), default=0, metavar="N",
                help="print the first N held-out customers' dialogues, the starting model's and the trained one's, "
                "turn by turn")
+
+
+def add_planner_flags(parser, show_prompt=True):
+    """The prompted planners' flags (planner.py), on eval.py and experiments.compare (no --show-prompt)."""
+    g = parser.add_argument_group("prompted planners (planner.py): an instruct LM replaces the run's Expert, the "
+                                  "run's CS Agent writes; built-in worlds only")
+    g.add_argument("--planner", action="append", default=[], metavar="MODEL",
+                   help="a local instruct model folder (or a hub id with HF_HUB_OFFLINE=0): adds the row "
+                   "prompted:<folder name>, its choice the allowed strategy it scores highest; repeatable")
+    g.add_argument("--planner-url", metavar="URL",
+                   help="an OpenAI-compatible chat-completions server, e.g. http://127.0.0.1:8000/v1 (key: "
+                   "OPENAI_API_KEY when set): adds the row served:<--planner-model>")
+    g.add_argument("--planner-model", metavar="NAME", help="the model name the --planner-url server is asked for")
+    g.add_argument("--planner-shots", type=cli.nonneg(int), default=0, metavar="N",
+                   help="N logged training dialogues of the run (its first N) as examples in the prompt")
+    g.add_argument("--planner-timeout", type=cli.positive(float), default=60.0, metavar="S",
+                   help="--planner-url: seconds per request before it is retried (twice at most)")
+    if show_prompt:
+        g.add_argument("--show-prompt", action="store_true",
+                       help="print the planners' prompt at the first held-out customer's first decision and exit")
+
+
+add_planner_flags(p)
 
 
 def dialogue_metrics(rec, values, world):
@@ -201,28 +228,85 @@ def main(argv=None):
         die(f"{run}/config.json names a --method '{method}' that eval.py does not know (known: {known})")
     rows = METHODS[method].rows
     device = device_of(args)
+    planners = planners_of(args, run, config, method, device)
     ckpt = checkpoint.load_run(run, rows, device)
     values = checkpoint.read_values(os.path.join(run, "values.json"))
     torch.set_num_threads(parallel.cpu_threads())
     with lm.autocast(device, args.bf16):
         if config.get("data", "sim") != "sim":
             return evaluate_logged(run, config, values, ckpt, rows, args)
-        return evaluate_builtin(run, config, values, ckpt, rows, method, args)
+        return evaluate_builtin(run, config, values, ckpt, rows, method, args, planners)
 
 
-def evaluate_builtin(run, config, values, ckpt, rows, method, args):
-    """A built-in world: every row's greedy dialogues on the held-out scenarios, and the rule policies."""
+def planners_of(args, run, config, method, device):
+    """{row name: planner} of --planner / --planner-url (planner.py), each checked (its model loaded,
+    the server asked once) before anything is written; {} without them. A real-data run is refused: its
+    world has no SOP (every strategy may follow every other, so "the strategies allowed now" says nothing)
+    and its rows are logged-context rollouts scored against the human replies, not a planner's dialogues."""
+    if bool(args.planner_url) != bool(args.planner_model):
+        die("--planner-url and --planner-model go together (the server's address, and the model it serves)")
+    if not args.planner and not args.planner_url:
+        if getattr(args, "show_prompt", False) or args.planner_shots:
+            die("--show-prompt and --planner-shots need --planner or --planner-url")
+        return {}
+    if config.get("data", "sim") != "sim":
+        die(f"--planner: {run} is a real-data run (--data {config['data']}); prompted planners run on the built-in "
+            "worlds only (a real-data world has no SOP, and its rows replay logged contexts)")
+    if METHODS[method].expert is None:
+        die(f"--planner: {run} is a --method {method} run, a flat agent with no CS Agent that takes a strategy; "
+            "use a gopo, sft or memento run")
+    world = checkpoint.world_of(config, run)
+    shots = []
+    if args.planner_shots:
+        shots = checkpoint.read_logs(run, world)[:args.planner_shots]
+        if len(shots) < args.planner_shots:
+            die(f"--planner-shots {args.planner_shots}: {run}/logs.jsonl holds only {len(shots)} dialogues")
+    suffix = f"-{args.planner_shots}shot" if args.planner_shots else ""
+    out = {}
+    for folder in args.planner:
+        model, tok = planner_lib.load(folder)
+        out[f"prompted:{os.path.basename(os.path.normpath(folder))}{suffix}"] = \
+            planner_lib.Planner(model.to(device), tok, world, shots)
+    if args.planner_url:
+        served = planner_lib.ServedPlanner(args.planner_url, args.planner_model, world, shots, args.planner_timeout)
+        if not getattr(args, "show_prompt", False):
+            served.check()
+        out[f"served:{args.planner_model}{suffix}"] = served
+    if getattr(args, "show_prompt", False):
+        first = world.make_scenario(data.test_seeds(1)[0])
+        opening = world.Customer(first, seed=args.seed * 1_000_003).opening()
+        msgs = planner_lib.messages(world, [{"role": "customer", "text": opening}], shots)
+        for name, pl in out.items():
+            text = planner_lib.render(pl.tok, msgs) if isinstance(pl, planner_lib.Planner) else \
+                json.dumps(msgs, indent=1)
+            print(f"==== {name}: the prompt of held-out customer 0's first decision\n{text}")
+        raise SystemExit(0)
+    return out
+
+
+def evaluate_builtin(run, config, values, ckpt, rows, method, args, planners=None):
+    """A built-in world: every row's greedy dialogues on the held-out scenarios, the prompted planners'
+    (with the run's CS Agent) and the rule policies."""
     world = checkpoint.world_of(config, run)
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
-    results, records = {}, {}
+    results, records, cost = {}, {}, {}
+    max_reply = config.get("max_reply_tokens", 32)
     for name in rows:
-        recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed, config.get("max_reply_tokens", 32))
+        t0 = time.time()
+        recs = method_records(ckpt, name, scenarios, world, args.batch, args.seed, max_reply)
+        cost[name] = time.time() - t0
         results[name], records[name] = summarize(per_dialogue(recs, values, world, flat=is_flat(name))), recs
         data.write_jsonl(recs, os.path.join(run, f"eval_{name}.jsonl"))
+    for name, pl in (planners or {}).items():   # the run's CS Agent: the one its first row plays
+        t0 = time.time()
+        recs = planner_lib.play(pl, ckpt[METHODS[method].agent], scenarios, world, args.seed, max_reply, args.batch)
+        cost[name] = time.time() - t0
+        results[name], records[name] = summarize(per_dialogue(recs, values, world)), recs
+        data.write_jsonl(recs, os.path.join(run, "eval_" + re.sub(r"[^\w.-]+", "_", name) + ".jsonl"))
     for name, policy in world.POLICIES.items():
         records[name] = [world.play(s, policy, seed=args.seed) for s in scenarios]
         results[name] = summarize(per_dialogue(records[name], values, world))
-    methods = [*rows, *world.POLICIES]
+    methods = [*rows, *(planners or {}), *world.POLICIES]
     groups = {name: worlds.decision_accuracy(world, records[name]) for name in methods
               if name not in METHODS or not is_flat(name)}   # a flat agent is asked for no strategy
     if method != "sft":   # rows[1]: the SFT model this run started from
@@ -236,6 +320,20 @@ def evaluate_builtin(run, config, values, ckpt, rows, method, args):
               f"rule policy that defines z*, not an upper bound: above 1 means {rows[0]} passed it)\n" \
               f"Paired on the same customers, TSE {rows[0]} - {rows[1]}: {paired[0]:+.3f} " \
               f"[{paired[1]:+.3f}, {paired[2]:+.3f}] (95% bootstrap CI)\n"
+    prompted = {}
+    if planners:
+        md += f"\nPrompted planners (planner.py; the run's CS Agent writes). Invalid: served answers that named no " \
+              f"strategy or a forbidden one (the fallback, the first allowed strategy, played); seconds: this " \
+              f"row's dialogues on this machine, {args.n_scenarios} customers.\n\n" \
+              f"| row | TSE {rows[0]} - row, paired [95% CI] | invalid | decisions | seconds | s / decision |\n" \
+              f"|---|---|---|---|---|---|\n"
+        for name in planners:
+            d = tse.paired_diff_ci(*(per_dialogue(records[r], values, world)["tse"] for r in (rows[0], name)))
+            n_dec = sum(t["role"] == "agent" for r in records[name] for t in r["turns"])
+            prompted[name] = {"paired_tse_diff": d, "invalid": planner_lib.invalid_rate(records[name]),
+                              "decisions": n_dec, "seconds": cost[name]}
+            md += f"| {name} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | {prompted[name]['invalid']:.3f} | {n_dec} | " \
+                  f"{cost[name]:.0f} | {cost[name] / max(1, n_dec):.2f} |\n"
     md += f"\nDecision accuracy against the {worlds.label_policy(world).__name__} by kind of decision (share of " \
           f"decisions, count) on each row's own dialogues:\n\n" + group_table(groups)
     print(md)
@@ -244,7 +342,8 @@ def evaluate_builtin(run, config, values, ckpt, rows, method, args):
     with open(os.path.join(run, "eval.json"), "w") as f:
         json.dump({**results, "n_scenarios": args.n_scenarios,
                    "decision_groups": {name: {g: c / max(n, 1) for g, (c, n) in acc.items()} for name, acc in groups.items()},
-                   **({"gap_closed_tse": gap, "paired_tse_diff": paired} if method != "sft" else {})},
+                   **({"gap_closed_tse": gap, "paired_tse_diff": paired} if method != "sft" else {}),
+                   **({"prompted": prompted, "seconds": cost} if planners else {})},
                   f, indent=2)
     plots.plot(results, methods, os.path.join(run, "eval.png"), f"{run}: {args.n_scenarios} held-out scenarios")
     plots.plot_strategies({name: records[name] for name in rows[::-1]}, world, os.path.join(run, "strategies.png"))

@@ -16,6 +16,11 @@ the gopo row), "relative_tse_by_gopo_row", "per_seed_tse", "train_seconds", "n_s
 compare.png (bars, and each method's training curve of TSE on its own sampled rollouts). Metrics:
 TSE, success, ESNDCG, GRE, turns, sop_ok (eval.sop_ok: every reply's recognised act allowed by
 the SOP) and order value.
+
+--planner MODEL / --planner-url URL --planner-model NAME (eval.py's flags, planner.py) add a prompted
+planner's row: on each seed's gopo run (else the first folder whose method has a CS Agent), the prompted
+model decides and that run's CS Agent writes; pooled over those seeds like a method, with its relative
+TSE in the table (shots: the first run's logged dialogues).
 """
 import json
 import os
@@ -25,6 +30,7 @@ import cli
 import data
 import eval as eval_lib
 import lm
+import planner as planner_lib
 import plots
 import tse
 import worlds
@@ -41,6 +47,7 @@ p.add_argument("--seed", type=int, default=0, help="customer template seed")
 p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                help="where the rollouts run: auto = CUDA when there is a GPU")
 p.add_argument("--bf16", action="store_true", help="bf16 autocast for the rollouts (weights stay as saved)")
+eval_lib.add_planner_flags(p, show_prompt=False)
 
 METRICS = eval_lib.METRICS
 SFT_SETTINGS = tuple(k for k in checkpoint.SFT_KEYS if k not in ("seed", "data_path"))   # the same in every run pooled
@@ -99,7 +106,7 @@ def relative_tse(per_scenario, a, b, n_boot, seed=0):
     """mean TSE of a / mean TSE of b, and a paired-bootstrap 95% CI over scenarios.
     per_scenario[m]: (S,) TSE of each held-out scenario, averaged over m's seeds."""
     xa, xb = per_scenario[a], per_scenario[b]
-    ratio = sum(xa) / sum(xb)
+    ratio = sum(xa) / max(1e-12, sum(xb))   # as in the bootstrap: a row with TSE 0 everywhere (a random planner)
     rng = random.Random(seed)
     n = len(xa)
     boots = []
@@ -137,6 +144,15 @@ def main(argv=None):
               for name, runs in methods.items() for run, _ in runs}   # every checkpoint loads first
     first_run, first_config = next(iter(methods.values()))[0]
     world = checkpoint.world_of(first_config, first_run)       # check_budget: every run has the same world
+    planners, host = {}, None
+    if args.planner or args.planner_url or args.planner_shots or args.planner_model:
+        hosts = [n for n in methods if method_of[n] == "gopo"] + \
+            [n for n in methods if checkpoint.METHODS[method_of[n]].expert is not None]
+        if not hosts:
+            eval_lib.die("--planner: no folder holds runs with a CS Agent that takes a strategy (gopo, sft, memento)")
+        host = hosts[0]
+        run, config = methods[host][0]
+        planners = eval_lib.planners_of(args, run, config, method_of[host], device)
     scenarios = [world.make_scenario(s) for s in data.test_seeds(args.n_scenarios)]
     from tqdm import tqdm
     pooled, per_seed, per_scenario, curves, seconds, groups = {}, {}, {}, {}, {}, {}
@@ -152,6 +168,18 @@ def main(argv=None):
         per_seed.setdefault(row, []).append(sum(per["tse"]) / len(per["tse"]))
         per_scenario.setdefault(row, []).append(per["tse"])
         add_groups(groups.setdefault(row, {}), worlds.decision_accuracy(world, recs))
+    for name, pl in planners.items():   # each seed's host run: its CS Agent writes, the prompted model decides
+        for run, _ in methods[host]:
+            agent = loaded[run][checkpoint.METHODS[method_of[host]].agent]
+            with lm.autocast(device, args.bf16):
+                recs = planner_lib.play(pl, agent, scenarios, world, args.seed, batch=args.batch)
+            values = checkpoint.read_values(os.path.join(run, "values.json"))
+            per = eval_lib.per_dialogue(recs, values, world)
+            for k in METRICS:
+                pooled.setdefault(name, {}).setdefault(k, []).extend(per[k])
+            per_seed.setdefault(name, []).append(sum(per["tse"]) / len(per["tse"]))
+            per_scenario.setdefault(name, []).append(per["tse"])
+            add_groups(groups.setdefault(name, {}), worlds.decision_accuracy(world, recs))
     for name, runs in methods.items():
         curves[name] = [read_curve(run) for run, _ in runs]
         seconds[name] = [read_seconds(run) for run, _ in runs]

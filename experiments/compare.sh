@@ -11,6 +11,8 @@
 #   bash experiments/compare.sh                 # out/compare/<row>/s{0,1,2}, out/compare/compare.{md,json,png}
 #   SEEDS="0" bash experiments/compare.sh       # one seed (the table: of the seeds that finished)
 #   WORLD=desk bash experiments/compare.sh      # on the service desk (out/compare-desk/...)
+#   PLANNERS="models/smollm2" PLANNER_SHOTS=3 bash experiments/compare.sh   # + prompted planners' rows (planner.py):
+#                                               # each a local instruct model folder, on each seed's gopo run
 # With each seed's experiments.ceilings of its gopo run (python -m experiments.ceilings out/compare-desk/gopo/sS),
 # the table adds the share of the SFT -> Expert-ceiling gap GOPO closes.
 set -euo pipefail
@@ -20,6 +22,8 @@ WORLD=${WORLD:-shop}
 OUT=${OUT:-out/compare$([ "$WORLD" = shop ] || echo "-$WORLD")}
 SEEDS=${SEEDS:-"0 1 2"}
 EXTRA=${EXTRA:-}
+PLANNERS=${PLANNERS:-}
+PLANNER_SHOTS=${PLANNER_SHOTS:-0}
 DEFAULT_ROLLOUTS=$($PYTHON -c "import train; print(train.parser().get_default('rollouts'))")
 OTHER_ROLLOUTS=$([ "$DEFAULT_ROLLOUTS" = branch ] && echo independent || echo branch)
 train() {   # train ROW SEED ALGO [FLAGS...]: one run, unless it finished; every method from the seed's SFT run
@@ -48,4 +52,5 @@ for seed in $SEEDS; do
 done
 rows="$rows gopo-$OTHER_ROLLOUTS gopo-noexpert-$OTHER_ROLLOUTS ppo-lr1e-4 memento-k8"
 [ -n "$EXTRA" ] && rows="$rows gopo-alpha1 gopo-noexpert-alpha1 gopo-refsft"
-$PYTHON -m experiments.compare $(for r in $rows; do echo "$OUT/$r"; done) --out "$OUT"
+$PYTHON -m experiments.compare $(for r in $rows; do echo "$OUT/$r"; done) --out "$OUT" \
+  $(for m in $PLANNERS; do echo "--planner $m"; done) $([ -z "$PLANNERS" ] || echo "--planner-shots $PLANNER_SHOTS")

@@ -403,7 +403,22 @@ def build_cases(tmp, checkpoint):
     memento = eval_run("memento")
     (ev / "memento" / "config.json").write_text('{"algo": "memento"}\n')
     (ev / "memento" / "bank.pt").write_bytes(b"not a case bank" * 10)
+    real = eval_run("realdata")   # a real-data run: no SOP, logged contexts (planners_of says why it is refused)
+    (ev / "realdata" / "config.json").write_text('{"method": "gopo", "data": "mgshop"}\n')
+    ppo = eval_run("ppo")
+    (ev / "ppo" / "config.json").write_text('{"method": "ppo"}\n')
     eval_cases.update({
+        "eval_planner_not_a_model": ([eval_run("pl_nomodel"), "--planner", str(ev / "file_parent")],
+                                     ["--planner", "file_parent", "config.json"], str(ev / "pl_nomodel")),
+        "eval_planner_url_without_model": ([eval_run("pl_nourlmodel"), "--planner-url", "http://127.0.0.1:9/v1"],
+                                           ["--planner-url", "--planner-model"], str(ev / "pl_nourlmodel")),
+        "eval_planner_shots_neg": ([eval_run("pl_shots"), "--planner", str(checkpoint), "--planner-shots", "-1"],
+                                   ["--planner-shots", "-1"], str(ev / "pl_shots")),
+        "eval_planner_real_data": ([real, "--planner", str(checkpoint)], ["real-data", "SOP"], real),
+        "eval_planner_flat_run": ([ppo, "--planner", str(checkpoint)], ["ppo", "CS Agent"], ppo),
+        "eval_planner_url_unreachable": (   # port 9 (discard) on 127.0.0.1: nothing listens there
+            [eval_run("pl_unreach"), "--planner-url", "http://127.0.0.1:9/v1", "--planner-model", "m",
+             "--planner-timeout", "2"], ["127.0.0.1:9", "did not answer"], str(ev / "pl_unreach")),
         "eval_run_and_compare": ([eval_run("both"), "--compare", str(ev / "both")], ["--compare"], str(ev / "both")),
         "eval_nothing_to_evaluate": ([], ["run"], None),
         "eval_unknown_algo": ([unknown], ["dqn"], unknown),
@@ -495,6 +510,8 @@ ALL_CASES = [
     "resume_baseline_run", "resume_with_sft_from", "baseline_algo_in_train", "baseline_resume",
     "eval_run_and_compare", "eval_nothing_to_evaluate", "eval_unknown_algo", "eval_memento_bad_bank",
     "eval_baseline_run_in_eval_py",
+    "eval_planner_not_a_model", "eval_planner_url_without_model", "eval_planner_shots_neg", "eval_planner_real_data",
+    "eval_planner_flat_run", "eval_planner_url_unreachable",
 ]
 
 
