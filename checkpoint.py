@@ -4,6 +4,7 @@ finished run with (nanochat's checkpoint manager, for this repo). Every function
 writes, and writes atomically, so a bad input or a crash never leaves a run half-written.
 
     out/<run>/config.json     every flag (resume_run checks all of them before anything is written)
+    out/<run>/env.json        where the run came from: command line, commit, package versions, device
     out/<run>/logs.jsonl      the training dialogues; values.json, the event values fitted on them
     out/<run>/state/          what --resume needs after an iteration: both models, both AdamW states
     out/<run>/*_sft/          SFT checkpoints (copied from another run by --sft-from)
@@ -92,8 +93,62 @@ def start_run(args):
             die(f"cannot create {run_dir}: {e.strerror}")
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({**vars(args), "world_size": parallel.n_ranks()}, f, indent=2)
+        with open(os.path.join(run_dir, "env.json"), "w") as f:
+            json.dump(environment(), f, indent=2)
     parallel.barrier()
     return run_dir
+
+
+STACK = ("python", "torch", "transformers", "peft", "datasets")   # the versions a run's numbers depend on
+
+
+def environment():
+    """What produced a run (env.json, as nanochat's report header): the command line, the git commit
+    and whether the tree had uncommitted changes, the versions of STACK (None where not installed),
+    the device, the CPU threads, and ATEN_CPU_CAPABILITY if set (it changes CPU kernels, so numbers)."""
+    import platform
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+    commit = git("rev-parse", "HEAD")
+    device = parallel.DEVICE
+    return {"argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]], "commit": commit,
+            "dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+            "versions": {"python": platform.python_version(), **{p: version(p) for p in STACK[1:]}},
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
+            "world_size": parallel.n_ranks(), "threads": torch.get_num_threads(),
+            "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY")}
+
+
+def stack_warning(run):
+    """One line if `run` was trained on another stack (env.json's versions or device) than this
+    process runs on, else None; runs from before env.json: None."""
+    try:
+        with open(os.path.join(run, "env.json")) as f:
+            then = json.load(f)
+    except (OSError, ValueError):
+        return None
+    now = environment()
+    diff = [f"{k} {then['versions'].get(k)} -> {now['versions'][k]}" for k in STACK
+            if isinstance(then.get("versions"), dict) and then["versions"].get(k) != now["versions"][k]]
+    if then.get("aten_cpu_capability") != now["aten_cpu_capability"]:
+        diff.append(f"ATEN_CPU_CAPABILITY {then.get('aten_cpu_capability')} -> {now['aten_cpu_capability']}")
+    if diff:
+        return f"warning: {run} was trained on another stack ({', '.join(diff)}); its numbers may not reproduce here"
+    return None
 
 def resume_run(args, p):
     """--resume RUN: the run's own config.json wins; flags given with it must agree with it."""

@@ -16,6 +16,7 @@ leaves the range of the values it summarises.
 """
 import json
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
 
@@ -200,6 +201,8 @@ def main(argv=None):
         known = ", ".join(m for m in METHODS if METHODS[m].sft)
         die(f"{run}/config.json names a --method '{method}' that eval.py does not know (known: {known})")
     rows = METHODS[method].rows
+    if (warning := checkpoint.stack_warning(run)):   # its numbers were measured on another stack
+        print(warning, file=sys.stderr)
     device = device_of(args)
     ckpt = checkpoint.load_run(run, rows, device)
     values = checkpoint.read_values(os.path.join(run, "values.json"))

@@ -137,7 +137,8 @@ def sft_loop(model, step_loss, steps, lr, cycle, desc):
     """The SFT loop both agents share: AdamW, `sft_schedule`, guarded steps, a progress bar.
 
     step_loss(step) -> scalar loss tensor of this rank's share of that step's batch, scaled with
-    `parallel.denominator` (in one process: the batch's loss). Returns the list of losses.
+    `parallel.denominator` (in one process: the batch's loss), or an iterable of them, one per
+    micro-batch (--device-batch-size; `guarded_step`). Returns the list of losses.
     """
     from tqdm import tqdm
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -145,22 +146,32 @@ def sft_loop(model, step_loss, steps, lr, cycle, desc):
     model.train()
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False, disable=not parallel.is_main())):
-        loss = step_loss(step)
-        if not guarded_step(model, opt, loss):
+        values = []
+        if not guarded_step(model, opt, step_loss(step), values=values):
             bar.write(f"{desc}: non-finite loss or gradient at step {step}, step skipped")
         sched.step()
-        losses.append(parallel.total(loss.item()) / parallel.n_ranks())   # the loss of the whole batch
+        losses.append(parallel.total(sum(values)) / parallel.n_ranks())   # the loss of the whole batch
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
 
 
-def guarded_step(model, opt, loss, max_norm=1.0):
-    """backward + clip + step, unless the loss or the gradient is not finite (then skip, return False)."""
+def guarded_step(model, opt, loss, max_norm=1.0, values=None):
+    """backward + clip + step, unless the loss or the gradient is not finite (then skip, return False).
+
+    loss: a scalar tensor, or an iterable of them, one per micro-batch (--device-batch-size): each is
+    backpropagated before the next is computed (pass a generator), so only one micro-batch's
+    activations are alive at a time, and the gradients add up to those of the sum of the losses.
+    values: a list that receives each part's loss as a float (this rank's; a non-finite part is the
+    last one taken)."""
     opt.zero_grad(set_to_none=True)
-    if parallel.total(float(not torch.isfinite(loss))):     # any rank: all ranks skip together
-        return False
-    loss.backward()
+    for part in [loss] if torch.is_tensor(loss) else loss:
+        if values is not None:
+            values.append(part.item())
+        if parallel.total(float(not torch.isfinite(part))):     # any rank: all ranks skip together
+            opt.zero_grad(set_to_none=True)
+            return False
+        part.backward()
     parallel.all_reduce_grads(model)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm     # FSDP: a DTensor
@@ -170,6 +181,18 @@ def guarded_step(model, opt, loss, max_norm=1.0):
     opt.step()
     opt.zero_grad(set_to_none=True)      # free the gradients now: rollouts come next, not backward
     return True
+
+
+def micro_batches(items, size, n_total, length=None):
+    """--device-batch-size: this rank's share of a batch (`items`, from parallel.share_or_dummy) in
+    runs of at most `size` items, sorted by `length` when given (each run pads little): a list of
+    (run, weight). Every rank gets the same number of runs, ceil(ceil(n_total / ranks) / size), because
+    under FSDP each run is a forward and a backward that hold collectives; a rank with fewer items
+    runs (items[:1], 0.0) as a dummy, as `parallel.share_or_dummy` does."""
+    n_runs = -(-(-(-n_total // parallel.n_ranks())) // size)
+    ranked = sorted(items, key=length) if length else list(items)
+    runs = [ranked[i * size:(i + 1) * size] for i in range(n_runs)]
+    return [(run, 1.0) if run else (items[:1], 0.0) for run in runs]
 
 
 @contextlib.contextmanager

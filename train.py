@@ -109,6 +109,11 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master weights and fp32 AdamW states: "
                    "autocast in one process, FSDP2 mixed precision (fp32 gradient reduction) with --fsdp")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on each block")
+    g.add_argument("--device-batch-size", type=positive(int), default=None, metavar="N",
+                   help="at most N sequences per forward in every update (both SFTs, GOPO's pairs, CS alignment, the "
+                   "baselines), gradients accumulated over the micro-batches: the same loss and gradient up to float "
+                   "rounding, peak activation memory set by N instead of the batch. A preference pair (or a --listwise "
+                   "group) is never split. Default: the whole batch at once")
     g.add_argument("--save-every", type=nonneg(int), default=1,
                    help="gopo: write the --resume state every N iterations (0: never): both models and AdamW states, 12 "
                    "bytes per parameter, the old state kept until the new one is complete: 2 x 1.5B parameters need 37 GB, "
@@ -341,11 +346,12 @@ def run_sft(run, models):
             models[name] = (model, tok)
         with run.amp():
             losses[name] = expert_lib.sft(model, tok, run.logs, world.STRATEGIES, world.allowed, world.INSTRUCTIONS,
-                                          args.expert_sft_steps, args.sft_batch, args.expert_sft_lr, args.seed) \
+                                          args.expert_sft_steps, args.sft_batch, args.expert_sft_lr, args.seed,
+                                          micro=args.device_batch_size) \
                 if name == "expert" else \
                 agent_lib.sft(model, tok, run.logs, world.INSTRUCTIONS if name == "agent" else None,   # flat: None
                               args.agent_sft_steps, args.sft_batch, args.sft_lr, args.seed,
-                              window_steps=args.sft_window_steps, desc=f"SFT {name}")
+                              window_steps=args.sft_window_steps, desc=f"SFT {name}", micro=args.device_batch_size)
         checkpoint.save_model(model, tok, run.path(f"{name}_sft"))
     if parallel.is_main():
         with open(run.path("sft.json"), "w") as f:
