@@ -61,7 +61,8 @@ METHODS = {
 }
 SFT_KEYS = ("seed", "data", "data_path", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
             "vocab_size", "sft_steps", "agent_sft_steps", "expert_sft_steps", "sft_batch", "sft_lr", "expert_sft_lr",
-            "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
+            "sft_window_steps", "expert_from_agent", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+            "lora_only")   # what an SFT result depends on
 
 
 def methods_of(trainer):
@@ -241,7 +242,7 @@ def save_state(folder, models, opts, progress):
     def write(tmp):
         for name in ("expert", "agent"):
             model, tok = models[name]
-            model.save_pretrained(os.path.join(tmp, name))
+            save_pretrained(model, os.path.join(tmp, name))
             tok.save_pretrained(os.path.join(tmp, name))
         torch.save({"opt_e": opts["expert"].state_dict(), "opt_a": opts["agent"].state_dict(), **progress},
                    os.path.join(tmp, "trainer.pt"))
@@ -260,8 +261,8 @@ def load_state(folder, models, args, device):
             models[name] = (lm.place(model, args, device), tok)
         trainer = torch.load(os.path.join(folder, "trainer.pt"))
         progress = {k: trainer[k] for k in progress}
-    opts = {"expert": torch.optim.AdamW(models["expert"][0].parameters(), lr=args.lr, weight_decay=0.0),
-            "agent": torch.optim.AdamW(models["agent"][0].parameters(), lr=args.lr_cs, weight_decay=0.0)}
+    opts = {"expert": torch.optim.AdamW(lm.trainable(models["expert"][0]), lr=args.lr, weight_decay=0.0),
+            "agent": torch.optim.AdamW(lm.trainable(models["agent"][0]), lr=args.lr_cs, weight_decay=0.0)}
     if trainer:
         opts["expert"].load_state_dict(trainer["opt_e"])
         opts["agent"].load_state_dict(trainer["opt_a"])
@@ -333,13 +334,28 @@ def keep_models(run_dir, name, models):
     parallel.barrier()
 
 
-def save_model(model, tokenizer, path):
-    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically.
-    Distributed: every rank joins the gather of the full state dict, rank 0 writes."""
+def save_model(model, tokenizer, path, merge=False):
+    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically;
+    a LoRA model's: its adapters and strategy-token rows (lm.load reads them over their base), or with
+    merge=True (--merge-lora) a whole model with them merged in, in the base's dtype: merged in place,
+    so the model is spent (the run's last save). Distributed: every rank joins the gather of the full
+    state dict, rank 0 writes."""
+    if merge:
+        model.base_model.set_adapter("default")
+        model = model.merge_and_unload(adapter_names=["default"])
     state = parallel.full_state_dict(model) if parallel.FSDP else None
     if parallel.is_main():
-        atomic_dir(path, lambda tmp: (model.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
+        atomic_dir(path, lambda tmp: (save_pretrained(model, tmp, state), tokenizer.save_pretrained(tmp)))
     parallel.barrier()
+
+
+def save_pretrained(model, folder, state=None):
+    """model.save_pretrained; a LoRA model: its trained adapter only, not the frozen SFT one that
+    lm.reference loads beside it."""
+    if lm.is_peft(model):
+        model.save_pretrained(folder, selected_adapters=["default"])
+    else:
+        model.save_pretrained(folder, state_dict=state)
 
 
 def atomic_dir(path, write):

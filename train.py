@@ -96,6 +96,20 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--offline", default=True, action=argparse.BooleanOptionalAction,
                    help="never touch the network (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE): a model or a dataset hub id not on "
                    "disk fails at once")
+    g.add_argument("--lora-r", type=positive(int), default=None, metavar="R",
+                   help="pretrained backbones: train LoRA adapters of rank R (peft, pip install -r requirements.txt) and "
+                   "the strategy tokens' rows instead of every weight; the base stays frozen (bf16 with --bf16). "
+                   "expert/ and agent/ then hold adapters that eval.py, --resume and --sft-from load over the base")
+    g.add_argument("--lora-alpha", type=positive(float), default=None, help="LoRA scale alpha (default 2 x --lora-r)")
+    g.add_argument("--lora-dropout", type=checked(float, 0, True, 1), default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
+                   help="comma-separated linear layer names to adapt (e.g. q_proj,v_proj); all-linear: every linear "
+                   "layer but the output layer")
+    g.add_argument("--lora-only", default=None, choices=["expert", "agent"],
+                   help="LoRA on this agent only; the other trains every weight")
+    g.add_argument("--merge-lora", action="store_true",
+                   help="also write expert_merged/ and agent_merged/: the adapters merged into whole models that plain "
+                   "AutoModelForCausalLM.from_pretrained loads")
     g.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
     g.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
     g.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
@@ -196,6 +210,15 @@ def check_flags(args, p):
     tiny_flags = [f for f in ("d_model", "n_layer", "vocab_size") if getattr(args, f) != p.get_default(f)]
     if args.model != "tiny" and tiny_flags:
         die(f"--{tiny_flags[0].replace('_', '-')} only shapes the tiny model; drop it with --model {args.model}")
+    lora = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_only", "merge_lora")
+            if getattr(args, f) != p.get_default(f)]
+    if lora and args.model == "tiny":
+        die(f"--{lora[0].replace('_', '-')} adapts a pretrained backbone; the tiny model is trained from scratch "
+            "(give --model a pretrained model)")
+    if lora and not args.lora_r:
+        die(f"--{lora[0].replace('_', '-')} sets up LoRA: add --lora-r R")
+    if args.lora_r and args.fsdp:
+        die("--lora-r with --fsdp is not supported yet: LoRA runs in one process (or torchrun without --fsdp)")
     if args.expert_model is not None and (args.model == "tiny") != (args.expert_model == "tiny"):
         die("--expert-model and --model must both be 'tiny' or both be pretrained (the tiny models "
             "share a tokenizer trained on the logs)")
@@ -242,8 +265,8 @@ def main(argv=None):
     models = run_sft(run, build_models(run))
     if run.args.method == "gopo":   # 4. GOPO (--method sft: the SFT stages only); --resume: from the last state
         models, opts, progress = checkpoint.load_state(run.path("state"), models, run.args, run.device)
-        models["expert_sft"] = (lm.frozen(run.path("expert_sft"), run.args, run.device),   # --ref sft; kl_to_sft
-                                models["expert"][1])
+        models["expert_sft"] = (lm.reference(models["expert"][0], run.path("expert_sft"), run.args,   # --ref sft;
+                                             run.device), models["expert"][1])                           # kl_to_sft
         step = lambda scenarios, it, seed: gopo.iteration(models, opts, scenarios, run.event_values, run.world,  # noqa: E731
                                                           run.args, it, seed)
         save_state = lambda progress: checkpoint.save_state(run.path("state"), models, opts, progress)  # noqa: E731
@@ -251,6 +274,8 @@ def main(argv=None):
         train_loop(run, step, progress, save_state, keep)
         for name in ("expert", "agent"):
             checkpoint.save_model(*models[name], run.path(name))
+        for name in lm.lora_names(run.args) if run.args.merge_lora else ():
+            checkpoint.save_model(*models[name], run.path(f"{name}_merged"), merge=True)
     save_outputs(run)
 
 say = lambda message: parallel.is_main() and print(message)   # noqa: E731  rank 0 speaks
@@ -268,10 +293,25 @@ def parse(p, argv=None, check=None):
     if not args.resume:   # a resumed run's config.json has its own
         world_defaults(args)
     lm.check_model(args.model)
+    if getattr(args, "lora_r", None):
+        check_lora(args)
     if args.sft_from:
         checkpoint.check_sft_from(args)
     lm.check_model(args.expert_model)
     return args, device
+
+def check_lora(args):
+    """--lora-r: peft installed, and --lora-targets naming linear layers of the backbone(s)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        die("--lora-r needs peft: pip install -r requirements.txt (it pins peft)")
+    if args.lora_targets != "all-linear":
+        for name in {args.model, args.expert_model or args.model}:
+            known = lm.linear_names(name)
+            bad = [t for t in args.lora_targets.split(",") if t not in known]
+            if bad:
+                die(f"--lora-targets: {name} has no linear layer named '{bad[0]}' (it has: {', '.join(sorted(known))})")
 
 def world_defaults(args):
     """The defaults that depend on the data and the world (None in the parser), so that config.json

@@ -127,6 +127,8 @@ def parser():
 
 def check_flags(args):
     """The baselines' own conflicts (train.check_flags has run): one line, exit 2."""
+    if args.lora_r:
+        cli.die(f"--lora-r is for train.py's gopo and sft (the two agents); --method {args.method} trains every weight")
     if args.fsdp:
         cli.die(f"--method {args.method} runs without FSDP (in one process; --bf16 gives it bf16 compute); drop --fsdp")
     if parallel.n_ranks() > 1:
