@@ -36,6 +36,7 @@ import gopo
 import lm
 import parallel
 import plots
+import tracking
 import tse
 import worlds
 
@@ -63,6 +64,9 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--sft-from", default=None, metavar="RUN_DIR",
                    help="copy the SFT checkpoints from this run (e.g. a --method sft run with the same seed, data and "
                    "SFT flags) instead of training them again: every method then starts from the same SFT models")
+    g.add_argument("--report-to", default="none", choices=tracking.TRACKERS,
+                   help="also send each metrics.jsonl line (TRL's names, train/...) to this tracker: tensorboard "
+                   "(out/<run>/tensorboard/), trackio or wandb (each installed separately; docs/cli.md)")
     g.add_argument("--max-nonfinite", type=positive(int), default=3,
                    help="stop after this many iterations in a row with non-finite losses or gradients")
     # ---- data
@@ -292,6 +296,7 @@ def parse(p, argv=None, check=None):
         check(args)
     if not args.resume:   # a resumed run's config.json has its own
         world_defaults(args)
+    tracking.check(args.report_to)
     lm.check_model(args.model)
     if getattr(args, "lora_r", None):
         check_lora(args)
@@ -408,6 +413,7 @@ def train_loop(run, step, progress=None, save_state=None, keep=None):
     start, bad_in_a_row = (progress or {}).get("iterations_done", 0), (progress or {}).get("bad_in_a_row", 0)
     kept = checkpoint.keep_metrics(run.path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
     agent_turns = kept[-1].get("agent_turns", 0) if kept else 0        # the budget spent, in simulated agent turns
+    tracker = tracking.Tracker(args.report_to, run.dir, vars(args)) if parallel.is_main() else None
     from tqdm import tqdm
     for it in (bar := tqdm(range(start, args.iters), initial=start, total=args.iters, desc=args.method,
                            disable=not parallel.is_main())):
@@ -417,6 +423,8 @@ def train_loop(run, step, progress=None, save_state=None, keep=None):
         before, agent_turns = agent_turns, agent_turns + m.pop("turns_played")
         m["agent_turns"] = agent_turns
         checkpoint.append_metrics(run.path("metrics.jsonl"), m)
+        if tracker:
+            tracker.log(m)
         for t in args.keep_at:
             if keep and before < t <= agent_turns:
                 keep(t)
@@ -434,6 +442,8 @@ def train_loop(run, step, progress=None, save_state=None, keep=None):
         if args.turn_budget and agent_turns >= args.turn_budget:
             bar.write(f"--turn-budget {args.turn_budget}: {agent_turns} agent turns after {it + 1} iterations")
             break
+    if tracker:
+        tracker.close()
 
 def save_outputs(run):
     """6. curves.png and time.json (after the method's own checkpoints)."""
