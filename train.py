@@ -8,8 +8,9 @@
     python -m experiments.baselines --method ppo --sft-from out/sft   # a baseline: these stages, its own step
     python train.py --help                # every flag
 
-Writes out/<run>/: config.json, logs.jsonl (the behaviour-policy training data), values.json
-(event values fitted on those logs), expert_sft/ agent_sft/ expert/ agent/ (transformers folders),
+Writes out/<run>/: config.json, env.json (command, commit, versions, device), logs.jsonl (the
+behaviour-policy training data), values.json (event values fitted on those logs), expert_sft/
+agent_sft/ expert/ agent/ (transformers folders; LoRA adapters with --lora-r),
 metrics.jsonl (one line per GOPO iteration), curves.png, time.json; --method sft: SFT only, flat_sft/
 too (the baselines' single agent). main() runs the stages top to bottom; experiments/baselines.py
 runs them with its own flags, step and checkpoint writer.
