@@ -334,26 +334,32 @@ def keep_models(run_dir, name, models):
     parallel.barrier()
 
 
-def save_model(model, tokenizer, path, merge=False):
+def save_model(model, tokenizer, path):
     """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically;
-    a LoRA model's: its adapters and strategy-token rows (lm.load reads them over their base), or with
-    merge=True (--merge-lora) a whole model with them merged in, in the base's dtype: merged in place,
-    so the model is spent (the run's last save). Distributed: every rank joins the gather of the full
-    state dict, rank 0 writes."""
-    if merge:
-        model.base_model.set_adapter("default")
-        model = model.merge_and_unload(adapter_names=["default"])
+    a LoRA model's holds its adapters and strategy-token rows, which lm.load puts over their base.
+    Distributed: every rank joins the gather of the full state dict, rank 0 writes."""
     state = parallel.full_state_dict(model) if parallel.FSDP else None
     if parallel.is_main():
         atomic_dir(path, lambda tmp: (save_pretrained(model, tmp, state), tokenizer.save_pretrained(tmp)))
     parallel.barrier()
 
 
+def save_merged(adapters, path):
+    """--merge-lora: the adapter folder `adapters` merged into its base (fp32), a whole model that plain
+    `from_pretrained` loads; by rank 0, in one process from the saved folder (FSDP's shards need no
+    merging, and the trained model is left as it is)."""
+    if parallel.is_main():
+        model, tokenizer = lm.load(adapters)
+        merged = model.merge_and_unload()
+        atomic_dir(path, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    parallel.barrier()
+
+
 def save_pretrained(model, folder, state=None):
     """model.save_pretrained; a LoRA model: its trained adapter only, not the frozen SFT one that
     lm.reference loads beside it."""
-    if lm.is_peft(model):
-        model.save_pretrained(folder, selected_adapters=["default"])
+    if lm.is_peft(model):   # FSDP: from the gathered full state dict
+        model.save_pretrained(folder, selected_adapters=["default"], **({"state_dict": state} if state else {}))
     else:
         model.save_pretrained(folder, state_dict=state)
 

@@ -164,8 +164,10 @@ class AdapterView:
 def reference(model, folder, args, device):
     """The frozen SFT model (--ref sft's pi_ref, kl_to_sft's reference) of a trained `model`: with LoRA,
     the SFT adapter in `folder` loaded beside the trained one and switched on for its forwards (as TRL's
-    ref_adapter_name), so no second copy of the base; else a second model (`frozen`)."""
-    if not is_peft(model):
+    ref_adapter_name), so no second copy of the base; else a second model (`frozen`). Under --fsdp
+    the model is sharded already and peft cannot add an adapter to it: a second model there too
+    (sharded, 1/W of its bytes per rank)."""
+    if not is_peft(model) or args.fsdp:
         return frozen(folder, args, device)
     model.load_adapter(folder, adapter_name="sft", is_trainable=False)
     model.to(device)

@@ -222,8 +222,6 @@ def check_flags(args, p):
             "(give --model a pretrained model)")
     if lora and not args.lora_r:
         die(f"--{lora[0].replace('_', '-')} sets up LoRA: add --lora-r R")
-    if args.lora_r and args.fsdp:
-        die("--lora-r with --fsdp is not supported yet: LoRA runs in one process (or torchrun without --fsdp)")
     if args.expert_model is not None and (args.model == "tiny") != (args.expert_model == "tiny"):
         die("--expert-model and --model must both be 'tiny' or both be pretrained (the tiny models "
             "share a tokenizer trained on the logs)")
@@ -280,7 +278,7 @@ def main(argv=None):
         for name in ("expert", "agent"):
             checkpoint.save_model(*models[name], run.path(name))
         for name in lm.lora_names(run.args) if run.args.merge_lora else ():
-            checkpoint.save_model(*models[name], run.path(f"{name}_merged"), merge=True)
+            checkpoint.save_merged(run.path(name), run.path(f"{name}_merged"))
     save_outputs(run)
 
 say = lambda message: parallel.is_main() and print(message)   # noqa: E731  rank 0 speaks
