@@ -79,14 +79,23 @@ def metrics(run_dir):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
 
 
-def test_run_merge_eval_and_resume_after_kill(base, tok, logs, tmp_path, cli_env):
-    cmd = lambda run, *extra: [sys.executable, "train.py", *RUN, "--model", base, "--out", str(tmp_path),  # noqa: E731
-                               "--run", run, *extra]
-    whole = subprocess.Popen(cmd("whole", "--iters", "3", "--merge-lora"), cwd=ROOT, env=cli_env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(cmd("killed", "--iters", "3"), cwd=ROOT, env=cli_env,
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--"]
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory, cli_env):
+    """Side by side: a LoRA run of 3 iterations with --merge-lora, the same run killed with SIGKILL
+    after its first iteration and resumed, and a 1-iteration run on 2 gloo ranks with --fsdp."""
+    out = tmp_path_factory.mktemp("lora_runs")
+    cmd = lambda launch, run, *extra: [*launch, "train.py", *RUN, "--model", base, "--out", str(out),  # noqa: E731
+                                       "--run", run, *extra]
+    procs = {name: subprocess.Popen(cmd(*spec), cwd=ROOT, env=cli_env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, spec in (("whole", ([sys.executable], "whole", "--iters", "3", "--merge-lora")),
+                                ("fsdp", (TORCHRUN, "fsdp", "--iters", "1", "--merge-lora", "--fsdp")))}
+    killed = subprocess.Popen(cmd([sys.executable], "killed", "--iters", "3"), cwd=ROOT, env=cli_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    path, deadline = tmp_path / "killed" / "metrics.jsonl", time.time() + 300
+    path, deadline = out / "killed" / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and killed.poll() is None:
         if path.exists() and len(path.read_text().splitlines()) >= 1:
             break
@@ -94,48 +103,43 @@ def test_run_merge_eval_and_resume_after_kill(base, tok, logs, tmp_path, cli_env
     assert killed.poll() is None, "the run finished before it could be killed; make it longer"
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-2000:]
-    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "killed")], cwd=ROOT,
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(out / "killed")], cwd=ROOT,
                              env=cli_env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
+    for name, p in procs.items():
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    return out
 
-    run = tmp_path / "whole"
-    assert os.path.isfile(run / "expert" / "adapter_config.json") and os.path.isfile(run / "env.json")
-    assert not os.path.exists(run / "expert" / "model.safetensors")          # adapters, not a second model
+
+def decisions(tok, logs, folder, plain=False):
+    """The Expert's decision log-probs on 6 logged dialogues, loaded by lm.load or plain from_pretrained."""
     trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS) for r in logs[:6]]
     batch = expert_lib.collate(trajs, tok.pad_token_id, len(shop.STRATEGIES))
-    ids = expert_lib.strategy_ids(tok, shop.STRATEGIES)
+    model = AutoModelForCausalLM.from_pretrained(str(folder)) if plain else lm.load(str(folder))[0]
     with torch.no_grad():
-        adapters = expert_lib.decision_logps(lm.load(str(run / "expert"))[0], batch, ids)
-        merged = expert_lib.decision_logps(AutoModelForCausalLM.from_pretrained(str(run / "expert_merged")), batch, ids)
-        sft = expert_lib.decision_logps(lm.load(str(run / "expert_sft"))[0], batch, ids)
-    assert torch.allclose(adapters, merged, atol=1e-5)
-    assert not torch.allclose(adapters, sft, atol=1e-5)                     # GOPO moved the adapters
+        return expert_lib.decision_logps(model, batch, expert_lib.strategy_ids(tok, shop.STRATEGIES))
+
+
+def test_resume_after_kill_merge_and_eval(runs, tok, logs):
+    assert metrics(runs / "killed") == metrics(runs / "whole")
+    run = runs / "whole"
+    assert os.path.isfile(run / "expert" / "adapter_config.json") and os.path.isfile(run / "env.json")
+    assert not os.path.exists(run / "expert" / "model.safetensors")          # adapters, not a second model
+    adapters = decisions(tok, logs, run / "expert")
+    assert torch.allclose(adapters, decisions(tok, logs, run / "expert_merged", plain=True), atol=1e-5)
+    assert not torch.allclose(adapters, decisions(tok, logs, run / "expert_sft"), atol=1e-5)   # GOPO moved them
     ckpt = checkpoint.load_run(str(run), ("gopo", "sft"))                  # what eval.py loads
     assert all(lm.is_peft(ckpt[name][0]) for name in ("expert", "agent", "expert_sft", "agent_sft"))
     assert checkpoint.stack_warning(str(run)) is None                      # trained on this stack
 
 
-def test_fsdp_two_ranks_with_lora(base, tok, logs, tmp_path, cli_env):
+def test_fsdp_two_ranks_with_lora(runs, tok, logs):
     """2 gloo ranks, --fsdp: LoRA trains, and the folders it saves (adapters, merged) load in one
     process and score the same decisions; SFT losses as in one process (tests/test_scale.py's bound)."""
-    args = [*RUN, "--model", base, "--iters", "1", "--merge-lora"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--"]
-    runs = {name: subprocess.Popen([*launch, "train.py", *args, "--out", str(tmp_path), "--run", name, *extra], cwd=ROOT,
-                                   env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for name, launch, extra in (("fsdp", torchrun, ["--fsdp"]), ("one", [sys.executable], []))}
-    for name, p in runs.items():
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
-    sft = {name: json.loads((tmp_path / name / "sft.json").read_text()) for name in runs}
-    for k in sft["one"]:
-        assert sft["fsdp"][k] == pytest.approx(sft["one"][k], abs=1e-5), k
-    run = tmp_path / "fsdp"
-    trajs = [expert_lib.trajectory_from_record(tok, r, shop.STRATEGIES, shop.allowed, shop.INSTRUCTIONS) for r in logs[:4]]
-    batch = expert_lib.collate(trajs, tok.pad_token_id, len(shop.STRATEGIES))
-    ids = expert_lib.strategy_ids(tok, shop.STRATEGIES)
-    with torch.no_grad():
-        adapters = expert_lib.decision_logps(lm.load(str(run / "expert"))[0], batch, ids)
-        merged = expert_lib.decision_logps(AutoModelForCausalLM.from_pretrained(str(run / "expert_merged")), batch, ids)
-    assert torch.allclose(adapters, merged, atol=1e-5)
+    sft = {name: json.loads((runs / name / "sft.json").read_text()) for name in ("fsdp", "whole")}
+    for k in sft["whole"]:
+        assert sft["fsdp"][k] == pytest.approx(sft["whole"][k], abs=1e-5), k
+    run = runs / "fsdp"
+    assert torch.allclose(decisions(tok, logs, run / "expert"), decisions(tok, logs, run / "expert_merged", plain=True),
+                          atol=1e-5)
     assert len(metrics(run)) == 1 and lm.is_peft(lm.load(str(run / "agent"))[0])
