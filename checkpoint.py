@@ -359,7 +359,10 @@ def save_pretrained(model, folder, state=None):
     """model.save_pretrained; a LoRA model: its trained adapter only, not the frozen SFT one that
     lm.reference loads beside it."""
     if lm.is_peft(model):   # FSDP: from the gathered full state dict
-        model.save_pretrained(folder, selected_adapters=["default"], **({"state_dict": state} if state else {}))
+        # save_embedding_layers=False: peft would otherwise save the whole resized embedding (and output
+        # layer), 240 MB for SmolLM2, where the strategy tokens' rows, in the adapter, are all that changed
+        model.save_pretrained(folder, selected_adapters=["default"], save_embedding_layers=False,
+                              **({"state_dict": state} if state else {}))
     else:
         model.save_pretrained(folder, state_dict=state)
 
