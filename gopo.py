@@ -146,12 +146,21 @@ def reference_logps(ref_model, tok, trajs, units, strategies, segment=0, size=No
     (--ref rollout: iterative DPO, and the margin starts at exactly 0) or the frozen SFT Expert (--ref
     sft). The rollout's recorded ref_logps are the same numbers as the first up to rounding (cached,
     left-padded forwards; tested), but this forward is the one the loss's forward repeats bit for bit.
-    size: --device-batch-size, at most this many trajectories per forward."""
+    size: --device-batch-size, at most this many trajectories per forward; every rank runs as many
+    forwards as the rank with the most rows needs (under FSDP a forward holds collectives), a rank
+    with fewer repeating its first row."""
     used, _ = rows_of(parallel.share_or_dummy(units)[0])
     S_ref = torch.full((len(trajs),), float("nan"))
-    for i in range(0, len(used), size or len(used) or 1):   # no collective inside: any count per rank
-        part = used[i:i + (size or len(used))]
-        S_ref[part] = scored_logps(ref_model, tok, [trajs[j] for j in part], strategies, segment)[0].cpu()
+    if not size:
+        S_ref[used] = scored_logps(ref_model, tok, [trajs[i] for i in used], strategies, segment)[0].cpu()
+        return S_ref
+    W = parallel.n_ranks()
+    most = max(len(rows_of(units[r::W] or units[:1])[0]) for r in range(W))
+    for k in range(-(-most // size)):
+        part = used[k * size:(k + 1) * size]
+        S = scored_logps(ref_model, tok, [trajs[j] for j in part or used[:1]], strategies, segment)[0].cpu()
+        if part:
+            S_ref[part] = S
     return S_ref
 
 
