@@ -49,13 +49,14 @@ def sft_examples(tok, records, instructions):
 
 
 def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0, cycle=100,
-        window_steps=0, desc="SFT agent"):
+        window_steps=0, desc="SFT agent", micro=None):
     """Supervised fine-tuning on logged replies: minimise the mean NLL of reply tokens.
 
     The first `window_steps` steps are a curriculum on short windows (the customer's last turn,
     the strategy prompt, the reply; 4x the batch size of them), the rest on whole dialogues.
     Why: a from-scratch model learns to copy the customer's must-have into the reply far faster
     when there are 30 tokens to search instead of 200; the skill then carries to whole dialogues.
+    micro: --device-batch-size, at most this many sequences per forward (lm.micro_batches).
     """
     dialogues, windows = sft_examples(tok, records, instructions)
     rng = random.Random(seed)
@@ -64,8 +65,11 @@ def sft(model, tok, records, instructions, steps, batch_size=16, lr=3e-3, seed=0
         pool, n = (windows, 4 * batch_size) if step < window_steps else (dialogues, batch_size)
         sample = rng.sample(pool, min(n, len(pool)))                           # the same on every rank
         mine, weight = parallel.share_or_dummy(sample)
+        n_tokens = sum(sum(m) for _, m in sample)
+        if micro:   # one loss per micro-batch, each backpropagated before the next forward
+            return (-weight * w * reply_logps(model, *collate(run, tok.pad_token_id)).sum() / parallel.denominator(n_tokens)
+                    for run, w in lm.micro_batches(mine, micro, len(sample), length=lambda e: len(e[0])))
         logp = sum(reply_logps(model, *collate(group, tok.pad_token_id)).sum()
                    for group in lm.length_buckets(mine, n_total=len(sample), length=lambda e: len(e[0])))
-        n_tokens = sum(sum(m) for _, m in sample)
         return -weight * logp / parallel.denominator(n_tokens)   # mean NLL per token
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -4,6 +4,7 @@ finished run with (nanochat's checkpoint manager, for this repo). Every function
 writes, and writes atomically, so a bad input or a crash never leaves a run half-written.
 
     out/<run>/config.json     every flag (resume_run checks all of them before anything is written)
+    out/<run>/env.json        where the run came from: command line, commit, package versions, device
     out/<run>/logs.jsonl      the training dialogues; values.json, the event values fitted on them
     out/<run>/state/          what --resume needs after an iteration: both models, both AdamW states
     out/<run>/*_sft/          SFT checkpoints (copied from another run by --sft-from)
@@ -60,7 +61,8 @@ METHODS = {
 }
 SFT_KEYS = ("seed", "data", "data_path", "world", "horizon", "paraphrases", "n_logs", "logs", "model", "expert_model", "d_model", "n_layer",
             "vocab_size", "sft_steps", "agent_sft_steps", "expert_sft_steps", "sft_batch", "sft_lr", "expert_sft_lr",
-            "sft_window_steps", "expert_from_agent")   # what an SFT result depends on
+            "sft_window_steps", "expert_from_agent", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+            "lora_only")   # what an SFT result depends on
 
 
 def methods_of(trainer):
@@ -92,8 +94,62 @@ def start_run(args):
             die(f"cannot create {run_dir}: {e.strerror}")
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({**vars(args), "world_size": parallel.n_ranks()}, f, indent=2)
+        with open(os.path.join(run_dir, "env.json"), "w") as f:
+            json.dump(environment(), f, indent=2)
     parallel.barrier()
     return run_dir
+
+
+STACK = ("python", "torch", "transformers", "peft", "datasets")   # the versions a run's numbers depend on
+
+
+def environment():
+    """What produced a run (env.json, as nanochat's report header): the command line, the git commit
+    and whether the tree had uncommitted changes, the versions of STACK (None where not installed),
+    the device, the CPU threads, and ATEN_CPU_CAPABILITY if set (it changes CPU kernels, so numbers)."""
+    import platform
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+    commit = git("rev-parse", "HEAD")
+    device = parallel.DEVICE
+    return {"argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]], "commit": commit,
+            "dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+            "versions": {"python": platform.python_version(), **{p: version(p) for p in STACK[1:]}},
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
+            "world_size": parallel.n_ranks(), "threads": torch.get_num_threads(),
+            "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY")}
+
+
+def stack_warning(run):
+    """One line if `run` was trained on another stack (env.json's versions or device) than this
+    process runs on, else None; runs from before env.json: None."""
+    try:
+        with open(os.path.join(run, "env.json")) as f:
+            then = json.load(f)
+    except (OSError, ValueError):
+        return None
+    now = environment()
+    diff = [f"{k} {then['versions'].get(k)} -> {now['versions'][k]}" for k in STACK
+            if isinstance(then.get("versions"), dict) and then["versions"].get(k) != now["versions"][k]]
+    if then.get("aten_cpu_capability") != now["aten_cpu_capability"]:
+        diff.append(f"ATEN_CPU_CAPABILITY {then.get('aten_cpu_capability')} -> {now['aten_cpu_capability']}")
+    if diff:
+        return f"warning: {run} was trained on another stack ({', '.join(diff)}); its numbers may not reproduce here"
+    return None
 
 def resume_run(args, p):
     """--resume RUN: the run's own config.json wins; flags given with it must agree with it."""
@@ -186,7 +242,7 @@ def save_state(folder, models, opts, progress):
     def write(tmp):
         for name in ("expert", "agent"):
             model, tok = models[name]
-            model.save_pretrained(os.path.join(tmp, name))
+            save_pretrained(model, os.path.join(tmp, name))
             tok.save_pretrained(os.path.join(tmp, name))
         torch.save({"opt_e": opts["expert"].state_dict(), "opt_a": opts["agent"].state_dict(), **progress},
                    os.path.join(tmp, "trainer.pt"))
@@ -205,8 +261,8 @@ def load_state(folder, models, args, device):
             models[name] = (lm.place(model, args, device), tok)
         trainer = torch.load(os.path.join(folder, "trainer.pt"))
         progress = {k: trainer[k] for k in progress}
-    opts = {"expert": torch.optim.AdamW(models["expert"][0].parameters(), lr=args.lr, weight_decay=0.0),
-            "agent": torch.optim.AdamW(models["agent"][0].parameters(), lr=args.lr_cs, weight_decay=0.0)}
+    opts = {"expert": torch.optim.AdamW(lm.trainable(models["expert"][0]), lr=args.lr, weight_decay=0.0),
+            "agent": torch.optim.AdamW(lm.trainable(models["agent"][0]), lr=args.lr_cs, weight_decay=0.0)}
     if trainer:
         opts["expert"].load_state_dict(trainer["opt_e"])
         opts["agent"].load_state_dict(trainer["opt_a"])
@@ -279,12 +335,36 @@ def keep_models(run_dir, name, models):
 
 
 def save_model(model, tokenizer, path):
-    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically.
+    """A folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained(path)` loads, written atomically;
+    a LoRA model's holds its adapters and strategy-token rows, which lm.load puts over their base.
     Distributed: every rank joins the gather of the full state dict, rank 0 writes."""
     state = parallel.full_state_dict(model) if parallel.FSDP else None
     if parallel.is_main():
-        atomic_dir(path, lambda tmp: (model.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
+        atomic_dir(path, lambda tmp: (save_pretrained(model, tmp, state), tokenizer.save_pretrained(tmp)))
     parallel.barrier()
+
+
+def save_merged(adapters, path):
+    """--merge-lora: the adapter folder `adapters` merged into its base (fp32), a whole model that plain
+    `from_pretrained` loads; by rank 0, in one process from the saved folder (FSDP's shards need no
+    merging, and the trained model is left as it is)."""
+    if parallel.is_main():
+        model, tokenizer = lm.load(adapters)
+        merged = model.merge_and_unload()
+        atomic_dir(path, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    parallel.barrier()
+
+
+def save_pretrained(model, folder, state=None):
+    """model.save_pretrained; a LoRA model: its trained adapter only, not the frozen SFT one that
+    lm.reference loads beside it."""
+    if lm.is_peft(model):   # FSDP: from the gathered full state dict
+        # save_embedding_layers=False: peft would otherwise save the whole resized embedding (and output
+        # layer), 240 MB for SmolLM2, where the strategy tokens' rows, in the adapter, are all that changed
+        model.save_pretrained(folder, selected_adapters=["default"], save_embedding_layers=False,
+                              **({"state_dict": state} if state else {}))
+    else:
+        model.save_pretrained(folder, state_dict=state)
 
 
 def atomic_dir(path, write):

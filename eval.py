@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
 
@@ -227,6 +228,8 @@ def main(argv=None):
         known = ", ".join(m for m in METHODS if METHODS[m].sft)
         die(f"{run}/config.json names a --method '{method}' that eval.py does not know (known: {known})")
     rows = METHODS[method].rows
+    if (warning := checkpoint.stack_warning(run)):   # its numbers were measured on another stack
+        print(warning, file=sys.stderr)
     device = device_of(args)
     planners = planners_of(args, run, config, method, device)
     ckpt = checkpoint.load_run(run, rows, device)

@@ -145,8 +145,9 @@ def decide(z_logits, allowed, uniforms=None):
 
 
 def sft(model, tok, records, strategies, allowed, instructions, steps, batch_size=16, lr=3e-3, seed=0,
-        cycle=100, desc="SFT expert"):
-    """Supervised fine-tuning on logged strategies: minimise -sum_t log pi_E(z_t | h_t) (masked)."""
+        cycle=100, desc="SFT expert", micro=None):
+    """Supervised fine-tuning on logged strategies: minimise -sum_t log pi_E(z_t | h_t) (masked).
+    micro: --device-batch-size, at most this many dialogues per forward (lm.micro_batches)."""
     ids = strategy_ids(tok, strategies)
     trajs = [trajectory_from_record(tok, r, strategies, allowed, instructions) for r in records]
     rng = random.Random(seed)
@@ -154,8 +155,12 @@ def sft(model, tok, records, strategies, allowed, instructions, steps, batch_siz
     def step_loss(step):
         sample = rng.sample(trajs, min(batch_size, len(trajs)))                  # the same on every rank
         mine, weight = parallel.share_or_dummy(sample)
+        n_decisions = sum(len(t["decisions"]) for t in sample)
+        if micro:   # one loss per micro-batch, each backpropagated before the next forward
+            return (-weight * w * decision_logps(model, collate(run, tok.pad_token_id, len(strategies)), ids).sum()
+                    / parallel.denominator(n_decisions)
+                    for run, w in lm.micro_batches(mine, micro, len(sample), length=lambda t: len(t["ids"])))
         logp = sum(decision_logps(model, collate(group, tok.pad_token_id, len(strategies)), ids).sum()
                    for group in lm.length_buckets(mine, n_total=len(sample), length=lambda t: len(t["ids"])))
-        n_decisions = sum(len(t["decisions"]) for t in sample)
         return -weight * logp / parallel.denominator(n_decisions)   # mean NLL per decision
     return lm.sft_loop(model, step_loss, steps, lr, cycle, desc)

@@ -140,16 +140,27 @@ def rows_of(units):
 
 
 @torch.no_grad()
-def reference_logps(ref_model, tok, trajs, units, strategies, segment=0):
+def reference_logps(ref_model, tok, trajs, units, strategies, segment=0, size=None):
     """S_ref of eq. (4) for this rank's share of the units, once per iteration before the first step:
     (N,) over all trajectories, nan where not computed. ref_model: the Expert that played the rollouts
     (--ref rollout: iterative DPO, and the margin starts at exactly 0) or the frozen SFT Expert (--ref
     sft). The rollout's recorded ref_logps are the same numbers as the first up to rounding (cached,
-    left-padded forwards; tested), but this forward is the one the loss's forward repeats bit for bit."""
+    left-padded forwards; tested), but this forward is the one the loss's forward repeats bit for bit.
+    size: --device-batch-size, at most this many trajectories per forward; every rank runs as many
+    forwards as the rank with the most rows needs (under FSDP a forward holds collectives), a rank
+    with fewer repeating its first row."""
     used, _ = rows_of(parallel.share_or_dummy(units)[0])
     S_ref = torch.full((len(trajs),), float("nan"))
-    if used:
+    if not size:
         S_ref[used] = scored_logps(ref_model, tok, [trajs[i] for i in used], strategies, segment)[0].cpu()
+        return S_ref
+    W = parallel.n_ranks()
+    most = max(len(rows_of(units[r::W] or units[:1])[0]) for r in range(W))
+    for k in range(-(-most // size)):
+        part = used[k * size:(k + 1) * size]
+        S = scored_logps(ref_model, tok, [trajs[j] for j in part or used[:1]], strategies, segment)[0].cpu()
+        if part:
+            S_ref[part] = S
     return S_ref
 
 
@@ -157,24 +168,41 @@ def expert_update(expert, opt, trajs, units, S_ref, rewards, strategies, args):
     """One gradient step of the Expert (model, tokenizer) on eq. (4), or (4') with --listwise, averaged
     over the units (pairs or rollout groups). S_ref, rewards: (N,) over all trajectories.
     Returns (the whole batch's loss, nan if the step was skipped; the stats of this step's forward,
-    means over the pairs with TRL's names, {} listwise)."""
+    means over the pairs with TRL's names, {} listwise).
+
+    --device-batch-size N: this rank's units in micro-batches of N // (rows of a unit) units (at least
+    one: a pair's two rows, a group's K, share a loss term and are never split), one forward and
+    backward each. The loss is a sum over units, so the micro-batches' losses add up to the batch's
+    and so do their gradients; a trajectory in pairs of two micro-batches is scored in both."""
     model, tok = expert
     mine, weight = parallel.share_or_dummy(units)          # distributed: this rank's units (weight 0: a dummy)
-    used, rows = rows_of(mine)
-    S, n_steps = scored_logps(model, tok, [trajs[i] for i in used], strategies, args.segment)   # (N,) each
-    losses, terms = expert_loss(S, S_ref[used].to(S.device), n_steps, rows, rewards[used], args.beta, args.nll_coef,
-                                args.listwise)
-    loss = weight * losses.sum() / parallel.denominator(len(units))   # this rank's share of the mean over all units
+    size = getattr(args, "device_batch_size", None)
+    runs = lm.micro_batches(mine, max(1, size // max(len(u) for u in units)), len(units)) if size else [(mine, 1.0)]
+    terms_of = []
+
+    def losses():
+        for run, w in runs:
+            used, rows = rows_of(run)
+            S, n_steps = scored_logps(model, tok, [trajs[i] for i in used], strategies, args.segment)   # (N,) each
+            unit_losses, terms = expert_loss(S, S_ref[used].to(S.device), n_steps, rows, rewards[used], args.beta,
+                                             args.nll_coef, args.listwise)
+            if terms is not None:
+                terms_of.append((w, len(run), terms))
+            yield weight * w * unit_losses.sum() / parallel.denominator(len(units))   # this rank's share of the mean
+    values = []
+    ok = lm.guarded_step(model, opt, losses(), values=values)
     stats = {}
-    if terms is not None:
-        n = parallel.total(float(weight * len(mine)))
-        mean = lambda x: parallel.total(weight * float(x.sum())) / max(n, 1)   # noqa: E731
-        chosen, rejected = terms["rewards/chosen"], terms["rewards/rejected"]
+    if terms_of:
+        n = parallel.total(sum(weight * w * k for w, k, _ in terms_of))
+        cat = lambda key: torch.cat([t[key] for _, _, t in terms_of])   # noqa: E731  every pair of this rank
+        wts = torch.cat([torch.full((k,), weight * w) for w, k, _ in terms_of]).to(terms_of[0][2]["rewards/chosen"].device)
+        mean = lambda x: parallel.total(float((wts * x).sum())) / max(n, 1)   # noqa: E731
+        chosen, rejected = cat("rewards/chosen"), cat("rewards/rejected")
         stats = {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
                  "rewards/margins": mean(chosen - rejected), "rewards/accuracies": mean((chosen > rejected).float()),
-                 "logps/chosen": mean(terms["logps/chosen"]), "logps/rejected": mean(terms["logps/rejected"])}
-    value = parallel.total(loss.item()) / parallel.n_ranks()                    # the whole batch's loss
-    return (value if lm.guarded_step(model, opt, loss) else float("nan")), stats
+                 "logps/chosen": mean(cat("logps/chosen")), "logps/rejected": mean(cat("logps/rejected"))}
+    value = parallel.total(sum(values)) / parallel.n_ranks()                    # the whole batch's loss
+    return (value if ok else float("nan")), stats
 
 
 def scored_steps(trajs, T, segment=0):
@@ -194,18 +222,22 @@ def segment_strategies(tr, segment=0):
 
 
 @torch.no_grad()
-def kl_to(model, ref_model, tok, trajs, strategies):
+def kl_to(model, ref_model, tok, trajs, strategies, size=None):
     """Mean over the rollouts of sum_t KL(pi_E(. | h_t) || pi_SFT(. | h_t)): how far the Expert has
     moved from the SFT Expert where it now plays (RLHF trainers log the same sequence-level KL).
-    Distributed: each rank scores its share, the mean is over the whole batch."""
+    Distributed: each rank scores its share, the mean is over the whole batch. size:
+    --device-batch-size, the same number of forwards on every rank (FSDP)."""
     mine, weight = parallel.share_or_dummy(list(range(len(trajs))))
-    batch = expert_lib.collate([trajs[i] for i in mine], tok.pad_token_id, len(strategies))
     ids = expert_lib.strategy_ids(tok, strategies)
-    logps = expert_lib.decision_dists(model, batch, ids)                        # (N, T, Z)
-    ref_logps = expert_lib.decision_dists(ref_model, batch, ids)                # (N, T, Z)
-    kl = expert_lib.decision_kl(logps, ref_logps, batch["allowed"].to(logps.device),
-                                batch["step_mask"].to(logps.device).float())     # (N,)
-    return parallel.total(weight * float(kl.sum())) / len(trajs)
+    total = 0.0
+    for run, w in lm.micro_batches(mine, size, len(trajs)) if size else [(mine, 1.0)]:
+        batch = expert_lib.collate([trajs[i] for i in run], tok.pad_token_id, len(strategies))
+        logps = expert_lib.decision_dists(model, batch, ids)                        # (N, T, Z)
+        ref_logps = expert_lib.decision_dists(ref_model, batch, ids)                # (N, T, Z)
+        kl = expert_lib.decision_kl(logps, ref_logps, batch["allowed"].to(logps.device),
+                                    batch["step_mask"].to(logps.device).float())     # (N,)
+        total += w * float(kl.sum())
+    return parallel.total(weight * total) / len(trajs)
 
 
 def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, temperature=1.0, max_new_tokens=32):
@@ -230,18 +262,24 @@ def cs_alignment_pairs(agent_model, tok, trajs, recognise, n, rng, temperature=1
     return pairs
 
 
-def agent_update(model, opt, pairs, pad_id, beta):
+def agent_update(model, opt, pairs, pad_id, beta, size=None):
     """One turn-level DPO step of the CS Agent; the reference is the agent before this step.
-    Distributed: this rank's share of the pairs, as in expert_loss."""
+    Distributed: this rank's share of the pairs, as in expert_loss. size: --device-batch-size,
+    size // 2 pairs per micro-batch (at least one)."""
     mine, weight = parallel.share_or_dummy(pairs)
-    examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in mine for y in (c, r)]
-    ids, attn, mask = agent_lib.collate(examples, pad_id)
-    logps = agent_lib.reply_logps(model, ids, attn, mask)                       # (2P,) chosen, rejected interleaved
-    ref = logps.detach()                                                        # the agent before this step
-    losses, _, _ = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
-    loss = weight * losses.sum() / parallel.denominator(len(pairs))
-    value = parallel.total(loss.item()) / parallel.n_ranks()
-    return value if lm.guarded_step(model, opt, loss) else float("nan")
+
+    def losses():
+        for run, w in lm.micro_batches(mine, max(1, size // 2), len(pairs)) if size else [(mine, 1.0)]:
+            examples = [(p + y, [0] * len(p) + [1] * len(y)) for p, c, r in run for y in (c, r)]
+            ids, attn, mask = agent_lib.collate(examples, pad_id)
+            logps = agent_lib.reply_logps(model, ids, attn, mask)               # (2P,) chosen, rejected interleaved
+            ref = logps.detach()                                                # the agent before this step
+            pair_losses, _, _ = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta)
+            yield weight * w * pair_losses.sum() / parallel.denominator(len(pairs))
+    values = []
+    ok = lm.guarded_step(model, opt, losses(), values=values)
+    value = parallel.total(sum(values)) / parallel.n_ranks()
+    return value if ok else float("nan")
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -286,14 +324,16 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     losses, stats = [], {}
     if units:
         ref_model = models["expert_sft"][0] if args.ref == "sft" else expert_model   # before any step
-        S_ref = reference_logps(ref_model, tok_e, scored, units, world.STRATEGIES, args.segment)   # (N,)
+        S_ref = reference_logps(ref_model, tok_e, scored, units, world.STRATEGIES, args.segment,
+                                getattr(args, "device_batch_size", None))   # (N,)
         for _ in range(args.gopo_epochs):
             loss, stats = expert_update(models["expert"], opts["expert"], scored, units, S_ref,
                                         torch.tensor(scored_rewards), world.STRATEGIES, args)
             losses.append(loss)           # stats: the last step's forward, as a DPO trainer logs them
     expert_model.eval()
     if "expert_sft" in models:
-        stats["kl_to_sft"] = kl_to(expert_model, models["expert_sft"][0], tok_e, trajs, world.STRATEGIES)
+        stats["kl_to_sft"] = kl_to(expert_model, models["expert_sft"][0], tok_e, trajs, world.STRATEGIES,
+                                   getattr(args, "device_batch_size", None))
     # 4. CS alignment, eq. (5): turn-level DPO on adherence
     with parallel.gathered(agent_model):   # the same pairs on every rank (same trajectories, same seed)
         cs_pairs = cs_alignment_pairs(playing["agent"][0], tok_a, trajs, world.recognise, args.cs_samples, rng,
@@ -301,7 +341,8 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
     cs_loss = None
     if cs_pairs:
         agent_model.train()
-        cs_loss = agent_update(agent_model, opts["agent"], cs_pairs, tok_a.pad_token_id, args.beta_cs)
+        cs_loss = agent_update(agent_model, opts["agent"], cs_pairs, tok_a.pad_token_id, args.beta_cs,
+                               getattr(args, "device_batch_size", None))
         agent_model.eval()
     recs = [tr["record"] for tr in trajs]
     finite = [x for x in losses if math.isfinite(x)]

@@ -88,8 +88,10 @@ def new_models(need, args, world, logs):
     """{name: (model, tokenizer)} for the models in `need` (expert, agent, flat), before SFT: tiny ones
     (--d-model, --n-layer) sharing a tokenizer trained on the logs, or the pretrained backbones."""
     if args.model != "tiny":
-        return {name: load_backbone(args.expert_model or args.model if name == "expert" else args.model,
-                                    world.STRATEGIES) for name in need}
+        models = {name: load_backbone(args.expert_model or args.model if name == "expert" else args.model,
+                                      world.STRATEGIES) for name in need}
+        return {name: (add_lora(m, tok, world.STRATEGIES, args) if name in lora_names(args) else m, tok)
+                for name, (m, tok) in models.items()}
     tok = train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values()),
                              world.STRATEGIES, args.vocab_size)
     max_len = 1024 if args.world == "shop" and args.data == "sim" else 4096   # desk, real dialogues: ~2k tokens
@@ -99,6 +101,86 @@ def new_models(need, args, world, logs):
                                             seed=args.seed + {"expert": 0, "agent": 1, "flat": 2}[name]), tok)
         add_strategy_tokens(models[name][0], tok, world.STRATEGIES)
     return models
+
+# ----------------------------------------------------------------------------- LoRA (--lora-r; peft imported only then)
+def lora_names(args):
+    """The models that get LoRA adapters: both agents, or the one --lora-only names ([] without --lora-r)."""
+    if not getattr(args, "lora_r", None):
+        return []
+    return [args.lora_only] if args.lora_only else ["expert", "agent"]
+
+
+def add_lora(model, tok, strategies, args):
+    """A pretrained backbone -> a peft model whose only trainable parameters are LoRA adapters
+    (--lora-r, --lora-alpha, --lora-dropout on --lora-targets) and the strategy tokens' rows, through
+    peft's `trainable_token_indices`: the input embedding's rows, and the output layer's where it is
+    not tied to them (the Expert reads those rows). The base is frozen; adapters and rows are fp32."""
+    from peft import LoraConfig, get_peft_model
+    ids = [tok.convert_tokens_to_ids(serialize.strategy_token(z)) for z in strategies]
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    tokens = ids if head is None or head.weight is emb.weight else {names[emb]: ids, names[head]: ids}
+    targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
+                        target_modules=targets, trainable_token_indices=tokens, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def linear_names(name):
+    """The names (last component) of a backbone's linear layers, from its config alone (meta device):
+    what --lora-targets may name."""
+    from transformers import AutoConfig
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name))
+    head = model.get_output_embeddings()
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def is_peft(model):
+    return hasattr(model, "peft_config")
+
+
+class AdapterView:
+    """A peft model read with another of its adapters active (`reference`): its calls run with that
+    adapter, and every other attribute is the model's."""
+
+    def __init__(self, model, adapter):
+        self.model, self.adapter = model, adapter
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        active = self.model.active_adapter
+        self.model.base_model.set_adapter(self.adapter, inference_mode=True)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.model.base_model.set_adapter(active)
+
+
+def reference(model, folder, args, device):
+    """The frozen SFT model (--ref sft's pi_ref, kl_to_sft's reference) of a trained `model`: with LoRA,
+    the SFT adapter in `folder` loaded beside the trained one and switched on for its forwards (as TRL's
+    ref_adapter_name), so no second copy of the base; else a second model (`frozen`). Under --fsdp
+    the model is sharded already and peft cannot add an adapter to it: a second model there too
+    (sharded, 1/W of its bytes per rank)."""
+    if not is_peft(model) or args.fsdp:
+        return frozen(folder, args, device)
+    model.load_adapter(folder, adapter_name="sft", is_trainable=False)
+    model.to(device)
+    model.base_model.set_adapter("default")
+    return AdapterView(model, "sft")
+
+
+def trainable(model):
+    """The parameters an optimizer steps: all of them, or with LoRA the adapters and strategy rows."""
+    return [p for p in model.parameters() if p.requires_grad]
+
 
 def check_model(name):
     """Fail before anything is written if a pretrained backbone is not there (a config is enough)."""
@@ -124,7 +206,12 @@ def load_backbone(name, strategies):
         cli.die(f"cannot load --model '{name}': not a local folder and not in the Hugging Face cache{hint}")
 
 def place(model, args, device):
-    """Move a model to the device; under torchrun --fsdp, shard it (FSDP2); --grad-ckpt either way."""
+    """Move a model to the device; under torchrun --fsdp, shard it (FSDP2); --grad-ckpt either way.
+    A LoRA model with --bf16: its frozen base in bf16 (half the bytes), the trained parameters fp32."""
+    if is_peft(model) and args.bf16:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     model.to(device)
     if args.grad_ckpt:          # on the blocks before sharding them, so FSDP wraps checkpointed blocks
         activation_checkpointing(model)
@@ -139,30 +226,41 @@ def sft_loop(model, step_loss, steps, lr, cycle, desc):
     """The SFT loop both agents share: AdamW, `sft_schedule`, guarded steps, a progress bar.
 
     step_loss(step) -> scalar loss tensor of this rank's share of that step's batch, scaled with
-    `parallel.denominator` (in one process: the batch's loss). Returns the list of losses.
+    `parallel.denominator` (in one process: the batch's loss), or an iterable of them, one per
+    micro-batch (--device-batch-size; `guarded_step`). Returns the list of losses.
     """
     from tqdm import tqdm
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sft_schedule(s, cycle))
     model.train()
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False, disable=not parallel.is_main())):
-        loss = step_loss(step)
-        if not guarded_step(model, opt, loss):
+        values = []
+        if not guarded_step(model, opt, step_loss(step), values=values):
             bar.write(f"{desc}: non-finite loss or gradient at step {step}, step skipped")
         sched.step()
-        losses.append(parallel.total(loss.item()) / parallel.n_ranks())   # the loss of the whole batch
+        losses.append(parallel.total(sum(values)) / parallel.n_ranks())   # the loss of the whole batch
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
 
 
-def guarded_step(model, opt, loss, max_norm=1.0):
-    """backward + clip + step, unless the loss or the gradient is not finite (then skip, return False)."""
+def guarded_step(model, opt, loss, max_norm=1.0, values=None):
+    """backward + clip + step, unless the loss or the gradient is not finite (then skip, return False).
+
+    loss: a scalar tensor, or an iterable of them, one per micro-batch (--device-batch-size): each is
+    backpropagated before the next is computed (pass a generator), so only one micro-batch's
+    activations are alive at a time, and the gradients add up to those of the sum of the losses.
+    values: a list that receives each part's loss as a float (this rank's; a non-finite part is the
+    last one taken)."""
     opt.zero_grad(set_to_none=True)
-    if parallel.total(float(not torch.isfinite(loss))):     # any rank: all ranks skip together
-        return False
-    loss.backward()
+    for part in [loss] if torch.is_tensor(loss) else loss:
+        if values is not None:
+            values.append(part.item())
+        if parallel.total(float(not torch.isfinite(part))):     # any rank: all ranks skip together
+            opt.zero_grad(set_to_none=True)
+            return False
+        part.backward()
     parallel.all_reduce_grads(model)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm     # FSDP: a DTensor
@@ -172,6 +270,18 @@ def guarded_step(model, opt, loss, max_norm=1.0):
     opt.step()
     opt.zero_grad(set_to_none=True)      # free the gradients now: rollouts come next, not backward
     return True
+
+
+def micro_batches(items, size, n_total, length=None):
+    """--device-batch-size: this rank's share of a batch (`items`, from parallel.share_or_dummy) in
+    runs of at most `size` items, sorted by `length` when given (each run pads little): a list of
+    (run, weight). Every rank gets the same number of runs, ceil(ceil(n_total / ranks) / size), because
+    under FSDP each run is a forward and a backward that hold collectives; a rank with fewer items
+    runs (items[:1], 0.0) as a dummy, as `parallel.share_or_dummy` does."""
+    n_runs = -(-(-(-n_total // parallel.n_ranks())) // size)
+    ranked = sorted(items, key=length) if length else list(items)
+    runs = [ranked[i * size:(i + 1) * size] for i in range(n_runs)]
+    return [(run, 1.0) if run else (items[:1], 0.0) for run in runs]
 
 
 @contextlib.contextmanager
@@ -238,9 +348,20 @@ def activation_checkpointing(model):
 
 
 def load(path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    """(model, tokenizer) of a checkpoint folder: a whole model, or LoRA adapters with their
+    strategy-token rows (peft's adapter_config.json, --lora-r) over the base they name, which is
+    loaded again (fp32; `place` casts a frozen base to bf16 with --bf16)."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    return model, tokenizer
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+    import json
+
+    from peft import PeftModel
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base = AutoModelForCausalLM.from_pretrained(json.load(f)["base_model_name_or_path"], dtype=torch.float32)
+    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):   # the strategy tokens' rows (the adapter's)
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
 
 
 def sft_schedule(step, cycle):
@@ -323,12 +444,23 @@ def head_only(model, fn):
             h.remove()
 
 
+def head_weight(head):
+    """The output layer's weight as its own forward uses it: with LoRA, peft's trainable strategy-token
+    rows (a TrainableTokensWrapper, tied or not) replace those rows of the frozen base, unless the
+    adapters are switched off."""
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is None or adapter.disable_adapters or adapter.merged or not adapter.active_adapters:
+        return head.weight
+    return adapter.get_merged_weights(adapter.active_adapters)
+
+
 def head_rows(hidden, head, rows):
     """fp32 logits of the output rows `rows` (R,) for hidden states (..., d): (..., R). fp32 even
     under bf16 autocast or FSDP mixed precision: a log-softmax of bf16 logits is off by ~1e-2."""
-    bias = head.bias[rows].float() if head.bias is not None else None
+    bias = getattr(head, "bias", None)
+    bias = bias[rows].float() if bias is not None else None
     with torch.autocast(hidden.device.type, enabled=False):
-        return F.linear(hidden.float(), head.weight[rows].float(), bias)
+        return F.linear(hidden.float(), head_weight(head)[rows].float(), bias)
 
 
 def _chunk_logps(hidden, weight, bias, targets, temperature):
@@ -351,8 +483,8 @@ def target_logps(model, ids, attn, target_mask, temperature=1.0, extra=None, chu
 
     def fn(hidden, head):
         h = hidden[:, :-1][where]                                                  # (N, d)
-        weight = head.weight.float()
-        bias = head.bias.float() if head.bias is not None else None
+        weight = head_weight(head).float()
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         parts = [checkpoint(_chunk_logps, h[i:i + chunk], weight, bias, targets[i:i + chunk], temperature,
                             use_reentrant=False) for i in range(0, len(h), chunk)]
         out = torch.zeros(where.shape, device=hidden.device, dtype=torch.float32)

@@ -8,8 +8,9 @@
     python -m experiments.baselines --method ppo --sft-from out/sft   # a baseline: these stages, its own step
     python train.py --help                # every flag
 
-Writes out/<run>/: config.json, logs.jsonl (the behaviour-policy training data), values.json
-(event values fitted on those logs), expert_sft/ agent_sft/ expert/ agent/ (transformers folders),
+Writes out/<run>/: config.json, env.json (command, commit, versions, device), logs.jsonl (the
+behaviour-policy training data), values.json (event values fitted on those logs), expert_sft/
+agent_sft/ expert/ agent/ (transformers folders; LoRA adapters with --lora-r),
 metrics.jsonl (one line per GOPO iteration), curves.png, time.json; --method sft: SFT only, flat_sft/
 too (the baselines' single agent). main() runs the stages top to bottom; experiments/baselines.py
 runs them with its own flags, step and checkpoint writer.
@@ -36,6 +37,7 @@ import gopo
 import lm
 import parallel
 import plots
+import tracking
 import tse
 import worlds
 
@@ -63,6 +65,9 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--sft-from", default=None, metavar="RUN_DIR",
                    help="copy the SFT checkpoints from this run (e.g. a --method sft run with the same seed, data and "
                    "SFT flags) instead of training them again: every method then starts from the same SFT models")
+    g.add_argument("--report-to", default="none", choices=tracking.TRACKERS,
+                   help="also send each metrics.jsonl line (TRL's names, train/...) to this tracker: tensorboard "
+                   "(out/<run>/tensorboard/), trackio or wandb (each installed separately; docs/cli.md)")
     g.add_argument("--max-nonfinite", type=positive(int), default=3,
                    help="stop after this many iterations in a row with non-finite losses or gradients")
     # ---- data
@@ -96,6 +101,20 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--offline", default=True, action=argparse.BooleanOptionalAction,
                    help="never touch the network (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE): a model or a dataset hub id not on "
                    "disk fails at once")
+    g.add_argument("--lora-r", type=positive(int), default=None, metavar="R",
+                   help="pretrained backbones: train LoRA adapters of rank R (peft, pip install -r requirements.txt) and "
+                   "the strategy tokens' rows instead of every weight; the base stays frozen (bf16 with --bf16). "
+                   "expert/ and agent/ then hold adapters that eval.py, --resume and --sft-from load over the base")
+    g.add_argument("--lora-alpha", type=positive(float), default=None, help="LoRA scale alpha (default 2 x --lora-r)")
+    g.add_argument("--lora-dropout", type=checked(float, 0, True, 1), default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
+                   help="comma-separated linear layer names to adapt (e.g. q_proj,v_proj); all-linear: every linear "
+                   "layer but the output layer")
+    g.add_argument("--lora-only", default=None, choices=["expert", "agent"],
+                   help="LoRA on this agent only; the other trains every weight")
+    g.add_argument("--merge-lora", action="store_true",
+                   help="also write expert_merged/ and agent_merged/: the adapters merged into whole models that plain "
+                   "AutoModelForCausalLM.from_pretrained loads")
     g.add_argument("--d-model", type=positive(int), default=128, help="tiny model width")
     g.add_argument("--n-layer", type=positive(int), default=2, help="tiny model depth")
     g.add_argument("--vocab-size", type=positive(int), default=1024, help="tiny BPE vocabulary size")
@@ -110,6 +129,11 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
                    "autocast in one process (on a GPU the rollouts play a bf16 copy of each model, refreshed after "
                    "every step: 2 bytes per parameter more), FSDP2 mixed precision (fp32 gradient reduction) with --fsdp")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on each block")
+    g.add_argument("--device-batch-size", type=positive(int), default=None, metavar="N",
+                   help="at most N sequences per forward in every update (both SFTs, GOPO's pairs, CS alignment, the "
+                   "baselines), gradients accumulated over the micro-batches: the same loss and gradient up to float "
+                   "rounding, peak activation memory set by N instead of the batch. A preference pair (or a --listwise "
+                   "group) is never split. Default: the whole batch at once")
     g.add_argument("--save-every", type=nonneg(int), default=1,
                    help="gopo: write the --resume state every N iterations (0: never): both models and AdamW states, 12 "
                    "bytes per parameter, the old state kept until the new one is complete: 2 x 1.5B parameters need 37 GB, "
@@ -192,6 +216,13 @@ def check_flags(args, p):
     tiny_flags = [f for f in ("d_model", "n_layer", "vocab_size") if getattr(args, f) != p.get_default(f)]
     if args.model != "tiny" and tiny_flags:
         die(f"--{tiny_flags[0].replace('_', '-')} only shapes the tiny model; drop it with --model {args.model}")
+    lora = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_only", "merge_lora")
+            if getattr(args, f) != p.get_default(f)]
+    if lora and args.model == "tiny":
+        die(f"--{lora[0].replace('_', '-')} adapts a pretrained backbone; the tiny model is trained from scratch "
+            "(give --model a pretrained model)")
+    if lora and not args.lora_r:
+        die(f"--{lora[0].replace('_', '-')} sets up LoRA: add --lora-r R")
     if args.expert_model is not None and (args.model == "tiny") != (args.expert_model == "tiny"):
         die("--expert-model and --model must both be 'tiny' or both be pretrained (the tiny models "
             "share a tokenizer trained on the logs)")
@@ -238,8 +269,8 @@ def main(argv=None):
     models = run_sft(run, build_models(run))
     if run.args.method == "gopo":   # 4. GOPO (--method sft: the SFT stages only); --resume: from the last state
         models, opts, progress = checkpoint.load_state(run.path("state"), models, run.args, run.device)
-        models["expert_sft"] = (lm.frozen(run.path("expert_sft"), run.args, run.device),   # --ref sft; kl_to_sft
-                                models["expert"][1])
+        models["expert_sft"] = (lm.reference(models["expert"][0], run.path("expert_sft"), run.args,   # --ref sft;
+                                             run.device), models["expert"][1])                           # kl_to_sft
         step = lambda scenarios, it, seed: gopo.iteration(models, opts, scenarios, run.event_values, run.world,  # noqa: E731
                                                           run.args, it, seed)
         save_state = lambda progress: checkpoint.save_state(run.path("state"), models, opts, progress)  # noqa: E731
@@ -247,6 +278,8 @@ def main(argv=None):
         train_loop(run, step, progress, save_state, keep)
         for name in ("expert", "agent"):
             checkpoint.save_model(*models[name], run.path(name))
+        for name in lm.lora_names(run.args) if run.args.merge_lora else ():
+            checkpoint.save_merged(run.path(name), run.path(f"{name}_merged"))
     save_outputs(run)
 
 say = lambda message: parallel.is_main() and print(message)   # noqa: E731  rank 0 speaks
@@ -263,11 +296,27 @@ def parse(p, argv=None, check=None):
         check(args)
     if not args.resume:   # a resumed run's config.json has its own
         world_defaults(args)
+    tracking.check(args.report_to)
     lm.check_model(args.model)
+    if getattr(args, "lora_r", None):
+        check_lora(args)
     if args.sft_from:
         checkpoint.check_sft_from(args)
     lm.check_model(args.expert_model)
     return args, device
+
+def check_lora(args):
+    """--lora-r: peft installed, and --lora-targets naming linear layers of the backbone(s)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        die("--lora-r needs peft: pip install -r requirements.txt (it pins peft)")
+    if args.lora_targets != "all-linear":
+        for name in {args.model, args.expert_model or args.model}:
+            known = lm.linear_names(name)
+            bad = [t for t in args.lora_targets.split(",") if t not in known]
+            if bad:
+                die(f"--lora-targets: {name} has no linear layer named '{bad[0]}' (it has: {', '.join(sorted(known))})")
 
 def world_defaults(args):
     """The defaults that depend on the data and the world (None in the parser), so that config.json
@@ -342,11 +391,12 @@ def run_sft(run, models):
             models[name] = (model, tok)
         with run.amp():
             losses[name] = expert_lib.sft(model, tok, run.logs, world.STRATEGIES, world.allowed, world.INSTRUCTIONS,
-                                          args.expert_sft_steps, args.sft_batch, args.expert_sft_lr, args.seed) \
+                                          args.expert_sft_steps, args.sft_batch, args.expert_sft_lr, args.seed,
+                                          micro=args.device_batch_size) \
                 if name == "expert" else \
                 agent_lib.sft(model, tok, run.logs, world.INSTRUCTIONS if name == "agent" else None,   # flat: None
                               args.agent_sft_steps, args.sft_batch, args.sft_lr, args.seed,
-                              window_steps=args.sft_window_steps, desc=f"SFT {name}")
+                              window_steps=args.sft_window_steps, desc=f"SFT {name}", micro=args.device_batch_size)
         checkpoint.save_model(model, tok, run.path(f"{name}_sft"))
     if parallel.is_main():
         with open(run.path("sft.json"), "w") as f:
@@ -363,6 +413,7 @@ def train_loop(run, step, progress=None, save_state=None, keep=None):
     start, bad_in_a_row = (progress or {}).get("iterations_done", 0), (progress or {}).get("bad_in_a_row", 0)
     kept = checkpoint.keep_metrics(run.path("metrics.jsonl"), start)   # drop lines of an iteration that did not finish
     agent_turns = kept[-1].get("agent_turns", 0) if kept else 0        # the budget spent, in simulated agent turns
+    tracker = tracking.Tracker(args.report_to, run.dir, vars(args)) if parallel.is_main() else None
     from tqdm import tqdm
     for it in (bar := tqdm(range(start, args.iters), initial=start, total=args.iters, desc=args.method,
                            disable=not parallel.is_main())):
@@ -372,6 +423,8 @@ def train_loop(run, step, progress=None, save_state=None, keep=None):
         before, agent_turns = agent_turns, agent_turns + m.pop("turns_played")
         m["agent_turns"] = agent_turns
         checkpoint.append_metrics(run.path("metrics.jsonl"), m)
+        if tracker:
+            tracker.log(m)
         for t in args.keep_at:
             if keep and before < t <= agent_turns:
                 keep(t)
@@ -389,6 +442,8 @@ def train_loop(run, step, progress=None, save_state=None, keep=None):
         if args.turn_budget and agent_turns >= args.turn_budget:
             bar.write(f"--turn-budget {args.turn_budget}: {agent_turns} agent turns after {it + 1} iterations")
             break
+    if tracker:
+        tracker.close()
 
 def save_outputs(run):
     """6. curves.png and time.json (after the method's own checkpoints)."""

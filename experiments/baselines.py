@@ -53,12 +53,23 @@ def flat_dpo_iteration(model, tok, opt, scenarios, event_values, world, args, it
         ids, attn, mask = (x.to(model.device) for x in flat.flat_batch([trajs[i] for i in used], tok.pad_token_id,
                                                                   after_branch=True, segment=args.segment))
         n_tokens = mask.sum(-1)                                                  # (N,)
+        size = getattr(args, "device_batch_size", None)    # --device-batch-size: rows per forward
         with torch.no_grad():
-            S_ref = agent_lib.reply_logps(model, ids, attn, mask)                # (N,)
+            S_ref = agent_lib.reply_logps(model, ids, attn, mask) if not size else torch.cat(
+                [agent_lib.reply_logps(model, ids[i:i + size], attn[i:i + size], mask[i:i + size])
+                 for i in range(0, len(used), size)])                            # (N,)
         w = torch.tensor([row[a] for a, _ in pairs], device=model.device)
         l = torch.tensor([row[b] for _, b in pairs], device=model.device)
         model.train()
         for _ in range(args.gopo_epochs):
+            if size:
+                values = []
+                if lm.guarded_step(model, opt, dpo_micro_losses(model, ids, attn, mask, n_tokens, S_ref, w, l, size,
+                                                                args), values=values):
+                    losses.append(sum(values))
+                else:
+                    skipped += 1
+                continue
             S = agent_lib.reply_logps(model, ids, attn, mask)                    # (N,) eq. (2) on reply tokens
             pref, _, _ = gopo.preference_loss(S[w], S[l], S_ref[w], S_ref[l], args.beta)   # (P,) eq. (4)
             loss = (pref + args.nll_coef * -S[w] / n_tokens[w]).mean()           # eq. (4)
@@ -69,6 +80,19 @@ def flat_dpo_iteration(model, tok, opt, scenarios, event_values, world, args, it
         model.eval()
     return {"iter": it, **flat.rollout_metrics(trajs, scores, world, t0, pairs, loss=tse.mean(losses) if losses else None,
                                                nonfinite_steps=skipped), "pairs": len(pairs)}
+
+
+def dpo_micro_losses(model, ids, attn, mask, n_tokens, S_ref, w, l, size, args):
+    """The ablation's loss in micro-batches of size // 2 pairs (at least one): each pair's rows scored
+    together, each part summed over its pairs and divided by the pair count, so the parts add up to
+    the batch's mean. A generator for lm.guarded_step."""
+    per = max(1, size // 2)
+    for i in range(0, len(w), per):
+        rows = torch.cat([w[i:i + per], l[i:i + per]])                          # (2p,) winners then losers
+        S = agent_lib.reply_logps(model, ids[rows], attn[rows], mask[rows])      # (2p,)
+        p = len(rows) // 2
+        pref, _, _ = gopo.preference_loss(S[:p], S[p:], S_ref[rows[:p]], S_ref[rows[p:]], args.beta)   # (p,)
+        yield (pref + args.nll_coef * -S[:p] / n_tokens[rows[:p]]).sum() / len(w)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -103,6 +127,8 @@ def parser():
 
 def check_flags(args):
     """The baselines' own conflicts (train.check_flags has run): one line, exit 2."""
+    if args.lora_r:
+        cli.die(f"--lora-r is for train.py's gopo and sft (the two agents); --method {args.method} trains every weight")
     if args.fsdp:
         cli.die(f"--method {args.method} runs without FSDP (in one process; --bf16 gives it bf16 compute); drop --fsdp")
     if parallel.n_ranks() > 1:

@@ -103,9 +103,17 @@ def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, event_value
     ids, attn, mask = (x.to(model.device) for x in flat.flat_batch(trajs, tok.pad_token_id))
     act = mask[:, 1:].bool()                                       # (B, L-1): target index j predicts ids[:, j+1]
     T = args.agent_temperature
+    size = getattr(args, "device_batch_size", None)      # --device-batch-size: at most this many rows per forward
     with torch.no_grad():
-        old_logps, old_values = flat.token_logps_values(model, value_head, ids, attn, mask, T)   # (B, L-1) each
-        ref_logps, _ = flat.token_logps_values(ref_model, None, ids, attn, mask, T)
+        if size:
+            parts = [flat.token_logps_values(model, value_head, ids[i:i + size], attn[i:i + size], mask[i:i + size], T)
+                     for i in range(0, len(trajs), size)]
+            old_logps, old_values = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            ref_logps = torch.cat([flat.token_logps_values(ref_model, None, ids[i:i + size], attn[i:i + size],
+                                                           mask[i:i + size], T)[0] for i in range(0, len(trajs), size)])
+        else:
+            old_logps, old_values = flat.token_logps_values(model, value_head, ids, attn, mask, T)   # (B, L-1) each
+            ref_logps, _ = flat.token_logps_values(ref_model, None, ids, attn, mask, T)
     rewards = token_rewards(trajs, event_values, world.HORIZON, ids.shape[1]).to(model.device)  # (B, L-1)
     shaped = kl_shaped_rewards(rewards, old_logps, ref_logps, args.kl_coef)
     adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
@@ -124,6 +132,15 @@ def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, event_value
         for i in range(0, len(order), args.ppo_minibatch):
             mb = torch.tensor(order[i:i + args.ppo_minibatch], device=model.device)
             m = act[mb]
+            if size:
+                ok, pg, vf = micro_step(both, opt, model, value_head, ids, attn, mask, act, old_logps, adv, ret, mb,
+                                        size, args)
+                if ok:
+                    pg_losses.append(pg)
+                    v_losses.append(vf)
+                else:
+                    skipped += 1
+                continue
             new_logps, new_values = flat.token_logps_values(model, value_head, ids[mb], attn[mb], mask[mb], T)
             pg = ppo_clip_loss(new_logps[m], old_logps[mb][m], adv[mb][m], args.clip).mean()
             vf = 0.5 * (new_values[m] - ret[mb][m]).pow(2).mean()
@@ -138,3 +155,25 @@ def ppo_iteration(model, value_head, ref_model, tok, opt, scenarios, event_value
     return {"iter": it, **flat.rollout_metrics(trajs, scores, world, t0, loss=tse.mean(pg_losses) if pg_losses else None,
                                                value_loss=tse.mean(v_losses) if v_losses else None, kl=kl,
                                                nonfinite_steps=skipped)}
+
+
+def micro_step(both, opt, model, value_head, ids, attn, mask, act, old_logps, adv, ret, mb, size, args):
+    """One PPO minibatch step in micro-batches of `size` dialogues (--device-batch-size): each one's
+    token losses summed and divided by the minibatch's token count, so that the parts add up to the
+    minibatch's mean losses. Returns (stepped, policy loss, value loss)."""
+    n = act[mb].sum()
+    pgs, vfs = [], []
+
+    def losses():
+        for i in range(0, len(mb), size):
+            c = mb[i:i + size]
+            m = act[c]
+            new_logps, new_values = flat.token_logps_values(model, value_head, ids[c], attn[c], mask[c],
+                                                            args.agent_temperature)
+            pg = ppo_clip_loss(new_logps[m], old_logps[c][m], adv[c][m], args.clip).sum() / n
+            vf = 0.5 * (new_values[m] - ret[c][m]).pow(2).sum() / n
+            pgs.append(pg.item())
+            vfs.append(vf.item())
+            yield pg + args.vf_coef * vf
+    ok = lm.guarded_step(both, opt, losses())
+    return ok, sum(pgs), sum(vfs)

@@ -11,6 +11,7 @@ prints its traceback and exits 1, as the interpreter does). A few cases also run
 `python X.py` subprocesses, and must give the same result, which keeps the harness honest. Set
 GOPO_COLD_CLI=1 to run every case cold (slow: about two minutes on 2 cores).
 """
+import importlib.util
 import json
 import os
 import re
@@ -334,6 +335,18 @@ def build_cases(tmp, checkpoint):
                                                       str(sft_from / "no_checkpoint")], ["--sft-from"],
                                          keep=str(resume / "ppo_run"), needs="--resume")
 
+    # ---- issue 29: LoRA, micro-batches, trackers
+    cases["lora_r0"] = Case("train.py", ["--lora-r", "0"], ["--lora-r", "0"])
+    cases["lora_with_tiny"] = Case("train.py", ["--lora-r", "8"], ["--lora-r", "tiny"])
+    cases["lora_targets_nonsense"] = Case("train.py", ["--model", str(checkpoint), "--lora-r", "8", "--lora-targets",
+                                                       "nonsense"], ["--lora-targets", "nonsense"])
+    cases["device_batch_size0"] = Case("train.py", ["--device-batch-size", "0"], ["--device-batch-size", "0"])
+    cases["report_to_nonsense"] = Case("train.py", ["--report-to", "nonsense"], ["--report-to", "nonsense"])
+    try:
+        import wandb  # noqa: F401
+    except ImportError:   # the usual case: wandb is not in requirements.txt
+        cases["report_to_wandb_missing"] = Case("train.py", ["--report-to", "wandb"], ["--report-to wandb", "not installed"])
+
     # every training case writes into its own fresh --out (which must stay empty) unless it names one
     for name, case in cases.items():
         if "--out" not in case.args and "--resume" not in case.args:
@@ -496,6 +509,8 @@ ALL_CASES = [
     "expert_model_missing", "data_without_path", "data_path_missing", "data_wrong_format", "data_with_logs_flag",
     "data_path_without_data", "data_folder_neither", "records_folder_not_dataset", "records_hub_id_offline",
     "logs_dataset_damaged",
+    "lora_r0", "lora_with_tiny", "lora_targets_nonsense", "device_batch_size0", "report_to_nonsense",
+    *([] if importlib.util.find_spec("wandb") else ["report_to_wandb_missing"]),
     "run_exists", "run_exists_with_bad_logs",
     "resume_missing", "resume_not_a_run", "resume_flag_clash", "resume_config_malformed",
     "resume_config_not_object", "resume_values_without_logs", "resume_foreign_config", "resume_config_bad_value",

@@ -38,18 +38,20 @@ def metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One single-process run and three 2-rank runs (plain data parallel; FSDP fp32; FSDP bf16 with
-    activation checkpointing)."""
+    """One single-process run and four 2-rank runs (plain data parallel; FSDP fp32, with and without
+    micro-batches of one sequence; FSDP bf16 with activation checkpointing)."""
     out = tmp_path_factory.mktemp("runs")
     run([sys.executable, "train.py", "--out", str(out), "--run", "single", *SMALL])
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "ddp", *SMALL])
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "fsdp", "--fsdp", *SMALL])
+    # --device-batch-size 1: every rank runs as many micro-batches (forwards hold FSDP's collectives)
+    run(TORCHRUN + ["train.py", "--out", str(out), "--run", "fsdp_micro", "--fsdp", "--device-batch-size", "1", *SMALL])
     run(TORCHRUN + ["train.py", "--out", str(out), "--run", "bf16", "--fsdp", "--bf16", "--grad-ckpt", *SMALL])
     run([sys.executable, "train.py", "--out", str(out), "--run", "single_bf16", "--bf16", *SMALL])
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_micro"])
 def test_two_ranks_match_single_process(runs, mode):
     """Same global batches: SFT losses to 1e-5, each GOPO iteration's loss to 1e-5 and its rollout
     metrics exactly (every dialogue is played the same, whichever rank plays it)."""
