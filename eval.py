@@ -18,8 +18,8 @@ leaves the range of the values it summarises.
 import json
 import os
 import re
-import time
 import sys
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a shared CPU
 
