@@ -193,7 +193,7 @@ def stage_c(grad_ckpt):
 
 
 def stage_e():
-    """Where a rollout's time goes on the device (docs/scaling.md, "stage (e)"; the plan it follows:
+    """Where a rollout's time goes on the device (docs/scaling.md, "GPU evidence"; the plan it follows:
     one short script, every section timed, the rest skipped if it runs past E_BUDGET_S). Sections:
       versions  torch, transformers, the GPU; whether transformers packs GQA for one-token queries
       cold/warm the same 8-dialogue rollout twice in this fresh process: the first pays CUDA's start
