@@ -82,7 +82,8 @@ def test_the_group_table_adds_up_to_the_overall_decision_accuracy():
     oracle = worlds.decision_accuracy(desk, [desk.play(sc, desk.disclosed_policy) for sc in HELD_OUT[:60]])
     assert all(c == n for c, n in oracle.values())   # the label policy agrees with itself
     from worlds import shop   # a world without groups has one
-    assert list(worlds.decision_accuracy(shop, [shop.play(shop.make_scenario(0), shop.oracle_policy)])) == ["all"]
+    rec = shop.play(shop.make_scenario(0), shop.oracle_policy)
+    assert worlds.decision_accuracy(shop, [rec]) == {"all": [len(agent_turns(rec))] * 2}   # each decision once
 
 
 def test_template_play_is_the_worlds_own_dialogue_with_the_experts_choices():

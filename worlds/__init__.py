@@ -130,7 +130,7 @@ def tally(w, decision_lists):
     counts = {g: [0, 0] for g in (*decision_groups(w), "all")}
     for seen in decision_lists:
         for g, taken, label in seen:
-            for key in (g, "all"):
+            for key in {g, "all"}:          # a world without groups has one, "all": count it once
                 counts[key][0] += taken == label
                 counts[key][1] += 1
     return counts
