@@ -124,3 +124,18 @@ def gopo_against_swapped(expert_model, agent_model, tok, scenarios, values, worl
     original = gopo.build_pairs
     monkeypatch.setattr(gopo, "build_pairs", lambda *a, **k: [(l, w) for w, l in original(*a, **k)])
     return start, real, run()
+
+
+def kill_after(proc, metrics, n_lines, timeout=300):
+    """SIGKILL a running train.py once its metrics.jsonl holds n_lines finished iterations (the
+    --resume tests: a run cut off between iterations, with no chance to clean up)."""
+    import signal
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n_lines:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -5,10 +5,8 @@ from_pretrained and score the same decisions, and --resume after a kill gives th
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +17,7 @@ import agent as agent_lib
 import checkpoint
 import expert as expert_lib
 import lm
-from conftest import TINY
+from conftest import TINY, kill_after
 from worlds import shop
 
 pytest.importorskip("peft")
@@ -95,14 +93,8 @@ def runs(base, tmp_path_factory, cli_env):
                                 ("fsdp", (TORCHRUN, "fsdp", "--iters", "1", "--merge-lora", "--fsdp")))}
     killed = subprocess.Popen(cmd([sys.executable], "killed", "--iters", "3"), cwd=ROOT, env=cli_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    path, deadline = out / "killed" / "metrics.jsonl", time.time() + 300
-    while time.time() < deadline and killed.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.05)
-    assert killed.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    path = out / "killed" / "metrics.jsonl"
+    kill_after(killed, path, 1)
     resumed = subprocess.run([sys.executable, "train.py", "--resume", str(out / "killed")], cwd=ROOT,
                              env=cli_env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

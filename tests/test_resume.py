@@ -1,16 +1,15 @@
 """Hardening: resume after SIGKILL, atomic checkpoints, the non-finite guard, determinism."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import checkpoint
 import lm
+from conftest import kill_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-logs", "40", "--sft-steps", "20", "--iters", "8", "--scenarios", "2", "--k", "3",
@@ -46,14 +45,7 @@ def runs(tmp_path_factory, cli_env):
     killed = subprocess.Popen(train_cmd(out, "killed"), cwd=ROOT, env=cli_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = out / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and killed.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    assert killed.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_after(killed, path, 3)
     done_before = len(path.read_text().splitlines())
     assert done_before < 8
     resumed = subprocess.run([sys.executable, "train.py", "--resume", str(out / "killed")], cwd=ROOT,
