@@ -170,13 +170,34 @@ def resume_run(args, p):
         die(f"{run_dir} is a --method {saved['method']} run: --resume continues {' and '.join(methods)} runs only; "
             "start it again (baselines take a few minutes)")
     given = {k for k in vars(args) if k not in ("resume", "overwrite") and getattr(args, k) != p.get_default(k)}
-    clash = [k for k in sorted(given) if saved.get(k) != getattr(args, k)]
+    extended = extend_budget(saved, args, given, path)
+    clash = [k for k in sorted(given - set(extended)) if saved.get(k) != getattr(args, k)]
     if clash:
         k = clash[0]
         die(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run's {saved.get(k)}; "
             "resume with the run's own settings (drop the flag) or start a new run")
     check_saved_config(saved, path, p)
+    if extended:   # the run's config says what it now runs to, so that it resumes again the same way
+        saved.update(extended)
+        with open(path + ".tmp", "w") as f:
+            json.dump(saved, f, indent=2)
+        os.replace(path + ".tmp", path)
     return run_dir, argparse.Namespace(**{**saved, "resume": run_dir, "overwrite": False})
+
+def extend_budget(saved, args, given, path):
+    """--resume RUN --turn-budget T [--keep-at ...]: carry a run that stopped at its turn budget on to a
+    larger one. The resumed iterations are those of a run started with T (the state holds every
+    sampler), so a learning curve grows from 1x to 2x without replaying 1x. --keep-at adds points to the
+    run's own. Returns the settings that change ({} when neither flag is given)."""
+    extended = {}
+    if "turn_budget" in given:
+        if not saved.get("turn_budget") or args.turn_budget <= saved["turn_budget"]:
+            die(f"--turn-budget {args.turn_budget} with --resume must raise the run's own budget "
+                f"({saved.get('turn_budget') or 'none, it runs to --iters'}); drop the flag to resume as it was")
+        extended["turn_budget"] = args.turn_budget
+    if "keep_at" in given:
+        extended["keep_at"] = sorted(set(saved.get("keep_at", [])) | set(args.keep_at))
+    return extended
 
 def check_saved_config(saved, path, p):
     """Every flag of a run must be in its config.json, and each value must be one its flag accepts

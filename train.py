@@ -61,7 +61,8 @@ def parser(methods=("gopo", "sft"), default=True, method_help=None):
     g.add_argument("--seed", type=int, default=0, help="seeds every sampler: logs, init, batches, rollouts")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue a killed run from its last completed stage/iteration, with its own config")
+                   help="continue a killed run from its last completed stage/iteration, with its own config; with a larger "
+                   "--turn-budget (and more --keep-at points), carry a run that stopped at its budget further")
     g.add_argument("--sft-from", default=None, metavar="RUN_DIR",
                    help="copy the SFT checkpoints from this run (e.g. a --method sft run with the same seed, data and "
                    "SFT flags) instead of training them again: every method then starts from the same SFT models")

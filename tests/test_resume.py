@@ -71,6 +71,30 @@ def test_same_seed_same_metrics_other_seed_differs(runs):
     assert metrics(out / "alone") != metrics(out / "seed1")
 
 
+def test_resume_carries_a_run_past_its_turn_budget_as_if_started_with_the_larger_one(runs, cli_env):
+    """A run stopped by --turn-budget, resumed with a larger one (and one more --keep-at point), ends
+    with the metrics of the run left alone up to that budget: a 1x run grows to 2x without replaying 1x."""
+    out, _ = runs
+    alone = metrics(out / "alone")
+    t1, t2 = alone[2]["agent_turns"], alone[5]["agent_turns"]
+    short = subprocess.run(train_cmd(out, "grown", "--turn-budget", str(t1), "--keep-at", str(t1)), cwd=ROOT,
+                           env=cli_env, capture_output=True, text=True, timeout=300)
+    assert short.returncode == 0, short.stderr[-2000:]
+    assert metrics(out / "grown") == alone[:3]
+    lower = subprocess.run([sys.executable, "train.py", "--resume", str(out / "grown"), "--turn-budget", str(t1)],
+                           cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert lower.returncode == 2 and "must raise the run's own budget" in lower.stderr
+    assert len(lower.stderr.strip().splitlines()) == 1 and metrics(out / "grown") == alone[:3]
+    grown = subprocess.run([sys.executable, "train.py", "--resume", str(out / "grown"), "--turn-budget", str(t2),
+                            "--keep-at", str(t2)], cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert grown.returncode == 0, grown.stderr[-2000:]
+    assert metrics(out / "grown") == alone[:6]
+    config = json.loads((out / "grown" / "config.json").read_text())
+    assert (config["turn_budget"], config["keep_at"]) == (t2, [t1, t2])
+    for t in (t1, t2):
+        assert (out / "grown" / f"at-{t}" / "expert" / "model.safetensors").is_file()
+
+
 def test_a_crash_during_a_save_leaves_the_old_checkpoint(tmp_path, tok, models):
     expert_model, _ = models
     folder = str(tmp_path / "expert")
