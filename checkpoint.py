@@ -435,9 +435,16 @@ def read_config(path):
     return upgrade_config(config) if isinstance(config, dict) else {}
 
 
+# Flags added after runs were already on disk, with the defaults that do what the code did before them
+# (whole-batch updates, no LoRA, no tracker): a run made earlier resumes and evaluates as it was made.
+ADDED_SETTINGS = {"device_batch_size": None, "lora_r": None, "lora_alpha": None, "lora_dropout": 0.0,
+                  "lora_targets": "all-linear", "lora_only": None, "merge_lora": False, "report_to": "none"}
+
+
 def upgrade_config(config):
-    """Old names -> today's: "algo" -> "method", --data "shop" -> "sim" (the deprecated spellings)."""
-    config = dict(config)
+    """Old names -> today's: "algo" -> "method", --data "shop" -> "sim" (the deprecated spellings); the
+    settings a run made before ADDED_SETTINGS existed did not record."""
+    config = {**ADDED_SETTINGS, **config}
     if "algo" in config:
         config.setdefault("method", config.pop("algo"))
     if config.get("data") == "shop":

@@ -95,6 +95,25 @@ def test_resume_carries_a_run_past_its_turn_budget_as_if_started_with_the_larger
         assert (out / "grown" / f"at-{t}" / "expert" / "model.safetensors").is_file()
 
 
+def test_a_run_made_before_the_newer_flags_resumes_with_their_old_behaviour(runs, tmp_path):
+    """A config.json written before --device-batch-size, LoRA and --report-to existed lacks them; it
+    resumes with the defaults that do what the code did then, and any other missing setting is refused."""
+    import train
+    out, _ = runs
+    config = json.loads((out / "alone" / "config.json").read_text())
+    old = {k: v for k, v in config.items() if k not in checkpoint.ADDED_SETTINGS}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    p = train.parser(checkpoint.methods_of("train"))
+    _, args = checkpoint.resume_run(p.parse_args(["--resume", str(tmp_path / "old")]), p)
+    assert {k: getattr(args, k) for k in checkpoint.ADDED_SETTINGS} == checkpoint.ADDED_SETTINGS
+    assert all(p.get_default(k) == v for k, v in checkpoint.ADDED_SETTINGS.items())
+    del old["beta"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit):
+        checkpoint.resume_run(p.parse_args(["--resume", str(tmp_path / "old")]), p)
+
+
 def test_a_crash_during_a_save_leaves_the_old_checkpoint(tmp_path, tok, models):
     expert_model, _ = models
     folder = str(tmp_path / "expert")
