@@ -346,7 +346,7 @@ def iteration(models, opts, scenarios, event_values, world, args, it, seed):
         agent_model.eval()
     recs = [tr["record"] for tr in trajs]
     finite = [x for x in losses if math.isfinite(x)]
-    return {"iter": it, **rollout_scores(scores), "gre": tse.mean(tse.record_gre(r, world.recognise) for r in recs),
+    return {"iter": it, **rollout_scores(scores, trajs), "gre": tse.mean(tse.record_gre(r, world.recognise) for r in recs),
             "loss": tse.mean(finite) if finite else None, "nonfinite_steps": len(losses) - len(finite),
             "pairs": len(pairs), "cs_pairs": len(cs_pairs), **stats, **decision_stats(trajs, pairs, world, scored),
             "cs_loss": cs_loss if cs_loss is None or math.isfinite(cs_loss) else None,
@@ -374,10 +374,14 @@ def fork_views(trajs, rollout_groups, rewards):
     return views, groups, view_rewards
 
 
-def rollout_scores(scores):
-    """What every method logs of its rollouts (joint_reward's dicts): the means of R and of what it
-    is built from."""
-    return {k: tse.mean(m[k] for m in scores) for k in ("R", "tse", "esndcg", "success")}
+def rollout_scores(scores, trajs):
+    """What every method logs of its rollouts (joint_reward's dicts, one per trajectory): the means of R
+    and of what it is built from; on_policy/: over the dialogues the policy played from the start alone
+    (each group's first, every independent one), leaving out those that copy another's prefix. A fork's
+    decision is the runner-up, off the policy, so the training-side tuning rule reads on_policy/tse."""
+    on = [m for m, tr in zip(scores, trajs) if not tr.get("fork")]
+    return {**{k: tse.mean(m[k] for m in scores) for k in ("R", "tse", "esndcg", "success")},
+            **{f"on_policy/{k}": tse.mean(m[k] for m in on) for k in ("R", "tse")}}
 
 
 def decision_stats(trajs, pairs, world, paired=None):

@@ -273,12 +273,13 @@ def ceiling_gap(runs, method_tse, sft_tse, n, n_boot, seed=0):
 
 
 def read_curve(run):
-    """TSE of the sampled training rollouts, per iteration ([] for --method sft)."""
+    """TSE of the sampled training rollouts that the policy played from the start, per iteration
+    (on_policy/tse; tse in runs from before it, the same with independent rollouts); [] for --method sft."""
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line)["tse"] for line in f if line.strip()]
+        return [(m := json.loads(line)).get("on_policy/tse", m["tse"]) for line in f if line.strip()]
 
 
 def read_seconds(run):

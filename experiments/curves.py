@@ -10,8 +10,9 @@ checkpoint, over the seeds that have it:
   gap closed = sum(arm - SFT) / sum(ceiling - SFT) over customers (each averaged over seeds first),
   with a paired-bootstrap 95% CI (experiments.compare.ceiling_gap); TSE against SFT and against A0
   at the same turns, paired; accuracy per decision group; sop_ok; kl_to_sft and the GOPO seconds
-  at the iteration that crossed the mark (the run's metrics.jsonl); with several seeds, each seed's
-  own gap closed too. The GOPO seconds are wall time on a shared machine: compare arms only when
+  at the iteration that crossed the mark (the run's metrics.jsonl); the training-side tuning rule's
+  figure, on_policy/tse over the 5 iterations up to the mark (never the held-out customers); with
+  several seeds, each seed's own gap closed too. The GOPO seconds are wall time on a shared machine: compare arms only when
   they ran alone.
 Prints a markdown table, writes curves.json beside the runs and the figure (gap closed against
 agent turns, one line per arm, its CI as a band).
@@ -61,13 +62,16 @@ def customer_tse(folder, row):
 
 
 def at_mark(run, turns):
-    """The metrics.jsonl line of the iteration that crossed `turns` agent turns, and the GOPO seconds
-    up to it."""
+    """The metrics.jsonl line of the iteration that crossed `turns` agent turns, the GOPO seconds up to
+    it, and the training-side tuning rule's figure there: on_policy/tse over the last 5 iterations (the
+    rollouts the policy played from the start; None where a fork or branch run did not log it yet)."""
     with open(os.path.join(run, "metrics.jsonl")) as f:
         lines = [json.loads(x) for x in f if x.strip()]
     upto = [m for m in lines if m["agent_turns"] < turns]
     upto += [m for m in lines if m["agent_turns"] >= turns][:1]   # --keep-at saves after this one
-    return upto[-1], sum(m["seconds"] for m in upto)
+    independent = checkpoint.read_config(os.path.join(run, "config.json")).get("rollouts") == "independent"
+    last = [m.get("on_policy/tse", m["tse"] if independent else None) for m in upto[-5:]]
+    return upto[-1], sum(m["seconds"] for m in upto), None if None in last else sum(last) / len(last)
 
 
 def mean_over_seeds(rows):
@@ -96,6 +100,7 @@ def main(argv=None):
             gap = ceiling_gap([(c, None) for c in ceilings], arm_tse, sft_tse, len(arm_tse[0]), args.bootstrap)
             evals = [json.load(open(os.path.join(f, "eval.json"))) for f in folders]
             marks = [at_mark(os.path.dirname(f), turns) for f in folders]
+            rule = [r for _, _, r in marks]
             groups = {g: sum(e["decision_groups"]["gopo"][g] for e in evals) / len(evals)
                       for g in evals[0]["decision_groups"]["gopo"]}
             per_seed = [ceiling_gap([(c, None)], [a], [b], len(a), args.bootstrap)["mean"]
@@ -105,9 +110,10 @@ def main(argv=None):
                             "vs_sft": list(gap["gain"]), "gap_closed": gap["mean"], "gap_ci95": gap["ci95"],
                             "ceiling_minus_sft": list(gap["ceiling_minus_sft"]), "groups": groups,
                             "sop_ok": sum(e["gopo"]["sop_ok"]["mean"] for e in evals) / len(evals),
-                            "kl_to_sft": sum(m.get("kl_to_sft") or 0.0 for m, _ in marks) / len(marks),
-                            "iterations": [m["iter"] + 1 for m, _ in marks],
-                            "gopo_seconds": sum(s for _, s in marks) / len(marks)})
+                            "kl_to_sft": sum(m.get("kl_to_sft") or 0.0 for m, _, _ in marks) / len(marks),
+                            "iterations": [m["iter"] + 1 for m, _, _ in marks],
+                            "train_tse": None if None in rule else sum(rule) / len(rule),
+                            "gopo_seconds": sum(s for _, s, _ in marks) / len(marks)})
     for r in results:   # paired against the baseline arm at the same turns, on the seeds both have
         base = tses.get((args.baseline, r["turns"]))
         if base is not None and r["arm"] != args.baseline:
@@ -125,7 +131,7 @@ def table(results, baseline):
     fmt = lambda x: f"{x[0]:+.3f} [{x[1]:+.3f}, {x[2]:+.3f}]"   # noqa: E731
     groups = list(results[0]["groups"]) if results else []
     lines = [f"| arm | agent turns | seeds | TSE | vs SFT, paired | vs {baseline}, paired | gap closed | "
-             + " / ".join(groups) + " | sop_ok | kl_to_sft | GOPO s |", "|---" * 11 + "|"]
+             + " / ".join(groups) + " | sop_ok | kl_to_sft | training-side TSE (rule) | GOPO s |", "|---" * 12 + "|"]
     for r in results:
         lines.append(f"| {r['arm']} | {r['turns']:,} ({'/'.join(map(str, r['iterations']))} it) | "
                      f"{','.join(map(str, r['seeds']))} | {r['tse']:.3f} | {fmt(r['vs_sft'])} | "
@@ -134,7 +140,9 @@ def table(results, baseline):
                      + (f" ({' / '.join(f'{g:.2f}' for g in r['gap_per_seed'])} by seed)" if len(r["seeds"]) > 1 else "")
                      + " | "
                      + " / ".join(f"{r['groups'][g]:.2f}" for g in groups)
-                     + f" | {r['sop_ok']:.3f} | {r['kl_to_sft']:.2f} | {r['gopo_seconds']:.0f} |")
+                     + f" | {r['sop_ok']:.3f} | {r['kl_to_sft']:.2f} | "
+                     + (f"{r['train_tse']:.3f}" if r["train_tse"] is not None else "not logged")
+                     + f" | {r['gopo_seconds']:.0f} |")
     return "\n".join(lines)
 
 

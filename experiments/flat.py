@@ -62,7 +62,7 @@ def rollout_metrics(trajs, scores, world, t0, pairs=(), **extra):
     (gopo.rollout_scores of joint_reward's `scores`), the method's own `extra`, the decision groups'
     accuracy (gopo.decision_stats; a flat agent's decision is the act recognised in its reply) and,
     given its preference pairs, what they contrast."""
-    return {**gopo.rollout_scores(scores), **extra, **gopo.decision_stats(trajs, pairs, world),
+    return {**gopo.rollout_scores(scores, trajs), **extra, **gopo.decision_stats(trajs, pairs, world),
             "turns_played": rollout_lib.turns_played(trajs), "seconds": round(time.time() - t0, 2)}
 
 

@@ -121,7 +121,8 @@ def test_fork_points_are_distinct_open_decisions():
 
 def test_mix_plays_the_first_share_independent(models, tok):
     """--mix F: the first round(F * B) scenarios of an iteration get independent groups, the rest fork
-    groups; fork_views reads an independent group as it is (its K rollouts, pairs among them)."""
+    groups; fork_views reads an independent group as it is (its K rollouts, pairs among them); the
+    training-side on_policy/ scores read the spines and the independent dialogues, never a fork."""
     groups = play(models, tok, SCENARIOS[:2], [0, 1])
     expert_model, agent_model = models
     make = lambda batch, idx, **kw: rollout_lib.ExpertDialogues((expert_model, tok), (agent_model, tok), batch,  # noqa: E731
@@ -133,6 +134,13 @@ def test_mix_plays_the_first_share_independent(models, tok):
     views, pair_groups, _ = gopo.fork_views(trajs, rollout_groups, [0.0] * len(trajs))
     assert pair_groups[-1] == list(range(len(views) - K, len(views)))           # the independent group, whole
     assert all(len(g) == 2 for g in pair_groups[:-1])
+
+    scores = [{"R": 10.0 * i, "tse": float(i), "esndcg": 0.0, "success": 0.0} for i in range(len(trajs))]
+    on = [i for i, t in enumerate(trajs) if not t["fork"]]   # the spines and the whole independent group
+    assert on == [0, sizes[0], *range(sizes[0] + sizes[1], len(trajs))]
+    m = gopo.rollout_scores(scores, trajs)
+    assert m["on_policy/tse"] == pytest.approx(sum(on) / len(on)) != m["tse"]
+    assert m["on_policy/R"] == pytest.approx(10.0 * sum(on) / len(on))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
