@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 import cli
 import data
 import lm
+import lora
 import parallel
 import worlds
 
@@ -379,7 +380,7 @@ def save_merged(adapters, path):
 def save_pretrained(model, folder, state=None):
     """model.save_pretrained; a LoRA model: its trained adapter only, not the frozen SFT one that
     lm.reference loads beside it."""
-    if lm.is_peft(model):   # FSDP: from the gathered full state dict
+    if lora.is_peft(model):   # FSDP: from the gathered full state dict
         # save_embedding_layers=False: peft would otherwise save the whole resized embedding (and output
         # layer), 240 MB for SmolLM2, where the strategy tokens' rows, in the adapter, are all that changed
         model.save_pretrained(folder, selected_adapters=["default"], save_embedding_layers=False,

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from torch.utils.checkpoint import checkpoint
 
 import cli
+import lora
 import parallel
 import serialize
 
@@ -90,7 +91,7 @@ def new_models(need, args, world, logs):
     if args.model != "tiny":
         models = {name: load_backbone(args.expert_model or args.model if name == "expert" else args.model,
                                       world.STRATEGIES) for name in need}
-        return {name: (add_lora(m, tok, world.STRATEGIES, args) if name in lora_names(args) else m, tok)
+        return {name: (lora.add(m, tok, world.STRATEGIES, args) if name in lora.names(args) else m, tok)
                 for name, (m, tok) in models.items()}
     tok = train_tokenizer([t["text"] for r in logs for t in r["turns"]] + list(world.INSTRUCTIONS.values()),
                              world.STRATEGIES, args.vocab_size)
@@ -102,79 +103,14 @@ def new_models(need, args, world, logs):
         add_strategy_tokens(models[name][0], tok, world.STRATEGIES)
     return models
 
-# ----------------------------------------------------------------------------- LoRA (--lora-r; peft imported only then)
-def lora_names(args):
-    """The models that get LoRA adapters: both agents, or the one --lora-only names ([] without --lora-r)."""
-    if not getattr(args, "lora_r", None):
-        return []
-    return [args.lora_only] if args.lora_only else ["expert", "agent"]
-
-
-def add_lora(model, tok, strategies, args):
-    """A pretrained backbone -> a peft model whose only trainable parameters are LoRA adapters
-    (--lora-r, --lora-alpha, --lora-dropout on --lora-targets) and the strategy tokens' rows, through
-    peft's `trainable_token_indices`: the input embedding's rows, and the output layer's where it is
-    not tied to them (the Expert reads those rows). The base is frozen; adapters and rows are fp32."""
-    from peft import LoraConfig, get_peft_model
-    ids = [tok.convert_tokens_to_ids(serialize.strategy_token(z)) for z in strategies]
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
-    tokens = ids if head is None or head.weight is emb.weight else {names[emb]: ids, names[head]: ids}
-    targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
-                        target_modules=targets, trainable_token_indices=tokens, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
-
-
-def linear_names(name):
-    """The names (last component) of a backbone's linear layers, from its config alone (meta device):
-    what --lora-targets may name."""
-    from transformers import AutoConfig
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name))
-    head = model.get_output_embeddings()
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-
-
-def is_peft(model):
-    return hasattr(model, "peft_config")
-
-
-class AdapterView:
-    """A peft model read with another of its adapters active (`reference`): its calls run with that
-    adapter, and every other attribute is the model's."""
-
-    def __init__(self, model, adapter):
-        self.model, self.adapter = model, adapter
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, *args, **kwargs):
-        active = self.model.active_adapter
-        self.model.base_model.set_adapter(self.adapter, inference_mode=True)
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            self.model.base_model.set_adapter(active)
-
-
 def reference(model, folder, args, device):
     """The frozen SFT model (--ref sft's pi_ref, kl_to_sft's reference) of a trained `model`: with LoRA,
-    the SFT adapter in `folder` loaded beside the trained one and switched on for its forwards (as TRL's
-    ref_adapter_name), so no second copy of the base; else a second model (`frozen`). Under --fsdp
-    the model is sharded already and peft cannot add an adapter to it: a second model there too
-    (sharded, 1/W of its bytes per rank)."""
-    if not is_peft(model) or args.fsdp:
+    the SFT adapter in `folder` switched on beside the trained one (lora.reference_adapter), so no
+    second copy of the base; else a second model (`frozen`). Under --fsdp the model is sharded already
+    and peft cannot add an adapter to it: a second model there too (sharded, 1/W of its bytes per rank)."""
+    if not lora.is_peft(model) or args.fsdp:
         return frozen(folder, args, device)
-    model.load_adapter(folder, adapter_name="sft", is_trainable=False)
-    model.to(device)
-    model.base_model.set_adapter("default")
-    return AdapterView(model, "sft")
+    return lora.reference_adapter(model, folder, device)
 
 
 def trainable(model):
@@ -208,7 +144,7 @@ def load_backbone(name, strategies):
 def place(model, args, device):
     """Move a model to the device; under torchrun --fsdp, shard it (FSDP2); --grad-ckpt either way.
     A LoRA model with --bf16: its frozen base in bf16 (half the bytes), the trained parameters fp32."""
-    if is_peft(model) and args.bf16:
+    if lora.is_peft(model) and args.bf16:
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
@@ -352,16 +288,9 @@ def load(path):
     strategy-token rows (peft's adapter_config.json, --lora-r) over the base they name, which is
     loaded again (fp32; `place` casts a frozen base to bf16 with --bf16)."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
-    import json
-
-    from peft import PeftModel
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        base = AutoModelForCausalLM.from_pretrained(json.load(f)["base_model_name_or_path"], dtype=torch.float32)
-    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):   # the strategy tokens' rows (the adapter's)
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
+    if lora.is_adapter_folder(path):
+        return lora.load(path, len(tokenizer)), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
 def sft_schedule(step, cycle):

@@ -35,6 +35,7 @@ import data
 import expert as expert_lib
 import gopo
 import lm
+import lora
 import parallel
 import plots
 import tracking
@@ -279,7 +280,7 @@ def main(argv=None):
         train_loop(run, step, progress, save_state, keep)
         for name in ("expert", "agent"):
             checkpoint.save_model(*models[name], run.path(name))
-        for name in lm.lora_names(run.args) if run.args.merge_lora else ():
+        for name in lora.names(run.args) if run.args.merge_lora else ():
             checkpoint.save_merged(run.path(name), run.path(f"{name}_merged"))
     save_outputs(run)
 
@@ -314,7 +315,7 @@ def check_lora(args):
         die("--lora-r needs peft: pip install -r requirements.txt (it pins peft)")
     if args.lora_targets != "all-linear":
         for name in {args.model, args.expert_model or args.model}:
-            known = lm.linear_names(name)
+            known = lora.linear_names(name)
             bad = [t for t in args.lora_targets.split(",") if t not in known]
             if bad:
                 die(f"--lora-targets: {name} has no linear layer named '{bad[0]}' (it has: {', '.join(sorted(known))})")

@@ -17,6 +17,7 @@ import agent as agent_lib
 import checkpoint
 import expert as expert_lib
 import lm
+import lora
 from conftest import TINY, kill_after
 from worlds import shop
 
@@ -121,7 +122,7 @@ def test_resume_after_kill_merge_and_eval(runs, tok, logs):
     assert torch.allclose(adapters, decisions(tok, logs, run / "expert_merged", plain=True), atol=1e-5)
     assert not torch.allclose(adapters, decisions(tok, logs, run / "expert_sft"), atol=1e-5)   # GOPO moved them
     ckpt = checkpoint.load_run(str(run), ("gopo", "sft"))                  # what eval.py loads
-    assert all(lm.is_peft(ckpt[name][0]) for name in ("expert", "agent", "expert_sft", "agent_sft"))
+    assert all(lora.is_peft(ckpt[name][0]) for name in ("expert", "agent", "expert_sft", "agent_sft"))
     assert checkpoint.stack_warning(str(run)) is None                      # trained on this stack
 
 
@@ -134,4 +135,4 @@ def test_fsdp_two_ranks_with_lora(runs, tok, logs):
     run = runs / "fsdp"
     assert torch.allclose(decisions(tok, logs, run / "expert"), decisions(tok, logs, run / "expert_merged", plain=True),
                           atol=1e-5)
-    assert len(metrics(run)) == 1 and lm.is_peft(lm.load(str(run / "agent"))[0])
+    assert len(metrics(run)) == 1 and lora.is_peft(lm.load(str(run / "agent"))[0])
