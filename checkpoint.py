@@ -425,11 +425,12 @@ def check_folder(run):
     return run
 
 
-def read_config(path):
-    """A run's config.json, in today's names: runs from before --method and --data sim said --algo and
-    --data shop. {} if there is none (runs from before --data existed: the built-in shop)."""
+def read_config(run):
+    """The config.json of the run folder `run`, in today's names: runs from before --method and --data
+    sim said --algo and --data shop. {} if there is none (runs from before --data existed: the
+    built-in shop)."""
     try:
-        with open(path) as f:
+        with open(os.path.join(run, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError):
         return {}

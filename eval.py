@@ -222,7 +222,7 @@ def main(argv=None):
     if args.n_scenarios <= 0 or args.batch <= 0:
         die("--n-scenarios and --batch must be > 0")
     run = checkpoint.check_folder(args.run)
-    config = checkpoint.read_config(os.path.join(run, "config.json"))
+    config = checkpoint.read_config(run)
     method = config.get("method", "gopo")
     if method not in METHODS or not METHODS[method].sft:
         known = ", ".join(m for m in METHODS if METHODS[m].sft)

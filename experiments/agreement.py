@@ -33,7 +33,7 @@ p.add_argument("--planner-shots", type=cli.nonneg(int), default=0, metavar="N", 
 def main(argv=None):
     args = p.parse_args(argv)
     run = checkpoint.check_folder(args.run)
-    world = checkpoint.world_of(checkpoint.read_config(os.path.join(run, "config.json")), run)
+    world = checkpoint.world_of(checkpoint.read_config(run), run)
     path = os.path.join(run, "eval_" + re.sub(r"[^\w.-]+", "_", args.row) + ".jsonl")
     if not os.path.isfile(path):
         cli.die(f"{path} does not exist: run eval.py with that row first")

@@ -153,7 +153,7 @@ def main(argv=None):
     run = checkpoint.check_folder(args.run)
     if not os.path.isfile(os.path.join(run, "config.json")):
         die(f"{run} has no config.json: not a train.py run")
-    config = checkpoint.read_config(os.path.join(run, "config.json"))
+    config = checkpoint.read_config(run)
     if config.get("data", "sim") != "sim":
         die(f"{run}: a run on --data {config['data']}: logged data has no oracle to relabel with; "
             "the ceilings need a built-in world")

@@ -68,7 +68,7 @@ def find_runs(folder):
 
 def read_method(folder):
     """(method, [(run, config)]) of one --compare argument; its runs must all be of one method."""
-    runs = [(r, checkpoint.read_config(os.path.join(r, "config.json"))) for r in find_runs(folder)]
+    runs = [(r, checkpoint.read_config(r)) for r in find_runs(folder)]
     found = {c.get("method", "gopo") for _, c in runs}
     if len(found) > 1:
         eval_lib.die(f"{folder} mixes runs of --method {', '.join(sorted(found))}; give one folder per method")

@@ -55,7 +55,7 @@ def checkpoints(runs):
 
 def customer_tse(folder, row):
     """(n,) TSE per held-out customer of one eval.py row of a kept checkpoint."""
-    world = checkpoint.world_of(checkpoint.read_config(os.path.join(folder, "config.json")), folder)
+    world = checkpoint.world_of(checkpoint.read_config(folder), folder)
     values = checkpoint.read_values(os.path.join(folder, "values.json"))
     recs = data.read_jsonl(os.path.join(folder, f"eval_{row}.jsonl"))
     return eval_lib.per_dialogue(recs, values, world)["tse"]
@@ -69,7 +69,7 @@ def at_mark(run, turns):
         lines = [json.loads(x) for x in f if x.strip()]
     upto = [m for m in lines if m["agent_turns"] < turns]
     upto += [m for m in lines if m["agent_turns"] >= turns][:1]   # --keep-at saves after this one
-    independent = checkpoint.read_config(os.path.join(run, "config.json")).get("rollouts") == "independent"
+    independent = checkpoint.read_config(run).get("rollouts") == "independent"
     last = [m.get("on_policy/tse", m["tse"] if independent else None) for m in upto[-5:]]
     return upto[-1], sum(m["seconds"] for m in upto), None if None in last else sum(last) / len(last)
 

@@ -89,7 +89,7 @@ def pair_stats(world, groups, rewards, pairs, segment=0):
 def main(argv=None):
     args = p.parse_args(argv)
     checkpoint.check_folder(args.run)
-    config = checkpoint.read_config(os.path.join(args.run, "config.json"))
+    config = checkpoint.read_config(args.run)
     if config.get("data", "sim") != "sim":
         cli.die(f"{args.run}: a run on --data {config['data']}: the pairs' decision groups need a built-in world")
     if config.get("method", "gopo") not in ("gopo", "sft"):

@@ -227,7 +227,7 @@ def test_every_interval_in_eval_json_lies_in_its_metrics_range(smoke_run):
     import tse
     run, _, _ = smoke_run
     ev = json.loads((run / "eval.json").read_text())
-    config = checkpoint.read_config(str(run / "config.json"))
+    config = checkpoint.read_config(str(run))
     world = checkpoint.world_of(config, str(run))
     values = checkpoint.read_values(str(run / "values.json"))
     scenarios = [world.make_scenario(s) for s in data.test_seeds(ev["n_scenarios"])]
