@@ -11,7 +11,9 @@ checkpoint, over the seeds that have it:
   with a paired-bootstrap 95% CI (experiments.compare.ceiling_gap); TSE against SFT and against A0
   at the same turns, paired; accuracy per decision group; sop_ok; kl_to_sft and the GOPO seconds
   at the iteration that crossed the mark (the run's metrics.jsonl); the training-side tuning rule's
-  figure, on_policy/tse over the 5 iterations up to the mark (never the held-out customers); with
+  figure, on_policy/tse over the 5 iterations up to the mark (never the held-out customers; the mean
+  over the seeds whose runs logged it, named where that is not all of them: compare arms on the same
+  seeds, --seeds); with
   several seeds, each seed's own gap closed too. The GOPO seconds are wall time on a shared machine: compare arms only when
   they ran alone.
 Prints a markdown table, writes curves.json beside the runs and the figure (gap closed against
@@ -100,7 +102,7 @@ def main(argv=None):
             gap = ceiling_gap([(c, None) for c in ceilings], arm_tse, sft_tse, len(arm_tse[0]), args.bootstrap)
             evals = [json.load(open(os.path.join(f, "eval.json"))) for f in folders]
             marks = [at_mark(os.path.dirname(f), turns) for f in folders]
-            rule = [r for _, _, r in marks]
+            rule = {s: r for s, (_, _, r) in zip(seeds, marks) if r is not None}
             groups = {g: sum(e["decision_groups"]["gopo"][g] for e in evals) / len(evals)
                       for g in evals[0]["decision_groups"]["gopo"]}
             per_seed = [ceiling_gap([(c, None)], [a], [b], len(a), args.bootstrap)["mean"]
@@ -112,7 +114,7 @@ def main(argv=None):
                             "sop_ok": sum(e["gopo"]["sop_ok"]["mean"] for e in evals) / len(evals),
                             "kl_to_sft": sum(m.get("kl_to_sft") or 0.0 for m, _, _ in marks) / len(marks),
                             "iterations": [m["iter"] + 1 for m, _, _ in marks],
-                            "train_tse": None if None in rule else sum(rule) / len(rule),
+                            "train_tse": sum(rule.values()) / len(rule) if rule else None, "train_tse_seeds": sorted(rule),
                             "gopo_seconds": sum(s for _, s, _ in marks) / len(marks)})
     for r in results:   # paired against the baseline arm at the same turns, on the seeds both have
         base = tses.get((args.baseline, r["turns"]))
@@ -142,6 +144,8 @@ def table(results, baseline):
                      + " / ".join(f"{r['groups'][g]:.2f}" for g in groups)
                      + f" | {r['sop_ok']:.3f} | {r['kl_to_sft']:.2f} | "
                      + (f"{r['train_tse']:.3f}" if r["train_tse"] is not None else "not logged")
+                     + (f" (seeds {','.join(map(str, r['train_tse_seeds']))})"
+                        if r["train_tse"] is not None and r["train_tse_seeds"] != r["seeds"] else "")
                      + f" | {r['gopo_seconds']:.0f} |")
     return "\n".join(lines)
 
