@@ -171,7 +171,7 @@ def resume_run(args, p):
         die(f"{run_dir} is a --method {saved['method']} run: --resume continues {' and '.join(methods)} runs only; "
             "start it again (baselines take a few minutes)")
     given = {k for k in vars(args) if k not in ("resume", "overwrite") and getattr(args, k) != p.get_default(k)}
-    extended = extend_budget(saved, args, given, path)
+    extended = extend_budget(saved, args, given)
     clash = [k for k in sorted(given - set(extended)) if saved.get(k) != getattr(args, k)]
     if clash:
         k = clash[0]
@@ -185,7 +185,7 @@ def resume_run(args, p):
         os.replace(path + ".tmp", path)
     return run_dir, argparse.Namespace(**{**saved, "resume": run_dir, "overwrite": False})
 
-def extend_budget(saved, args, given, path):
+def extend_budget(saved, args, given):
     """--resume RUN --turn-budget T [--keep-at ...]: carry a run that stopped at its turn budget on to a
     larger one. The resumed iterations are those of a run started with T (the state holds every
     sampler), so a learning curve grows from 1x to 2x without replaying 1x. --keep-at adds points to the
