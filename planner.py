@@ -240,7 +240,10 @@ def play(planner, agent, scenarios, world, seed, max_reply_tokens=32, batch=100)
     """Greedy held-out dialogues with the planner deciding and `agent` (model, tokenizer) writing, BATCH
     dialogues at a time -> records. Dialogue j is numbered j % batch, as eval.method_records numbers it
     in its --batch chunks, so its customer rolls the same dice as in the run's own rows."""
-    return [tr["record"] for n in range(0, len(scenarios), BATCH)
+    from tqdm import tqdm
+    starts = tqdm(range(0, len(scenarios), BATCH), desc=f"planner, {len(scenarios)} customers in batches of {BATCH}",
+                  leave=False, unit="batch")
+    return [tr["record"] for n in starts
             for tr in PromptedDialogues(planner, agent, scenarios[n:n + BATCH], world, seed,
                                         [j % batch for j in range(n, min(n + BATCH, len(scenarios)))]).play(
                 True, 0.7, max_reply_tokens)]
