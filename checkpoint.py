@@ -291,12 +291,13 @@ def load_state(folder, models, args, device):
     return models, opts, progress
 
 
-def read_logs(run_dir, world):
-    """The run's own training dialogues (logs.jsonl), for --resume."""
+def read_logs(run_dir, world, reader="--resume"):
+    """The run's own training dialogues (logs.jsonl), for `reader` (--resume, --planner-shots N), or a
+    one-line error that names it."""
     try:
         return data.read_jsonl(os.path.join(run_dir, "logs.jsonl"), world.STRATEGIES, world.EVENTS)
     except data.DataError as e:
-        die(f"cannot resume: {e}")
+        die(f"{reader} reads the run's logged training dialogues: {e}")
 
 def save_logs(run_dir, logs, values, splits=None):
     """The training data of a run, written by rank 0: logs.jsonl, values.json (the event values; last
@@ -343,14 +344,15 @@ def append_metrics(path, m):
 
 def keep_models(run_dir, name, models):
     """--keep-at: run_dir/name/, a run folder of the models as they are now, that eval.py evaluates like
-    the run itself: its expert/ and agent/, and copies of the run's config, event values and SFT
-    models (the rows it is compared with)."""
+    the run itself: its expert/ and agent/, and copies of the run's config, event values, SFT models
+    (the rows it is compared with) and training data (a prompted planner's --planner-shots read it)."""
     folder = os.path.join(run_dir, name)
     for n in ("expert", "agent"):
         save_model(*models[n], os.path.join(folder, n))
     if parallel.is_main():
-        for f in ("config.json", "values.json", "sft.json"):
-            shutil.copy(os.path.join(run_dir, f), os.path.join(folder, f))
+        for f in ("config.json", "values.json", "sft.json", "logs.jsonl", "split.json"):
+            if f != "split.json" or os.path.exists(os.path.join(run_dir, f)):   # split.json: real data only
+                shutil.copy(os.path.join(run_dir, f), os.path.join(folder, f))
         for d in ("expert_sft", "agent_sft"):
             shutil.copytree(os.path.join(run_dir, d), os.path.join(folder, d), dirs_exist_ok=True)
     parallel.barrier()

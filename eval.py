@@ -261,7 +261,7 @@ def planners_of(args, run, config, method, device):
     world = checkpoint.world_of(config, run)
     shots = []
     if args.planner_shots:
-        shots = checkpoint.read_logs(run, world)[:args.planner_shots]
+        shots = checkpoint.read_logs(run, world, f"--planner-shots {args.planner_shots}")[:args.planner_shots]
         if len(shots) < args.planner_shots:
             die(f"--planner-shots {args.planner_shots}: {run}/logs.jsonl holds only {len(shots)} dialogues")
     suffix = f"-{args.planner_shots}shot" if args.planner_shots else ""

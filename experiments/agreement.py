@@ -37,7 +37,7 @@ def main(argv=None):
     path = os.path.join(run, "eval_" + re.sub(r"[^\w.-]+", "_", args.row) + ".jsonl")
     if not os.path.isfile(path):
         cli.die(f"{path} does not exist: run eval.py with that row first")
-    shots = checkpoint.read_logs(run, world)[:args.planner_shots]
+    shots = checkpoint.read_logs(run, world, f"--planner-shots {args.planner_shots}")[:args.planner_shots]
     model, tok = planner.load(args.planner)
     pl = planner.Planner(model, tok, world, shots)
     stop = tok.convert_tokens_to_ids(pl.eot)

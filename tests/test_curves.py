@@ -54,6 +54,14 @@ def test_each_kept_checkpoint_is_the_model_of_the_iteration_that_crossed_its_mar
         assert same == (crossed == len(turns) - 1), (t, crossed, len(turns))
 
 
+def test_kept_checkpoints_carry_the_runs_training_data(arms):
+    """An at-<T>/ folder is a run folder: a prompted planner's --planner-shots read its logs.jsonl."""
+    run = arms / "arms" / "A0-s0"
+    for t in (20, 60):
+        assert (run / f"at-{t}" / "logs.jsonl").read_bytes() == (run / "logs.jsonl").read_bytes()
+        assert not (run / f"at-{t}" / "split.json").exists()   # a built-in world has no split
+
+
 def test_curves_pool_the_kept_checkpoints_against_the_ceiling(arms, cli_env):
     """experiments.curves: gap closed = sum(arm - SFT) / sum(ceiling - SFT) over the customers, read
     from each checkpoint's eval_gopo/eval_sft dialogues and the seed's ceilings.json (written here)."""
