@@ -2,7 +2,7 @@
 
     python train.py                       # logs -> tokenizer + tiny models -> SFT -> GOPO -> out/gopo/
     python train.py --iters 40 --k 8      # longer run
-    python train.py --model models/smollm2 --sft-lr 5e-5 --lr 1e-5   # a pretrained backbone (docs/scaling.md)
+    python train.py --model models/smollm2 --sft-lr 2e-4 --lr 1e-5   # a pretrained backbone (docs/scaling.md: the CPU recipe)
     torchrun --nproc_per_node 8 -- train.py --model <14B> --fsdp --bf16 --grad-ckpt   # the same file, distributed
     python train.py --method sft          # the SFT stages only, for every method of a seed to start from
     python -m experiments.baselines --method ppo --sft-from out/sft   # a baseline: these stages, its own step
