@@ -244,7 +244,11 @@ def rollout_model(model, args):
     """The model a rollout plays with: under --bf16 in one process on a GPU, a bf16 copy of `model`
     (`bf16_copy`), so that no linear casts its fp32 weight at every decode step (about 9 GB of
     traffic per step for a 1.5B model); else `model` itself. It costs 2 bytes per parameter per
-    model (docs/scaling.md). CPU keeps the autocast path: its numbers, and every CPU run's, unchanged."""
+    model (docs/scaling.md). CPU keeps the autocast path: its numbers, and every CPU run's, unchanged.
+    A LoRA model plays itself: `place` already made its frozen base bf16, and a copy would add 2 bytes
+    per parameter to cast only the adapters, a few percent of them."""
+    if lora.is_peft(model):
+        return model
     if getattr(args, "bf16", False) and not getattr(args, "fsdp", False) and model.device.type == "cuda":
         return bf16_copy(model)
     return model

@@ -195,7 +195,7 @@ def test_gpu_check_dry_run(tmp_path):
     p = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    for stage in ("(a)", "(b)", "(c)", "(d)", "(e)"):
+    for stage in ("(a)", "(b)", "(c)", "(d)", "(e)", "(l)"):
         assert f"== {stage}" in p.stdout, stage
     # (e): versions and packed GQA, cold and warm, a rollout line per batch (both arms, sampled generate,
     # ratio), the targets' verdicts, the time split with live rows per turn, the decode arms, a profile
@@ -212,6 +212,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(re.findall(r"profile, one decode step, .* wall .* ms", p.stdout)) == 4
     assert "skipped" not in p.stdout
     assert "GOPO --rollouts branch: iteration" in p.stdout      # (c): a branched iteration on the device too
+    assert re.search(r"LoRA r=16: [\d.]+M trainable of .* GOPO iteration .* peak .* GB against 4N \+ 32 n_lora", p.stdout)
     assert "GPU CHECK PASSED" in p.stdout
 
 

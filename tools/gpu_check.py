@@ -1,6 +1,6 @@
 """The prepared GPU check: what this repo claims about GPUs, run on one. tools/gpu_check.sh calls it.
 
-    python tools/gpu_check.py STAGE            # STAGE: a (device checks), c (a 1.5B-shaped model) or e (throughput)
+    python tools/gpu_check.py STAGE            # STAGE: a (device checks), c (a 1.5B-shaped model), l (LoRA) or e (throughput)
     DRY_RUN=1 python tools/gpu_check.py STAGE  # the same code on CPU with a tiny stand-in (the test suite)
 
 (a) device checks on CUDA: the memory-light scoring paths equal the plain ones there, sampled
@@ -11,6 +11,9 @@
     a greedy eval, single-process bf16 (autocast over fp32 weights and AdamW states), with and
     without activation checkpointing. Prints rollout tokens/s, the preference-step time and peak
     GPU memory beside what docs/scaling.md's formulas predict.
+(l) LoRA r = 16 on both agents of the same 1.5B-shaped pair, the frozen base in bf16, --grad-ckpt: a
+    GOPO iteration's peak GPU memory beside docs/scaling.md's LoRA row (4N + 32 n_lora, activations and
+    the output layer on top), and the rollout playing the model itself (no bf16 copy of a LoRA model).
 (e) where a rollout's time goes, on the same 1.5B-shaped pair (stage_e lists its sections):
     versions and packed GQA, cold and warm rollouts, warm rollouts at 8/64/256 dialogues (fp32 +
     autocast against the bf16 copy) beside a sampled `generate`, the time split and live rows per
@@ -190,6 +193,38 @@ def stage_c(grad_ckpt):
         sync()
     check("greedy eval dialogues ran", len(evals) == len(scen))
     print(f"eval: {len(scen)} greedy dialogues in {time.time() - t0:.1f} s")
+
+
+def stage_l():
+    """LoRA r = 16 (all linear layers, the strategy rows) on both agents of the 1.5B shape, the frozen
+    base bf16 (lm.place with --bf16), --grad-ckpt: one GOPO iteration, its peak against the formula."""
+    import lora
+    torch.manual_seed(0)
+    logs, values, tok = world_and_tokenizer()
+    args = SimpleNamespace(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.0, max_pairs=4, listwise=False,
+                           gopo_epochs=1, agent_temperature=0.7, cs_samples=8, beta_cs=0.1, max_reply_tokens=32,
+                           ref="rollout", rollouts="independent", branch_at="entropy", segment=0, bf16=True,
+                           fsdp=False, grad_ckpt=True, lora_r=16, lora_alpha=None, lora_dropout=0.0,
+                           lora_targets="all-linear", lora_only=None)
+    models = {name: (lm.place(lora.add(m, tok, shop.STRATEGIES, args), args, DEV), tok)
+              for name, m in zip(("expert", "agent"), qwen_pair(tok))}
+    n = lm.n_params(models["expert"][0])
+    n_lora = sum(p.numel() for p in lm.trainable(models["expert"][0]))
+    check("only adapters and strategy rows train, the frozen base is bf16",
+          all((p.dtype == torch.float32) == p.requires_grad for m, _ in models.values() for p in m.parameters()))
+    check("a LoRA model's rollout plays the model itself (no bf16 copy)",
+          all(lm.rollout_model(m, args) is m for m, _ in models.values()))
+    opts = {name: torch.optim.AdamW(lm.trainable(m), lr=1e-5, weight_decay=0.0) for name, (m, _) in models.items()}
+    scen = [shop.make_scenario(s) for s in data.train_seeds(2, offset=3000)]     # 8 dialogues, as stage (c)
+    reset_peak()
+    with lm.autocast(DEV, True):
+        m = gopo.iteration(models, opts, scen, values, shop, args, 0, seed=0)
+        sync()
+    check("GOPO iteration with LoRA ran with finite losses", m["loss"] is not None and m["loss"] == m["loss"])
+    states = (2 * 2 * n + 2 * 16 * n_lora) / 1e9                 # docs/scaling.md: 4N + 16 * 2 * n_lora
+    print(f"LoRA r=16: {n_lora / 1e6:.1f}M trainable of {n / 1e9:.2f}B parameters per model; GOPO iteration "
+          f"{m['seconds']:.1f} s (pairs {m['pairs']}, cs_pairs {m['cs_pairs']}); peak {peak_gb():.1f} GB against "
+          f"4N + 32 n_lora = {states:.1f} GB of weights and states (activations and the output layer on top)")
 
 
 def stage_e():
@@ -486,6 +521,8 @@ if __name__ == "__main__":
         stage_a()
     elif stage == "c":
         stage_c(grad_ckpt=len(sys.argv) > 2 and sys.argv[2] == "--grad-ckpt")
+    elif stage == "l":
+        stage_l()
     elif stage == "e":
         stage_e()
     else:

@@ -11,6 +11,7 @@
 # (a) device checks on CUDA (tools/gpu_check.py a)
 # (c) a Qwen2.5-1.5B-shaped model as both agents: a GOPO iteration, a PPO step and an eval in
 #     single-process bf16, without and with --grad-ckpt: tokens/s, step time, peak memory vs formula
+# (l) LoRA r = 16 on the same pair, bf16 base, --grad-ckpt: a GOPO iteration, peak memory vs formula
 # (e) where a rollout's time goes (about 7 min, a 420 s budget inside): versions and packed GQA, cold
 #     and warm rollouts, rollouts at 8/64/256 dialogues (fp32 + autocast, bf16 copy) beside a sampled
 #     generate (targets at 64: >= 0.85 x generate, >= 2,000 reply tokens/s), the time split and live
@@ -44,6 +45,9 @@ stage "(c) Qwen2.5-1.5B-shaped model, single-process bf16, no activation checkpo
 "$PYTHON" tools/gpu_check.py c
 stage "(c) the same with --grad-ckpt"
 "$PYTHON" tools/gpu_check.py c --grad-ckpt
+
+stage "(l) LoRA r = 16 on the 1.5B-shaped pair, bf16 base, --grad-ckpt: a GOPO iteration's peak against the formula"
+"$PYTHON" tools/gpu_check.py l
 
 stage "(e) where a rollout's time goes: cold/warm, rollouts against a sampled generate, decode arms, profile"
 "$PYTHON" tools/gpu_check.py e
