@@ -62,6 +62,18 @@ def test_kept_checkpoints_carry_the_runs_training_data(arms):
         assert not (run / f"at-{t}" / "split.json").exists()   # a built-in world has no split
 
 
+def test_training_side_rule_reads_the_last_five_iterations_up_to_each_mark(arms, cli_env):
+    """curves' train_tse: on_policy/tse averaged over the 5 iterations up to the one that crossed the
+    mark (the training-side rule; no held-out customer in it), and the seeds that logged it."""
+    from experiments import curves
+    lines = [json.loads(x) for x in (arms / "arms" / "A0-s0" / "metrics.jsonl").read_text().splitlines()]
+    for t in (20, 60):
+        crossed = next(i for i, m in enumerate(lines) if m["agent_turns"] >= t)
+        window = [m["on_policy/tse"] for m in lines[max(0, crossed - 4):crossed + 1]]
+        line, _, rule = curves.at_mark(str(arms / "arms" / "A0-s0"), t)
+        assert line == lines[crossed] and rule == pytest.approx(sum(window) / len(window))
+
+
 def test_curves_pool_the_kept_checkpoints_against_the_ceiling(arms, cli_env):
     """experiments.curves: gap closed = sum(arm - SFT) / sum(ceiling - SFT) over the customers, read
     from each checkpoint's eval_gopo/eval_sft dialogues and the seed's ceilings.json (written here)."""
@@ -77,6 +89,8 @@ def test_curves_pool_the_kept_checkpoints_against_the_ceiling(arms, cli_env):
         a, s = curves.customer_tse(folder, "gopo"), curves.customer_tse(folder, "sft")
         assert r["gap_closed"] == pytest.approx(sum(x - y for x, y in zip(a, s)) / sum(c - y for c, y in zip(ceiling, s)))
         assert r["gap_ci95"][0] <= r["gap_closed"] <= r["gap_ci95"][1]
+        assert r["train_tse_seeds"] == [0]
+        assert r["train_tse"] == pytest.approx(curves.at_mark(str(arms / "arms" / "A0-s0"), r["turns"])[2])
         assert f"| A0 | {r['turns']:,} (" in stdout
     assert (arms / "curves.png").stat().st_size > 0
 

@@ -133,16 +133,21 @@ def qwen_pair(tok, grad_ckpt=False):
     return expert_model, agent_model
 
 
+def run_args(**more):
+    """The settings stages (c) and (l) train with: train.py's GOPO defaults at 8 dialogues, bf16."""
+    return SimpleNamespace(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.0, max_pairs=4, listwise=False,
+                           gopo_epochs=1, agent_temperature=0.7, cs_samples=8, beta_cs=0.1, max_reply_tokens=32,
+                           ref="rollout", rollouts="independent", branch_at="entropy", segment=0, bf16=True,
+                           fsdp=False, **more)
+
+
 def stage_c(grad_ckpt):
     """A Qwen2.5-1.5B-shaped model as both agents: GOPO iteration, PPO step, greedy eval."""
     torch.manual_seed(0)
     logs, values, tok = world_and_tokenizer()
     expert_model, agent_model = qwen_pair(tok, grad_ckpt)
     n = lm.n_params(expert_model)
-    args = SimpleNamespace(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.0, max_pairs=4, listwise=False,
-                           gopo_epochs=1, agent_temperature=0.7, cs_samples=8, beta_cs=0.1, max_reply_tokens=32,
-                           kl_coef=0.02, clip=0.2, gae_lambda=1.0, vf_coef=0.5, ppo_epochs=1, ppo_minibatch=4, ref="rollout",
-                           rollouts="independent", branch_at="entropy", segment=0, bf16=True, fsdp=False)
+    args = run_args(kl_coef=0.02, clip=0.2, gae_lambda=1.0, vf_coef=0.5, ppo_epochs=1, ppo_minibatch=4)
     scen = [shop.make_scenario(s) for s in data.train_seeds(2, offset=3000)]     # 8 dialogues: fits 80 GB
     opt_e = torch.optim.AdamW(expert_model.parameters(), lr=1e-6, weight_decay=0.0)
     opt_a = torch.optim.AdamW(agent_model.parameters(), lr=1e-7, weight_decay=0.0)
@@ -201,11 +206,8 @@ def stage_l():
     import lora
     torch.manual_seed(0)
     logs, values, tok = world_and_tokenizer()
-    args = SimpleNamespace(k=4, alpha=0.5, beta=0.5, nll_coef=0.1, delta=0.0, max_pairs=4, listwise=False,
-                           gopo_epochs=1, agent_temperature=0.7, cs_samples=8, beta_cs=0.1, max_reply_tokens=32,
-                           ref="rollout", rollouts="independent", branch_at="entropy", segment=0, bf16=True,
-                           fsdp=False, grad_ckpt=True, lora_r=16, lora_alpha=None, lora_dropout=0.0,
-                           lora_targets="all-linear", lora_only=None)
+    args = run_args(grad_ckpt=True, lora_r=16, lora_alpha=None, lora_dropout=0.0, lora_targets="all-linear",
+                    lora_only=None)
     models = {name: (lm.place(lora.add(m, tok, shop.STRATEGIES, args), args, DEV), tok)
               for name, m in zip(("expert", "agent"), qwen_pair(tok))}
     n = lm.n_params(models["expert"][0])
